@@ -1,0 +1,1 @@
+"""Data sources: synthetic latents now; TFDS builders and readers arrive with the data pipeline."""

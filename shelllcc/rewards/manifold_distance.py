@@ -1,0 +1,172 @@
+"""Manifold distances (DESIGN 2.3); the generator minimises them, the reward is their negative.
+
+With ``zhat_n`` the skeleton point of patch ``z_n`` and ``delta_n`` its shell residual::
+
+    lcc        = mean_n ||z_n - zhat_n||^2
+    shell_norm = mean_n ||delta_n||             (the reference implementation's reward)
+    shell      = mean_n | ||delta_n|| - 1 |     (distance to the shell surface itself)
+    shell_band = | mean_n ||delta_n|| - tau |   (tau: ``target``, taken from a good checkpoint)
+
+Patches are processed in chunks of ``chunk_size`` rows inside one ``lax.scan`` whose body is
+rematerialised, so neither the forward nor the gradient ever holds more than ``chunk_size x K``
+coding weights, and no ``N x K x D`` tensor is formed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from shelllcc.manifold import coders
+from shelllcc.manifold.params import ManifoldParams
+from shelllcc.manifold.patches import check_latents, patchify
+from shelllcc.manifold.shell import safe_norm, shell_log_variance, shell_residual
+
+KINDS = ("lcc", "shell_norm", "shell", "shell_band")
+CODERS = ("amortized", "analytic")
+
+
+def _check_options(kind: str, target, coder: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown distance kind {kind!r}; expected one of {KINDS}")
+    if coder not in CODERS:
+        raise ValueError(f"unknown coder {coder!r}; expected one of {CODERS}")
+    if kind == "shell_band" and target is None:
+        raise ValueError("kind='shell_band' needs target=tau (the mean ||delta|| of a good checkpoint)")
+    if kind != "shell_band" and target is not None:
+        raise ValueError(f"target is only used by kind='shell_band', not {kind!r}")
+
+
+def _skeleton(params: ManifoldParams, z, coder, num_neighbors, lam, bn_eps, compute_dtype):
+    if coder == "amortized":
+        return coders.amortized_code(params, z, eps=bn_eps, compute_dtype=compute_dtype)[1]
+    anchors = coders.data_space_anchors(params)
+    return coders.analytic_code(anchors, z, num_neighbors=num_neighbors, lam=lam, compute_dtype=compute_dtype)[2]
+
+
+def patch_values(params: ManifoldParams, z: jax.Array, kind: str, *, coder: str = "amortized",
+                 num_neighbors: int = 5, lam: float = 1e-4, bn_eps: float = 1e-5, shell_eps: float = 1e-6,
+                 compute_dtype=jnp.float32) -> jax.Array:
+    """Per-patch quantity ``[N]`` whose mean the distance takes.
+
+    ``||z - zhat||^2`` for ``lcc``; ``||delta||`` for ``shell_norm`` and ``shell_band``;
+    ``| ||delta|| - 1 |`` for ``shell``.
+    """
+    zhat = _skeleton(params, z, coder, num_neighbors, lam, bn_eps, compute_dtype)
+    r = z - zhat
+    if kind == "lcc":
+        return jnp.sum(jnp.square(r), axis=-1)
+    lv = shell_log_variance(params.shell, zhat, compute_dtype)
+    norm = safe_norm(shell_residual(z, zhat, lv, shell_eps))
+    return jnp.abs(norm - 1.0) if kind == "shell" else norm
+
+
+def _segment_sums(values_fn, z: jax.Array, ids: jax.Array, num_segments: int, chunk_size: int) -> jax.Array:
+    """``sum`` of ``values_fn(z)`` per segment, over row chunks of ``z`` with rematerialisation."""
+    m = z.shape[0]
+    if m <= chunk_size:
+        return jax.ops.segment_sum(values_fn(z), ids, num_segments)
+    n_chunks = -(-m // chunk_size)
+    pad = n_chunks * chunk_size - m
+    # Padded rows get segment id `num_segments`, which segment_sum drops.
+    z = jnp.pad(z, ((0, pad), (0, 0)))
+    ids = jnp.pad(ids, (0, pad), constant_values=num_segments)
+    zs = z.reshape(n_chunks, chunk_size, z.shape[1])
+    idss = ids.reshape(n_chunks, chunk_size)
+
+    @jax.checkpoint
+    def chunk(zc, idc):
+        return jax.ops.segment_sum(values_fn(zc), idc, num_segments)
+
+    def body(acc, xs):
+        return acc + chunk(*xs), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((num_segments,), jnp.float32), (zs, idss))
+    return acc
+
+
+def _local_sums(latents, values_fn, patch_size, chunk_size):
+    """Per-example sums ``[B]`` and the static patch count per example."""
+    if latents.ndim == 2:
+        ids = jnp.zeros((latents.shape[0],), jnp.int32)
+        return _segment_sums(values_fn, latents, ids, 1, chunk_size), latents.shape[0]
+    patches = patchify(latents, patch_size)
+    b, p, d = patches.shape
+    ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), p)
+    return _segment_sums(values_fn, patches.reshape(b * p, d), ids, b, chunk_size), p
+
+
+def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, target: float | None = None, *,
+                      patch_size: Sequence[int] = (1, 1, 1), coder: str = "amortized", num_neighbors: int = 5,
+                      lam: float = 1e-4, chunk_size: int = 8192, compute_dtype=jnp.float32,
+                      per_example: bool = False, mesh: Mesh | None = None,
+                      data_axis: str | tuple[str, ...] = "data", bn_eps: float = 1e-5,
+                      shell_eps: float = 1e-6) -> jax.Array:
+    """Distance of ``latents`` to the manifold (see the module docstring for each ``kind``).
+
+    Args:
+      params: manifold parameters (coder BatchNorm in eval mode).
+      latents: channels-last ``[B, T, H, W, C]`` or flat patches ``[N, D]``.
+      kind: one of ``lcc``, ``shell_norm``, ``shell``, ``shell_band``.
+      target: ``tau`` for ``shell_band``.
+      patch_size: ``(pt, ph, pw)`` block flattened into one patch (5-D latents only).
+      coder: ``amortized`` (the learned coder) or ``analytic`` (LLC on ``num_neighbors`` nearest
+        anchors with ridge ``lam``).
+      chunk_size: rows of patches coded at once; bounds memory at ``chunk_size x K``.
+      compute_dtype: dtype of matrix-product operands (e.g. ``jnp.bfloat16``); accumulation,
+        softmax and norms are float32.
+      per_example: return ``[B]`` (one distance per example of 5-D latents) instead of a scalar.
+      mesh: when given, examples (or rows of flat latents) are split over ``data_axis`` with
+        ``jax.shard_map`` and the manifold is replicated; the batch must divide evenly.
+
+    Returns:
+      float32 scalar, or ``[B]`` with ``per_example=True``. Differentiable in ``latents`` and ``params``.
+    """
+    _check_options(kind, target, coder)
+    latents = jnp.asarray(latents)
+    patch_size = tuple(int(p) for p in patch_size)
+    check_latents(latents, params.dim, patch_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    compute_dtype = jnp.dtype(compute_dtype)
+    z_dtype = jnp.float32 if latents.dtype != jnp.float64 else jnp.float64
+    latents = latents.astype(z_dtype)
+
+    def local_sums(p, x):
+        values_fn = functools.partial(
+            patch_values, p, kind=kind, coder=coder, num_neighbors=num_neighbors, lam=lam, bn_eps=bn_eps,
+            shell_eps=shell_eps, compute_dtype=compute_dtype)
+        return _local_sums(x, values_fn, patch_size, chunk_size)
+
+    if mesh is None:
+        sums, count = local_sums(params, latents)
+        counts = jnp.full(sums.shape, count, sums.dtype)
+    else:
+        axes = data_axis if isinstance(data_axis, tuple) else (data_axis,)
+        n_shards = math.prod(mesh.shape[a] for a in axes)
+        if latents.shape[0] % n_shards:
+            raise ValueError(f"batch dimension {latents.shape[0]} of latents is not divisible by the "
+                             f"{n_shards} shards of mesh axis {data_axis!r}")
+        spec = P(axes if len(axes) > 1 else axes[0])
+        counts_holder = []
+
+        def local(p, x):
+            s, c = local_sums(p, x)
+            counts_holder.append(c)  # static per-shard patch count, known at trace time
+            return s
+
+        sums = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec)(params, latents)
+        counts = jnp.full(sums.shape, counts_holder[0], sums.dtype)
+
+    if per_example and latents.ndim == 5:
+        means = sums / counts
+    else:
+        means = jnp.sum(sums) / jnp.sum(counts)
+    if kind == "shell_band":
+        return jnp.abs(means - target)
+    return means
