@@ -45,8 +45,20 @@ def make_shell_mixture(seed: int, dim: int = 16, num_components: int = 8, sigma:
 
 
 def synthetic_latent_videos(mixture: ShellMixture, rng: np.random.Generator, num_videos: int,
-                            grid: tuple[int, int, int], radius_factor: float = 1.0) -> np.ndarray:
-    """Latent 'videos' ``[B, T, H, W, C]`` (C = mixture dim) whose every position is a shell sample."""
+                            grid: tuple[int, int, int], region: tuple[int, int, int] = (1, 4, 4),
+                            radius_factor: float = 1.0) -> np.ndarray:
+    """Latent 'videos' ``[B, T, H, W, C]`` (C = mixture dim) whose every position is a shell sample.
+
+    One mixture component is drawn per ``region`` block of positions, so that spatial smoothing
+    averages samples of one Gaussian and pulls them toward its mean: the blur a weak generator
+    produces, with a known answer.
+    """
     t, h, w = grid
-    pts, _ = mixture.sample(rng, num_videos * t * h * w, radius_factor)
-    return pts.reshape(num_videos, t, h, w, mixture.dim)
+    rt, rh, rw = region
+    if t % rt or h % rh or w % rw:
+        raise ValueError(f"grid {grid} is not divisible by region {region}")
+    comp = rng.integers(0, len(mixture.centers), (num_videos, t // rt, h // rh, w // rw))
+    comp = comp.repeat(rt, 1).repeat(rh, 2).repeat(rw, 3)
+    u = rng.standard_normal((num_videos, t, h, w, mixture.dim))
+    u /= np.linalg.norm(u, axis=-1, keepdims=True)
+    return (mixture.centers[comp] + radius_factor * mixture.radius * u).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Boundary to other ecosystems (PyTorch checkpoints, diffusers, transformers); imports torch lazily."""
