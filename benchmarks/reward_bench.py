@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows coded at once; 'full' means N (one chunk: no scan, no remat)")
     p.add_argument("--compute-dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16"])
+    p.add_argument("--logit-scale", type=float, default=1.0,
+                   help="multiply the coder's last layer by this; freshly initialised logits are small, so "
+                        "the softmax is nearly uniform, whereas a trained coder's is peaked (try 10-30 for "
+                        "a harder bfloat16 accuracy check)")
     p.add_argument("--tau", type=float, default=1.0, help="target of kind=shell_band")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -86,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None,
                    help="if given, also write reward_bench.jsonl and reward_bench.log here")
     p.add_argument("--label", default="", help="free text stored with every JSON record")
-    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds per subprocess")
+    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds per subprocess")
     # Internal: the subprocess entry points.
     p.add_argument("--_worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
@@ -171,7 +175,8 @@ def make_inputs(args, data_dir: str) -> None:
     params = params.replace(
         scale=np.float32(1.0 + 0.1 * rng.standard_normal()),
         shift=perturb((d,), 0.0, 0.05),
-        coder=params.coder.replace(bn_scale=perturb((h,), 1.0, 0.1), bn_bias=perturb((h,), 0.0, 0.1)),
+        coder=params.coder.replace(bn_scale=perturb((h,), 1.0, 0.1), bn_bias=perturb((h,), 0.0, 0.1),
+                                   w2=params.coder.w2 * args.logit_scale, b2=params.coder.b2 * args.logit_scale),
         bn=params.bn.replace(mean=perturb((h,), 0.0, 0.1),
                              var=rng.uniform(0.5, 1.5, (h,)).astype(np.float32)),
     )
@@ -286,7 +291,7 @@ def jax_worker(args) -> None:
           "temp_gb": None if temp is None else temp / GB, "compile_s": compile_s,
           "device_kind": device.device_kind, "platform": device.platform, "value": float(value),
           "jax_version": jax.__version__,
-          "matmul_precision": str(jax.config.jax_default_matmul_precision)})
+          "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None) or "default")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +416,7 @@ def run_worker(args, log, which, data_dir, result_path, kind, chunk=None, dtype=
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout,
                               cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
-        log(f"  ! {which} worker ({kind}, {chunk}, {dtype}) timed out after {args.worker_timeout:.0f}s")
+        log(f"  ! {which} worker ({kind}, {chunk}, {dtype}) timed out after {args.worker_timeout:g} s")
         return None, None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
@@ -471,14 +476,14 @@ def main(args) -> None:
     log(f"command: {command}")
     log(f"jax {package_version('jax')}, torch {package_version('torch')}, python {sys.version.split()[0]}")
     log(f"latent [1, {args.grid[0]}, {args.grid[1]}, {args.grid[2]}, {d}]: N={n:,} patches, D={d}, "
-        f"K={k}, hidden={h}; repeats={args.repeats}, warmup={args.warmup}, "
+        f"K={k}, hidden={h}, logit scale={args.logit_scale:g}; repeats={args.repeats}, warmup={args.warmup}, "
         f"jax matmul precision={args.jax_matmul_precision}")
     log("work (matrix products, 2 FLOPs per multiply-add; per patch: coder D*H + H*H + H*K, skeleton K*D, "
         "shell D*H + H*D for the shell kinds; forward 1x, backward ~2x):")
     for kind in args.kinds:
         fwd, total = flops(kind, n, d, h, k)
-        log(f"  {kind:>10}: forward {fwd / 1e9:8.2f} GFLOP, forward+backward ~{total / 1e9:8.2f} GFLOP "
-            "(the chunked scan rematerialises the forward: ~4/3 of that executed)")
+        log(f"  {kind:>10}: forward {fwd / 1e9:.4g} GFLOP, forward+backward ~{total / 1e9:.4g} GFLOP")
+    log("  (when N > chunk_size the scan rematerialises the forward in the backward: ~4/3 of that executed)")
     log(f"  one N x K float32 matrix (logits / coding weights) is {n * k * 4 / GB:.3f} GB")
 
     data_dir = tempfile.mkdtemp(prefix="reward_bench_")
@@ -556,7 +561,7 @@ def record(args, command, date, kind, chunk, dtype, res, arr, torch_res, torch_a
         "jax_matmul_precision": res["matmul_precision"] if res else args.jax_matmul_precision,
         "torch_float32_matmul_precision": torch_res["float32_matmul_precision"] if torch_res else None,
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-        "tau": args.tau if kind == "shell_band" else None,
+        "tau": args.tau if kind == "shell_band" else None, "logit_scale": args.logit_scale,
         "jax_version": res["jax_version"] if res else package_version("jax"),
         "torch_version": torch_res["torch_version"] if torch_res else package_version("torch"),
         "error": None if res else "jax worker failed (see the log)",

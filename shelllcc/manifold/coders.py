@@ -26,7 +26,14 @@ from shelllcc.manifold.params import BatchNormStats, CoderParams, ManifoldParams
 
 
 def matmul(x: jax.Array, w: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
-    """``x @ w`` with operands cast to ``compute_dtype`` and a float32 result."""
+    """``x @ w`` with operands cast to ``compute_dtype``, accumulated and returned in float32.
+
+    Operands already wider than ``compute_dtype`` (float64 under ``jax.enable_x64``) keep their
+    precision, so float64 checks of the maths stay float64 throughout.
+    """
+    wide = jnp.promote_types(x.dtype, w.dtype)
+    if jnp.finfo(wide).bits > 32:
+        return jnp.matmul(x, w, preferred_element_type=wide)
     return jnp.matmul(x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 

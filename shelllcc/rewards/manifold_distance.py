@@ -86,7 +86,8 @@ def _segment_sums(values_fn, z: jax.Array, ids: jax.Array, num_segments: int, ch
     def body(acc, xs):
         return acc + chunk(*xs), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((num_segments,), jnp.float32), (zs, idss))
+    # The first chunk seeds the carry, so the carry has the inputs' type, including under shard_map.
+    acc, _ = jax.lax.scan(body, chunk(zs[0], idss[0]), (zs[1:], idss[1:]))
     return acc
 
 
