@@ -29,16 +29,16 @@ def load_latent_files(pattern: str, layout: str = "channels_last", key: str | No
                       ) -> tuple[np.ndarray, dict]:
     """Read every file matching ``pattern``; return ``(latents [B, T, H, W, C] float32, report)``.
 
-    Files that cannot be read, hold no latent of the right rank, or disagree with the first file's
-    shape are skipped and counted by reason in ``report``; if none is usable it is an error.
+    Files that cannot be read, hold no latent of the right rank, or whose latent shape differs from
+    the most common one are skipped and counted by reason in ``report``; if none is usable it is an
+    error.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown latent layout {layout!r}; expected one of {LAYOUTS}")
     paths = sorted(glob.glob(os.path.expanduser(pattern)))
     if not paths:
         raise FileNotFoundError(f"no latent files match {pattern!r}")
-    arrays, skipped = [], {}
-    shape = None
+    loaded_arrays, skipped = [], {}
     for path in paths:
         try:
             loaded = np.load(path, allow_pickle=False)
@@ -53,12 +53,15 @@ def load_latent_files(pattern: str, layout: str = "channels_last", key: str | No
             reason = type(e).__name__
             skipped.setdefault(reason, []).append(f"{path}: {e}")
             continue
-        if shape is None:
-            shape = arr.shape[1:]
-        elif arr.shape[1:] != shape:
+        loaded_arrays.append((path, arr))
+    shapes = [arr.shape[1:] for _, arr in loaded_arrays]
+    shape = max(set(shapes), key=shapes.count) if shapes else None
+    arrays = []
+    for path, arr in loaded_arrays:
+        if arr.shape[1:] != shape:
             skipped.setdefault("shape_mismatch", []).append(f"{path}: {arr.shape[1:]} != {shape}")
-            continue
-        arrays.append(arr)
+        else:
+            arrays.append(arr)
     report = {"files": len(paths), "used": len(arrays),
               "skipped": {reason: len(v) for reason, v in skipped.items()}, "skipped_files": skipped}
     if not arrays:

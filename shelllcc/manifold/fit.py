@@ -74,7 +74,7 @@ def init_state(params: ManifoldParams, optimizer: optax.GradientTransformation, 
 
 
 def _apply(state: FitState, optimizer, trainable, grads, new_params_fn, loss, metrics, extra_params=None):
-    gnorm = optax.tree_utils.tree_l2_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     params = new_params_fn(optax.apply_updates(trainable, updates))
