@@ -1,0 +1,261 @@
+"""Wan2.1 DiT training step (forward + backward) in JAX next to diffusers' WanTransformer3DModel.
+
+    python benchmarks/dit_bench.py --out-dir $OUT
+    python benchmarks/dit_bench.py --preset tiny --grid 3 8 8 --text-len 16 --variants jax:none   # CPU smoke
+
+Both sides: random weights in bf16, batch 1, latent ``[1, 21, 60, 104, 16]`` (81 frames at 480x832),
+512 text tokens of dim 4096, loss ``mean((v - target)^2)`` in float32, gradients of every parameter,
+no optimizer update. Each variant runs in its own process so peak memory is its own. Variants:
+``jax:<remat policy>[:<attention impl>]`` and ``diffusers:plain`` / ``diffusers:checkpointing``.
+
+FLOPs are counted from the architecture (matmuls and attention, x3 for forward + backward):
+per block ``2 * (4 D^2 + 2 D F) * N + 2 * 2 D^2 * (N + L) + 4 N^2 D + 4 N L D`` forward multiply-adds
+x2, with N video tokens, L text tokens, D model dim, F FFN dim. MFU is achieved FLOP/s over the
+GPU's dense bf16 peak (989 TFLOP/s for H100 SXM and H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def train_flops(dim, ffn, layers, n_tokens, text_len, text_dim, patch_volume, channels) -> float:
+    """Forward + backward FLOPs (3x forward) of one training step, matmuls and attention only."""
+    per_block = (2 * (4 * dim * dim + 2 * dim * ffn) * n_tokens      # self-attn q,k,v,o + FFN
+                 + 2 * (2 * dim * dim) * n_tokens                     # cross-attn q, o
+                 + 2 * (2 * dim * dim) * text_len                     # cross-attn k, v (on the text)
+                 + 4 * n_tokens * n_tokens * dim                      # self-attn scores and values
+                 + 4 * n_tokens * text_len * dim)                     # cross-attn scores and values
+    outside = (2 * text_len * (text_dim * dim + dim * dim)           # text embedder
+               + 2 * n_tokens * dim * patch_volume * channels * 2)    # patch embed + head
+    return 3.0 * (layers * per_block + outside)
+
+
+def _peak_tflops(device_name: str) -> float | None:
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def _jax_worker(args, variant: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from shelllcc.models.wan_transformer import WanTransformer, get_config
+
+    parts = variant.split(":")
+    remat = parts[1] if len(parts) > 1 else "none"
+    attention = parts[2] if len(parts) > 2 else None
+    cfg = get_config(args.preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
+                     attention_impl=attention)
+    t, h, w = args.grid
+    model = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
+
+    # Random N(0, 0.02^2) weights drawn leaf by leaf: the module's own initialisers, jitted whole,
+    # compile slowly at this depth, and timing does not depend on the init distribution.
+    leaves, treedef = jax.tree.flatten(abstract_params)
+
+    @jax.jit
+    def init():
+        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+        return jax.tree.unflatten(treedef, [
+            (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype) for k, leaf in zip(keys, leaves)])
+
+    params = init()
+    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_rest)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    x = jax.random.normal(keys[0], (1, t, h, w, cfg.in_channels), jnp.bfloat16)
+    target = jax.random.normal(keys[1], x.shape, jnp.float32)
+    ctx = jax.random.normal(keys[2], (1, args.text_len, cfg.text_dim), jnp.bfloat16)
+    timestep = jnp.array([700.0], jnp.float32)
+
+    @jax.jit
+    def step(params, x, timestep, ctx, target):
+        def loss_fn(p):
+            out = nnx.merge(graphdef, p, rest)(x, timestep, ctx)
+            return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+        return jax.value_and_grad(loss_fn)(params)
+
+    device = jax.devices()[0]
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, x, timestep, ctx, target))
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        jax.block_until_ready(step(params, x, timestep, ctx, target))
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        loss, grads = step(params, x, timestep, ctx, target)
+        jax.block_until_ready(grads)
+        times.append((time.perf_counter() - t0) * 1e3)
+    stats = device.memory_stats() or {}
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    return dict(side="jax", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
+                peak_gb=stats.get("peak_bytes_in_use", 0) / 2**30 or None, compile_s=compile_s,
+                loss=float(loss), n_params=int(n_params), device_name=device.device_kind,
+                versions=dict(jax=jax.__version__), dims=(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_dim,
+                                                          cfg.patch_volume, cfg.in_channels, cfg.patch_size))
+
+
+def _diffusers_worker(args, variant: str) -> dict:
+    import diffusers
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from shelllcc.models.wan_transformer import get_config
+
+    cfg = get_config(args.preset)
+    model = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+        qk_norm=cfg.qk_norm, rope_max_seq_len=cfg.rope_max_seq_len)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(dev, torch.bfloat16).train()
+    if variant.endswith("checkpointing"):
+        model.enable_gradient_checkpointing()
+    t, h, w = args.grid
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1, cfg.in_channels, t, h, w, device=dev, dtype=torch.bfloat16, generator=g)
+    target = torch.randn(x.shape, device=dev, dtype=torch.float32, generator=g)
+    ctx = torch.randn(1, args.text_len, cfg.text_dim, device=dev, dtype=torch.bfloat16, generator=g)
+    timestep = torch.tensor([700.0], device=dev)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x, timestep, ctx, return_dict=False)[0]
+        loss = torch.mean(torch.square(out.float() - target))
+        loss.backward()
+        return loss
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    return dict(side="diffusers", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
+                peak_gb=peak, compile_s=first_s, loss=float(loss),
+                n_params=sum(p.numel() for p in model.parameters()), device_name=name,
+                versions=dict(torch=torch.__version__, diffusers=diffusers.__version__))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    p.add_argument("--grid", type=int, nargs=3, default=[21, 60, 104], metavar=("T", "H", "W"))
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=[
+        "diffusers:plain", "diffusers:checkpointing", "jax:full:cudnn", "jax:attention_saveable:cudnn",
+        "jax:dots_with_no_batch_dims_saveable:cudnn"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--worker-timeout", type=float, default=420.0)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args._worker:
+        fn = _jax_worker if args._worker.startswith("jax") else _diffusers_worker
+        print("RESULT " + json.dumps(fn(args, args._worker)), flush=True)
+        return
+
+    command = "python benchmarks/dit_bench.py " + " ".join(sys.argv[1:])
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    log_lines, rows = [], []
+
+    def log(msg):
+        print(msg, flush=True)
+        log_lines.append(msg)
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            with open(os.path.join(args.out_dir, "dit_bench.log"), "a") as f:
+                f.write(msg + "\n")
+
+    base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--grid", *map(str, args.grid),
+            "--text-len", str(args.text_len), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    for variant in args.variants:
+        try:
+            proc = subprocess.run(base + ["--_worker", variant], capture_output=True, text=True,
+                                  timeout=args.worker_timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not out:
+                log(f"{variant}: FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}")
+                rows.append(dict(variant=variant, error=proc.stderr[-500:]))
+                continue
+            res = json.loads(out[-1][len("RESULT "):])
+        except subprocess.TimeoutExpired:
+            log(f"{variant}: timed out after {args.worker_timeout}s")
+            rows.append(dict(variant=variant, error="timeout"))
+            continue
+        rows.append(res)
+        log(f"{variant}: {res['step_ms']:.1f} ms/step, peak {res['peak_gb'] or float('nan'):.1f} GB, "
+            f"loss {res['loss']:.4f}, params {res['n_params'] / 1e9:.3f}B, first call {res['compile_s']:.1f}s")
+
+    from shelllcc.models.wan_transformer import get_config
+    cfg = get_config(args.preset)
+    t, h, w = args.grid
+    n_tokens = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    flops = train_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, n_tokens, args.text_len, cfg.text_dim,
+                        cfg.patch_volume, cfg.in_channels)
+    ok = [r for r in rows if "step_ms" in r]
+    diff = {r["variant"]: r for r in ok if r["side"] == "diffusers"}
+    log(f"\n{args.preset}, latent {tuple(args.grid)} ({n_tokens} tokens), {args.text_len} text tokens: "
+        f"{flops / 1e12:.1f} TFLOP per step")
+    header = f"{'variant':45s} {'step_ms':>9s} {'peak_gb':>8s} {'TFLOP/s':>8s} {'MFU':>6s}" + "".join(
+        f" {'vs ' + k.split(':')[1]:>14s}" for k in diff)
+    log(header)
+    for r in ok:
+        tflops = flops / (r["step_ms"] / 1e3) / 1e12
+        peak = _peak_tflops(r["device_name"])
+        mfu = tflops / peak if peak else None
+        speed = {k: d["step_ms"] / r["step_ms"] for k, d in diff.items()}
+        log(f"{r['variant']:45s} {r['step_ms']:9.1f} {r['peak_gb'] or 0:8.1f} {tflops:8.1f} "
+            f"{(mfu or 0) * 100:5.1f}%" + "".join(f" {s:13.2f}x" for s in speed.values()))
+        record = dict(bench="dit_bench", device=r["device_name"], date=date, command=command, preset=args.preset,
+                      grid=list(args.grid), text_len=args.text_len, variant=r["variant"], step_ms=r["step_ms"],
+                      step_ms_min=r["step_ms_min"], peak_gb=r["peak_gb"], tflops=tflops, mfu=mfu,
+                      train_tflop=flops / 1e12, n_params=r["n_params"], loss=r["loss"], versions=r["versions"])
+        if r["side"] == "jax":
+            for k, d in diff.items():
+                tag = k.split(":")[1]
+                record[f"diffusers_{tag}_step_ms"] = d["step_ms"]
+                record[f"diffusers_{tag}_peak_gb"] = d["peak_gb"]
+                record[f"speedup_vs_diffusers_{tag}"] = d["step_ms"] / r["step_ms"]
+        for path in filter(None, [args.out_jsonl,
+                                  args.out_dir and os.path.join(args.out_dir, "dit_bench.jsonl")]):
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

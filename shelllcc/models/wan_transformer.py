@@ -1,0 +1,444 @@
+"""Wan2.1 text-to-video diffusion transformer (DiT) in Flax NNX.
+
+Numerically equivalent to diffusers' ``WanTransformer3DModel`` for the T2V checkpoints (1.3B, 14B),
+but channels-last::
+
+    velocity[B, T, H, W, C_out] = WanTransformer(cfg)(latents[B, T, H, W, C_in], timestep[B], context[B, L, text_dim])
+
+Forward pass (``P = pt*ph*pw``, ``N = T/pt * H/ph * W/pw`` tokens, ``D = dim``)::
+
+    x     = patchify(latents) @ W_patch + b                     # [B, N, D], (1,2,2) patches
+    e     = MLP_silu(sinusoid_256(timestep))                    # [B, D]     time embedding (float32)
+    m     = Linear(silu(e)).reshape(B, 6, D)                    # [B, 6, D]  per-block modulation input
+    c     = Linear(gelu_tanh(Linear(context)))                  # [B, L, D]
+    for each block (its own table S[1, 6, D]):
+        sh1, sc1, g1, sh2, sc2, g2 = S + m                      # float32
+        x = x + g1 * SelfAttn(LN(x) * (1 + sc1) + sh1)          # RMS-normed q, k; 3D RoPE
+        x = x + CrossAttn(LN_affine(x), c)                      # RMS-normed q, k; no RoPE
+        x = x + g2 * FFN_gelu_tanh(LN(x) * (1 + sc2) + sh2)
+    sh, sc = S_out[1, 2, D] + e                                 # note: e, not m
+    y     = (LN(x) * (1 + sc) + sh) @ W_out + b                 # [B, N, P * C_out]
+    velocity = unpatchify(y)
+
+``LN`` is a LayerNorm without affine parameters (eps ``cfg.eps``); the LayerNorms, the modulation and
+the residual updates with a gate are computed in float32 whatever the compute dtype, as in diffusers.
+The time embedder, the modulation tables and the cross-attention LayerNorm keep float32 parameters
+whatever ``param_dtype`` (diffusers keeps those modules in float32 too).
+
+Parameters carry logical axis names (see ``LOGICAL_AXES``) for the sharding rules of
+``shelllcc.parallel``; reading them back: ``logical_axes(variable)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from shelllcc.models.wan_rope import apply_rope, rope_tables
+
+# Logical axis names used by the parameters (the mesh rules map them to mesh axes).
+EMBED = "embed"            # model dim D
+MLP = "mlp"                # FFN hidden
+HEADS = "heads"            # attention inner dim (num_heads * head_dim)
+TEXT_EMBED = "text_embed"  # text encoder dim
+FREQ = "freq"              # sinusoidal timestep features
+MODULATION = "modulation"  # the 6 * D time projection
+PATCH = "patch"            # P * C_out of the output head
+LOGICAL_AXES = (EMBED, MLP, HEADS, TEXT_EMBED, FREQ, MODULATION, PATCH)
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep the projected q/k/v and the attention output; recompute norms, FFN and the rest
+    "attention_saveable": jax.checkpoint_policies.save_only_these_names(
+        "attn_query", "attn_key", "attn_value", "attn_output"),
+}
+QK_NORM = "rms_norm_across_heads"
+
+
+@dataclasses.dataclass(frozen=True)
+class WanTransformerConfig:
+    """Architecture of a Wan2.1 T2V transformer plus the runtime knobs (dtypes, attention, remat).
+
+    ``dim = num_heads * head_dim``. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype
+    of the parameters (except the float32-kept ones, see the module docstring).
+    ``attention_impl``: ``None`` (jax's default, currently the XLA einsum/softmax path, which
+    materialises the [heads, N, N] logits), ``'xla'`` or ``'cudnn'`` (flash attention on GPU: bf16/fp16
+    compute, head_dim a multiple of 8; its backward needs even sequence lengths).
+    ``remat_policy``: a key of ``REMAT_POLICIES``, applied per block.
+    """
+
+    dim: int = 1536
+    num_layers: int = 30
+    num_heads: int = 12
+    ffn_dim: int = 8960
+    text_dim: int = 4096
+    freq_dim: int = 256
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: str = QK_NORM
+    cross_attn_norm: bool = True
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        # normalise so that configs compare and hash by value
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for the rotary embedding")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even")
+        if self.qk_norm != QK_NORM:
+            raise ValueError(f"qk_norm={self.qk_norm!r} is not supported; Wan2.1 uses {QK_NORM!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.patch_size)
+
+
+PRESETS = {
+    # structurally identical to the real models, small enough for CPU tests
+    "tiny": WanTransformerConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32),
+    "wan2.1-t2v-1.3b": WanTransformerConfig(dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
+    "wan2.1-t2v-14b": WanTransformerConfig(dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+}
+
+
+def get_config(name: str, **overrides) -> WanTransformerConfig:
+    """A preset (``tiny``, ``wan2.1-t2v-1.3b``, ``wan2.1-t2v-14b``) with optional field overrides."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown Wan transformer preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[key], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters and small layers
+# ----------------------------------------------------------------------------------------------
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a parameter was created with (the metadata key moved across flax 0.12.x)."""
+    metadata = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        if metadata.get(key) is not None:
+            return tuple(metadata[key])
+    return None
+
+
+def _partitioned(init, axes):
+    # eager_sharding=False: the names are logical, resolved by the rules later, not mesh axis names.
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+class KeyStream:
+    """Fresh PRNG keys ``fold_in(key, i)``, i = 1, 2, ... counted in Python.
+
+    Used instead of drawing from ``nnx.Rngs`` per parameter: each ``nnx.Rngs`` draw updates a counter
+    Variable, and under ``nnx.eval_shape`` every such update costs time proportional to the trace so
+    far (jax builds an error message with the tracer's provenance), which made abstract construction
+    quadratic in depth (13 s for the 1.3B model). One draw per model keeps it linear.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def _param(keys: KeyStream, init, shape, dtype, axes) -> nnx.Param:
+    return nnx.Param(_partitioned(init, axes)(keys(), shape, dtype))
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` in ``dtype``; ``kernel [in, out]`` named ``axes``, ``bias`` after the output axis.
+
+    (Not ``nnx.Linear``: that one draws its key from ``nnx.Rngs``, see ``KeyStream``.)
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple, *, dtype, param_dtype, keys: KeyStream):
+        self.dtype = dtype
+        self.kernel = _param(keys, nnx.initializers.lecun_normal(), (in_features, out_features), param_dtype, axes)
+        self.bias = _param(keys, nnx.initializers.zeros_init(), (out_features,), param_dtype, (axes[1],))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+def _layer_norm_f32(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """``(x - mean) / sqrt(var + eps)`` over the last axis, in float32 (biased variance)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, computed in float32, cast back."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, keys: KeyStream):
+        self.eps = eps
+        self.scale = _param(keys, nnx.initializers.ones_init(), (dim,), param_dtype, (None,))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class AffineLayerNorm(nnx.Module):
+    """LayerNorm with elementwise scale and bias (float32 parameters); returns float32."""
+
+    def __init__(self, dim: int, eps: float, *, keys: KeyStream):
+        self.eps = eps
+        self.scale = _param(keys, nnx.initializers.ones_init(), (dim,), jnp.float32, (None,))
+        self.bias = _param(keys, nnx.initializers.zeros_init(), (dim,), jnp.float32, (None,))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return _layer_norm_f32(x, self.eps) * self.scale[...] + self.bias[...]
+
+
+class PatchEmbed3D(nnx.Module):
+    """Non-overlapping 3D patches -> tokens: a Conv3d with stride = kernel = patch, done as a matmul.
+
+    ``latents [B, T, H, W, C]`` -> ``[B, N, D]``, tokens frame-major; kernel ``[pt, ph, pw, C, D]``
+    (the Conv3d layout of flax), so a patch is flattened in ``(pt, ph, pw, C)`` order.
+    """
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        self.patch_size = cfg.patch_size
+        self.dtype = cfg.dtype
+        fan_in_init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4)
+        self.kernel = _param(keys, fan_in_init, (*cfg.patch_size, cfg.in_channels, cfg.dim), cfg.param_dtype,
+                             (None, None, None, None, EMBED))
+        self.bias = _param(keys, nnx.initializers.zeros_init(), (cfg.dim,), cfg.param_dtype, (EMBED,))
+
+    def __call__(self, latents: jnp.ndarray) -> jnp.ndarray:
+        b, t, h, w, c = latents.shape
+        pt, ph, pw = self.patch_size
+        x = latents.astype(self.dtype).reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)
+        kernel = self.kernel[...].astype(self.dtype).reshape(-1, self.kernel.shape[-1])
+        return x @ kernel + self.bias[...].astype(self.dtype)
+
+
+def unpatchify(tokens: jnp.ndarray, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> jnp.ndarray:
+    """Inverse of the patch layout: ``[B, N, pt*ph*pw*C]`` (``C`` fastest) -> ``[B, T, H, W, C]``."""
+    b = tokens.shape[0]
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f * pt, h * ph, w * pw, -1)
+
+
+def timestep_sinusoid(timestep: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+    """``[cos(t * f_k), sin(t * f_k)]``, ``f_k = max_period ** (-k / (dim/2))``, k < dim/2; float32 ``[B, dim]``."""
+    half = dim // 2
+    freqs = np.exp(np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half))
+    angles = timestep.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+    """``e = W2 silu(W1 sinusoid(t) + b1) + b2``: ``[B] -> [B, D]``, float32 parameters and compute."""
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        self.freq_dim = cfg.freq_dim
+        f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
+        self.linear_1 = Dense(cfg.freq_dim, cfg.dim, (FREQ, EMBED), **f32)
+        self.linear_2 = Dense(cfg.dim, cfg.dim, (EMBED, None), **f32)
+
+    def __call__(self, timestep: jnp.ndarray) -> jnp.ndarray:
+        return self.linear_2(jax.nn.silu(self.linear_1(timestep_sinusoid(timestep, self.freq_dim))))
+
+
+class TextEmbedder(nnx.Module):
+    """``c = W2 gelu_tanh(W1 context + b1) + b2``: ``[B, L, text_dim] -> [B, L, D]``."""
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, keys=keys)
+        self.linear_1 = Dense(cfg.text_dim, cfg.dim, (TEXT_EMBED, EMBED), **kw)
+        self.linear_2 = Dense(cfg.dim, cfg.dim, (EMBED, None), **kw)
+
+    def __call__(self, context: jnp.ndarray) -> jnp.ndarray:
+        return self.linear_2(jax.nn.gelu(self.linear_1(context), approximate=True))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with q/k RMS-normed over the whole inner dim (all heads at once).
+
+    ``q = rms(x W_q)``, ``k = rms(s W_k)``, ``v = s W_v`` with ``s = x`` (self) or the text (cross);
+    RoPE on q and k when given; ``softmax(q k^T / sqrt(head_dim)) v`` per head; output ``W_o``.
+    """
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        self.num_heads = cfg.num_heads
+        self.impl = cfg.attention_impl
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, keys=keys)
+        self.query = Dense(cfg.dim, cfg.dim, (EMBED, HEADS), **kw)
+        self.key = Dense(cfg.dim, cfg.dim, (EMBED, HEADS), **kw)
+        self.value = Dense(cfg.dim, cfg.dim, (EMBED, HEADS), **kw)
+        self.out = Dense(cfg.dim, cfg.dim, (HEADS, EMBED), **kw)
+        self.query_norm = RMSNorm(cfg.dim, cfg.eps, param_dtype=cfg.param_dtype, keys=keys)
+        self.key_norm = RMSNorm(cfg.dim, cfg.eps, param_dtype=cfg.param_dtype, keys=keys)
+
+    def _split_heads(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x.reshape(*x.shape[:-1], self.num_heads, -1)
+
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None,
+                 rope: tuple[jnp.ndarray, jnp.ndarray] | None = None) -> jnp.ndarray:
+        source = x if context is None else context
+        q = self._split_heads(self.query_norm(self.query(x)))
+        k = self._split_heads(self.key_norm(self.key(source)))
+        v = self._split_heads(self.value(source))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = checkpoint_name(q, "attn_query"), checkpoint_name(k, "attn_key"), checkpoint_name(v, "attn_value")
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        o = checkpoint_name(o, "attn_output")
+        return self.out(o.reshape(*o.shape[:-2], -1))
+
+
+class FeedForward(nnx.Module):
+    """``W2 gelu_tanh(W1 x + b1) + b2``."""
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, keys=keys)
+        self.up = Dense(cfg.dim, cfg.ffn_dim, (EMBED, MLP), **kw)
+        self.down = Dense(cfg.ffn_dim, cfg.dim, (MLP, EMBED), **kw)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class WanBlock(nnx.Module):
+    """One DiT block: modulated self-attention, cross-attention to the text, modulated FFN.
+
+    ``modulation_table [1, 6, D]`` (float32) is added to the time projection ``m [B, 6, D]`` and
+    split into (shift, scale, gate) for the self-attention and for the FFN.
+    """
+
+    def __init__(self, cfg: WanTransformerConfig, *, keys: KeyStream):
+        self.eps = cfg.eps
+        self.dtype = cfg.dtype
+        self.modulation_table = _param(keys, nnx.initializers.normal(cfg.dim ** -0.5), (1, 6, cfg.dim),
+                                       jnp.float32, (None, None, EMBED))
+        self.self_attn = Attention(cfg, keys=keys)
+        self.cross_norm = AffineLayerNorm(cfg.dim, cfg.eps, keys=keys) if cfg.cross_attn_norm else None
+        self.cross_attn = Attention(cfg, keys=keys)
+        self.ffn = FeedForward(cfg, keys=keys)
+
+    def _modulate(self, x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+        return (_layer_norm_f32(x, self.eps) * (1.0 + scale) + shift).astype(self.dtype)
+
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, time_mod: jnp.ndarray,
+                 rope: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+        mod = self.modulation_table[...] + time_mod.astype(jnp.float32)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = jnp.split(mod, 6, axis=1)  # each [B, 1, D]
+
+        attn = self.self_attn(self._modulate(x, shift_sa, scale_sa), rope=rope)
+        x = (x.astype(jnp.float32) + attn * gate_sa).astype(self.dtype)
+
+        normed = self.cross_norm(x).astype(self.dtype) if self.cross_norm is not None else x
+        x = x + self.cross_attn(normed, context=context)
+
+        ff = self.ffn(self._modulate(x, shift_ff, scale_ff))
+        return (x.astype(jnp.float32) + ff.astype(jnp.float32) * gate_ff).astype(self.dtype)
+
+
+def _run_block(block: WanBlock, x, context, time_mod, rope_cos, rope_sin):
+    return block(x, context, time_mod, (rope_cos, rope_sin))
+
+
+class WanTransformer(nnx.Module):
+    """The Wan2.1 T2V transformer; see the module docstring for the forward pass."""
+
+    def __init__(self, config: WanTransformerConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        keys = KeyStream(rngs.params())
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, keys=keys)
+        self.patch_embed = PatchEmbed3D(cfg, keys=keys)
+        self.time_embed = TimestepEmbedder(cfg, keys=keys)
+        self.time_proj = Dense(cfg.dim, 6 * cfg.dim, (EMBED, MODULATION), **kw)
+        self.text_embed = TextEmbedder(cfg, keys=keys)
+        self.blocks = nnx.List([WanBlock(cfg, keys=keys) for _ in range(cfg.num_layers)])
+        self.head_modulation_table = _param(keys, nnx.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim),
+                                            jnp.float32, (None, None, EMBED))
+        self.proj_out = Dense(cfg.dim, cfg.patch_volume * cfg.out_channels, (EMBED, PATCH), **kw)
+
+    def _check_inputs(self, latents, timestep, context) -> tuple[int, int, int]:
+        cfg = self.config
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be channels-last [B, T, H, W, C], got shape {latents.shape}")
+        b, t, h, w, c = latents.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels (last axis) but the model expects "
+                             f"in_channels={cfg.in_channels}; latents are channels-last [B, T, H, W, C]")
+        bad = [f"{axis}={n} (patch {p})" for axis, n, p in zip("THW", (t, h, w), cfg.patch_size) if n % p]
+        if bad:
+            raise ValueError(f"latent T/H/W must be divisible by patch_size {cfg.patch_size}: {', '.join(bad)}")
+        grid = (t // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
+        if max(grid) > cfg.rope_max_seq_len:
+            raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [B, L, text_dim={cfg.text_dim}], got shape {context.shape}")
+        if context.shape[0] != b:
+            raise ValueError(f"context batch {context.shape[0]} != latent batch {b}")
+        if timestep.shape not in ((b,), ()):
+            raise ValueError(f"timestep must be [B={b}] (or a scalar), got shape {timestep.shape}")
+        return grid
+
+    def __call__(self, latents: jnp.ndarray, timestep: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+        """``latents [B, T, H, W, C_in]``, ``timestep [B]`` (0..1000), ``context [B, L, text_dim]``
+        -> velocity ``[B, T, H, W, C_out]`` in the compute dtype."""
+        cfg = self.config
+        timestep = jnp.asarray(timestep)
+        grid = self._check_inputs(latents, timestep, context)
+        timestep = jnp.broadcast_to(timestep.astype(jnp.float32), latents.shape[:1])
+
+        x = self.patch_embed(latents)
+        temb = self.time_embed(timestep).astype(cfg.dtype)                                     # [B, D]
+        time_mod = self.time_proj(jax.nn.silu(temb)).reshape(temb.shape[0], 6, cfg.dim)        # [B, 6, D]
+        context = self.text_embed(context.astype(cfg.dtype))
+        rope_cos, rope_sin = (jnp.asarray(a) for a in rope_tables(grid, cfg.head_dim, cfg.rope_theta))
+
+        run = _run_block
+        if cfg.remat_policy != "none":
+            run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat_policy])
+        for block in self.blocks:
+            x = run(block, x, context, time_mod, rope_cos, rope_sin)
+
+        shift, scale = jnp.split(self.head_modulation_table[...] + temb.astype(jnp.float32)[:, None, :], 2, axis=1)
+        x = (_layer_norm_f32(x, cfg.eps) * (1.0 + scale) + shift).astype(cfg.dtype)
+        return unpatchify(self.proj_out(x), grid, cfg.patch_size)

@@ -1,0 +1,233 @@
+"""Wan2.1 transformer: parity with diffusers through the streaming loader (single and sharded checkpoints),
+parameter counts of the real configs, input and checkpoint errors, remat / bf16 knobs, sharding names."""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+# third_party/ is not an installed package; make the repo root importable however pytest is launched.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shelllcc import parallel  # noqa: E402
+from shelllcc.models.wan_transformer import (  # noqa: E402
+    WanTransformer, get_config, logical_axes)
+from tests.helpers import rel_err  # noqa: E402
+from third_party.wan_transformer_weights import (  # noqa: E402
+    CheckpointMismatchError, config_from_diffusers, load_transformer)
+
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+REAL = {
+    "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+SHAPES = [(2, 3, 6, 10), (1, 1, 4, 8)]  # (B, T, H, W): non-square, multi-frame and single-frame
+
+
+@nnx.jit
+def forward(model, latents, timestep, context):
+    return model(latents, timestep, context)
+
+
+def inputs(batch, t, h, w, seed=0):
+    """Channels-last latents, timesteps in [0, 1000], context."""
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((batch, t, h, w, 16)).astype(np.float32)
+    timestep = rng.uniform(0, 1000, batch).astype(np.float32)
+    context = rng.standard_normal((batch, 7, TINY["text_dim"])).astype(np.float32)
+    return latents, timestep, context
+
+
+def torch_forward(model, latents, timestep, context):
+    with torch.no_grad():
+        x = torch.from_numpy(latents).permute(0, 4, 1, 2, 3)
+        out = model(x, torch.from_numpy(timestep), torch.from_numpy(context), return_dict=False)[0]
+    return out.permute(0, 2, 3, 4, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**TINY).eval()
+    with torch.no_grad():  # move every norm and table away from identity / zero
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif "norm" in name and name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            elif "scale_shift_table" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, torch_model):
+    root = tmp_path_factory.mktemp("wan")
+    single, sharded = str(root / "single"), str(root / "sharded")
+    torch_model.save_pretrained(single)
+    torch_model.save_pretrained(sharded, max_shard_size="100KB")
+    index = os.path.join(sharded, "diffusion_pytorch_model.safetensors.index.json")
+    with open(index) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    return {"single": single, "sharded": sharded}
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    return load_transformer(checkpoints["single"])
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+def test_parity_with_diffusers(torch_model, checkpoints, kind):
+    model = load_transformer(checkpoints[kind])
+    for shape in SHAPES:
+        args = inputs(*shape)
+        ref = torch_forward(torch_model, *args)
+        with jax.default_matmul_precision("float32"):  # no TF32 on GPUs; CPU is exact anyway
+            out = forward(model, *map(jnp.asarray, args))
+        assert out.shape == ref.shape == (*shape, 16)
+        assert rel_err(out, ref) < 1e-4, (kind, shape, rel_err(out, ref))
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_parameter_count_matches_diffusers(name):
+    with torch.device("meta"):
+        reference = diffusers.WanTransformer3DModel(**{**TINY, **REAL[name], "text_dim": 4096, "freq_dim": 256})
+    expected = sum(p.numel() for p in reference.parameters())
+    abstract = nnx.eval_shape(lambda: WanTransformer(get_config(name), rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    print(f"{name}: {count:,} parameters (diffusers {expected:,})")
+    assert abs(count - expected) <= 0.005 * expected
+    assert count == expected
+
+
+def test_config_from_diffusers_round_trip(checkpoints):
+    with open(os.path.join(checkpoints["single"], "config.json")) as f:
+        cfg = config_from_diffusers(json.load(f))
+    assert cfg == get_config("tiny")
+    with pytest.raises(ValueError, match="image-to-video"):
+        config_from_diffusers({**TINY, "image_dim": 1280, "added_kv_proj_dim": 5120})
+
+
+def test_bad_inputs_name_the_problem(loaded):
+    model = loaded
+    latents, timestep, context = map(jnp.asarray, inputs(2, 3, 6, 10))
+    with pytest.raises(ValueError, match="8 channels.*in_channels=16"):
+        model(latents[..., :8], timestep, context)
+    with pytest.raises(ValueError, match="H=5"):
+        model(latents[:, :, :5], timestep, context)
+    with pytest.raises(ValueError, match="W=9"):
+        model(latents[:, :, :, :9], timestep, context)
+    with pytest.raises(ValueError, match="text_dim=32"):
+        model(latents, timestep, jnp.zeros((2, 7, 48)))
+    with pytest.raises(ValueError, match="timestep"):
+        model(latents, jnp.zeros((3,)), context)
+
+
+def _state_dict_numpy(torch_model):
+    return {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+
+
+def _write_checkpoint(folder, tensors, config_from):
+    os.makedirs(folder)
+    shutil.copy(os.path.join(config_from, "config.json"), folder)
+    safetensors_numpy.save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def test_checkpoint_mismatches_name_the_key(tmp_path, torch_model, checkpoints):
+    tensors = _state_dict_numpy(torch_model)
+    missing = dict(tensors)
+    del missing["blocks.1.attn2.norm_k.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing key\(s\): blocks\.1\.attn2\.norm_k\.weight"):
+        load_transformer(_write_checkpoint(str(tmp_path / "missing"), missing, checkpoints["single"]))
+    extra = {**tensors, "blocks.0.attn1.norm_added_q.weight": np.ones(64, np.float32)}
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key\(s\): blocks\.0\.attn1\.norm_added_q\.weight"):
+        load_transformer(_write_checkpoint(str(tmp_path / "extra"), extra, checkpoints["single"]))
+    wrong = {**tensors, "proj_out.bias": np.zeros(63, np.float32)}
+    with pytest.raises(CheckpointMismatchError, match=r"proj_out\.bias \[63\] \(expected \[64\]\)"):
+        load_transformer(_write_checkpoint(str(tmp_path / "wrong"), wrong, checkpoints["single"]))
+
+
+def _loss_and_grads(model, args):
+    def loss(m):
+        return jnp.mean(jnp.square(m(*args)))
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+
+def _with_params_of(config, source):
+    """A model of ``config`` whose parameters are copied from the same paths of ``source``."""
+    values = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(source))}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))))
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(values[path])
+    return nnx.merge(graphdef, state)
+
+
+def test_remat_policies_match_no_remat(loaded):
+    # one block of the loaded model: each gradient compile costs ~4 s on CPU, the bulk of this file
+    args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
+    with jax.default_matmul_precision("float32"):  # on GPUs TF32 would differ between recomputations
+        results = {policy: _loss_and_grads(
+                       _with_params_of(get_config("tiny", num_layers=1, remat_policy=policy), loaded), args)
+                   for policy in ("none", "full", "attention_saveable")}
+    base_loss, base_grads = results.pop("none")
+    for policy, (loss, grads) in results.items():
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+        errors = [rel_err(g, g0) for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads))]
+        print(f"remat {policy}: max relative gradient difference {max(errors):.1e}")
+        assert max(errors) < 1e-5, policy
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_compute_close_to_f32(loaded, checkpoints, param_dtype):
+    model = load_transformer(checkpoints["single"], dtype=jnp.bfloat16, param_dtype=param_dtype)
+    assert model.blocks[0].ffn.up.kernel.dtype == param_dtype
+    assert model.blocks[0].modulation_table.dtype == jnp.float32  # kept in float32, as diffusers does
+    args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
+    out = forward(model, *args)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(jnp.float32), forward(loaded, *args)) < 3e-2
+
+
+def test_logical_axis_names_on_big_weights():
+    model = nnx.eval_shape(lambda: WanTransformer(get_config("wan2.1-t2v-1.3b"), rngs=nnx.Rngs(0)))
+    block = model.blocks[0]
+    assert logical_axes(block.self_attn.query.kernel) == ("embed", "heads")
+    assert logical_axes(block.cross_attn.out.kernel) == ("heads", "embed")
+    assert logical_axes(block.ffn.up.kernel) == ("embed", "mlp")
+    assert logical_axes(block.ffn.down.kernel) == ("mlp", "embed")
+    assert logical_axes(model.time_proj.kernel) == ("embed", "modulation")
+    assert logical_axes(model.text_embed.linear_1.kernel) == ("text_embed", "embed")
+    assert logical_axes(model.time_embed.linear_1.kernel) == ("freq", "embed")
+    assert logical_axes(model.proj_out.kernel) == ("embed", "patch")
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = logical_axes(var)
+        assert names is not None and len(names) == var.ndim, path
+        if var.ndim == 2:
+            assert any(names), path  # every matrix can be sharded by some rule
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 host devices forced by tests/conftest.py")
+def test_load_onto_mesh_with_rules(loaded, checkpoints):
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    rules = [("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("text_embed", "fsdp"), ("patch", None)]
+    model = load_transformer(checkpoints["single"], mesh=mesh, rules=rules)
+    assert model.blocks[0].ffn.up.kernel[...].sharding.spec == P("fsdp", None)  # fsdp taken by 'embed' first
+    assert model.blocks[0].ffn.down.kernel[...].sharding.spec == P("fsdp", None)
+    assert model.blocks[0].self_attn.query_norm.scale[...].sharding.spec == P(None)
+    args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
+    assert rel_err(forward(model, *args), forward(loaded, *args)) < 1e-5

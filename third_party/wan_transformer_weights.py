@@ -1,0 +1,246 @@
+"""Load a diffusers ``WanTransformer3DModel`` folder (Wan2.1 T2V) into ``shelllcc.models.wan_transformer``.
+
+The model is built abstractly (``nnx.eval_shape``: shapes only, no memory), every checkpoint name and
+shape is checked against it from the safetensors headers before anything is read, and then each tensor
+is converted as it streams from its memory map (cast to the parameter dtype, re-laid out) and placed on
+the device(s), so the host never holds more than the current tensor besides the page cache.
+
+Layout changes: Linear ``weight [out, in]`` -> ``kernel [in, out]``; Conv3d ``weight [out, in, kt, kh, kw]``
+-> ``kernel [kt, kh, kw, in, out]``; everything else (biases, norm weights, modulation tables) as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig, logical_axes
+from third_party.safetensors_checkpoint import iter_tensors, read_config, read_header, weight_files
+
+DIFFUSERS_CLASS = "WanTransformer3DModel"
+# diffusers config key -> (our field, diffusers' default when the key is absent)
+_CONFIG_FIELDS = {
+    "patch_size": ("patch_size", (1, 2, 2)),
+    "in_channels": ("in_channels", 16),
+    "out_channels": ("out_channels", 16),
+    "text_dim": ("text_dim", 4096),
+    "freq_dim": ("freq_dim", 256),
+    "ffn_dim": ("ffn_dim", 13824),
+    "num_layers": ("num_layers", 40),
+    "cross_attn_norm": ("cross_attn_norm", True),
+    "qk_norm": ("qk_norm", "rms_norm_across_heads"),
+    "eps": ("eps", 1e-6),
+    "rope_max_seq_len": ("rope_max_seq_len", 1024),
+}
+_HEAD_KEYS = {"num_attention_heads": 40, "attention_head_dim": 128}
+_IMAGE_TO_VIDEO_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+LINEAR, CONV3D, COPY = "linear", "conv3d", "copy"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not correspond one to one to the model's parameters."""
+
+
+def config_from_diffusers(config: Mapping[str, Any], **overrides) -> WanTransformerConfig:
+    """``WanTransformerConfig`` from a diffusers ``config.json`` dict; ``overrides`` set runtime fields
+    (``dtype``, ``param_dtype``, ``attention_impl``, ``remat_policy``).
+
+    Raises ``ValueError`` for image-to-video configs and for keys this port does not know.
+    """
+    cls = config.get("_class_name", DIFFUSERS_CLASS)
+    if cls != DIFFUSERS_CLASS:
+        raise ValueError(f"config is for {cls!r}, expected {DIFFUSERS_CLASS!r}")
+    i2v = {k: config[k] for k in _IMAGE_TO_VIDEO_KEYS if config.get(k) is not None}
+    if i2v:
+        raise ValueError(f"image-to-video Wan configs are not supported (T2V only): {i2v}")
+    known = set(_CONFIG_FIELDS) | set(_HEAD_KEYS) | set(_IMAGE_TO_VIDEO_KEYS)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"unknown keys in the Wan transformer config: {unknown}")
+
+    fields = {field: config.get(key, default) for key, (field, default) in _CONFIG_FIELDS.items()}
+    if fields["out_channels"] is None:
+        fields["out_channels"] = fields["in_channels"]
+    heads = config.get("num_attention_heads", _HEAD_KEYS["num_attention_heads"])
+    fields.update(num_heads=heads, dim=heads * config.get("attention_head_dim", _HEAD_KEYS["attention_head_dim"]))
+    fields.update(overrides)
+    return WanTransformerConfig(**fields)
+
+
+def diffusers_key_map(cfg: WanTransformerConfig) -> dict[str, tuple[str, str]]:
+    """Every diffusers tensor name of a T2V checkpoint -> (our parameter path, layout change)."""
+    keys: dict[str, tuple[str, str]] = {}
+
+    def linear(src: str, dst: str):
+        keys[f"{src}.weight"] = (f"{dst}.kernel", LINEAR)
+        keys[f"{src}.bias"] = (f"{dst}.bias", COPY)
+
+    keys["patch_embedding.weight"] = ("patch_embed.kernel", CONV3D)
+    keys["patch_embedding.bias"] = ("patch_embed.bias", COPY)
+    linear("condition_embedder.time_embedder.linear_1", "time_embed.linear_1")
+    linear("condition_embedder.time_embedder.linear_2", "time_embed.linear_2")
+    linear("condition_embedder.time_proj", "time_proj")
+    linear("condition_embedder.text_embedder.linear_1", "text_embed.linear_1")
+    linear("condition_embedder.text_embedder.linear_2", "text_embed.linear_2")
+    for i in range(cfg.num_layers):
+        src, dst = f"blocks.{i}", f"blocks.{i}"
+        keys[f"{src}.scale_shift_table"] = (f"{dst}.modulation_table", COPY)
+        for attn_src, attn_dst in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+            for proj_src, proj_dst in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "out")):
+                linear(f"{src}.{attn_src}.{proj_src}", f"{dst}.{attn_dst}.{proj_dst}")
+            keys[f"{src}.{attn_src}.norm_q.weight"] = (f"{dst}.{attn_dst}.query_norm.scale", COPY)
+            keys[f"{src}.{attn_src}.norm_k.weight"] = (f"{dst}.{attn_dst}.key_norm.scale", COPY)
+        if cfg.cross_attn_norm:
+            keys[f"{src}.norm2.weight"] = (f"{dst}.cross_norm.scale", COPY)
+            keys[f"{src}.norm2.bias"] = (f"{dst}.cross_norm.bias", COPY)
+        linear(f"{src}.ffn.net.0.proj", f"{dst}.ffn.up")
+        linear(f"{src}.ffn.net.2", f"{dst}.ffn.down")
+    keys["scale_shift_table"] = ("head_modulation_table", COPY)
+    linear("proj_out", "proj_out")
+    return keys
+
+
+def to_model_layout(array: np.ndarray, kind: str) -> np.ndarray:
+    """A (lazy, strided) view of a diffusers tensor in our layout."""
+    if kind == LINEAR:
+        return array.T
+    if kind == CONV3D:
+        return array.transpose(2, 3, 4, 1, 0)
+    return array
+
+
+def _source_shape(model_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    if kind == LINEAR:
+        return model_shape[::-1]
+    if kind == CONV3D:
+        kt, kh, kw, cin, cout = model_shape
+        return (cout, cin, kt, kh, kw)
+    return tuple(model_shape)
+
+
+def logical_to_mesh_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                         rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> P:
+    """Resolve logical axis names to a ``PartitionSpec`` with ``rules`` ((logical, mesh axes) pairs,
+    first match wins). A dimension stays replicated when its name has no rule, when the mesh axis is
+    already used by an earlier dimension, or when its size is not divisible by the mesh axes' size."""
+    table: dict[str, Any] = {}
+    for logical, mesh_axes in (rules.items() if isinstance(rules, Mapping) else rules):
+        table.setdefault(logical, mesh_axes)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        target = table.get(name) if name is not None else None
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        unknown = [a for a in axes if a not in mesh.shape]
+        if unknown:
+            raise ValueError(f"sharding rule for {name!r} names mesh axes {unknown} not in the mesh {dict(mesh.shape)}")
+        if not axes or used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+            continue
+        used |= set(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _checkpoint_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        for name, info in read_header(path)[0].items():
+            if name in shapes:
+                raise CheckpointMismatchError(f"tensor {name!r} appears in more than one shard of {folder}")
+            shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def _listing(names: Sequence[str], limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_checkpoint(shapes: Mapping[str, tuple[int, ...]], key_map: Mapping[str, tuple[str, str]],
+                     params: Mapping[str, nnx.Variable]) -> None:
+    """Raise ``CheckpointMismatchError`` naming every unexpected, missing or wrongly shaped tensor."""
+    unmapped = sorted(set(params) - {dst for dst, _ in key_map.values()})
+    if unmapped:  # a bug in the key map, not in the checkpoint
+        raise AssertionError(f"model parameters without a diffusers key: {unmapped}")
+    problems = []
+    unexpected = [k for k in shapes if k not in key_map]
+    missing = [k for k in key_map if k not in shapes]
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    wrong = []
+    for name, shape in shapes.items():
+        if name in key_map:
+            dst, kind = key_map[name]
+            want = _source_shape(params[dst].shape, kind)
+            if shape != want:
+                wrong.append(f"{name} {list(shape)} (expected {list(want)})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {_listing(wrong)}")
+    if problems:
+        raise CheckpointMismatchError("checkpoint does not match the Wan transformer config: " + "; ".join(problems))
+
+
+def _place(host: np.ndarray, dtype, sharding: NamedSharding | None) -> jax.Array:
+    """Cast and copy one tensor to the device(s); with a sharding each device reads only its slice."""
+    if sharding is None:
+        return jax.device_put(np.ascontiguousarray(host, dtype=dtype))
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: np.ascontiguousarray(host[index], dtype=dtype))
+
+
+def _named_params(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
+    for path, variable in nnx.to_flat_state(state):
+        yield ".".join(str(p) for p in path), variable
+
+
+def load_transformer(path: str, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None,
+                     rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+                     **config_overrides) -> WanTransformer:
+    """Load a diffusers ``transformer/`` folder (``config.json`` + safetensors, single or sharded).
+
+    ``dtype``: compute dtype; ``param_dtype``: parameter dtype (default: ``dtype``); the float32-kept
+    parameters (time embedder, modulation tables, cross-attention LayerNorm) stay float32.
+    With ``mesh``, parameters are placed as ``NamedSharding``s resolved from their logical axis names
+    by ``rules`` (replicated where no rule applies; all replicated when ``rules`` is None).
+    ``config_overrides``: other runtime fields of ``WanTransformerConfig`` (``attention_impl``,
+    ``remat_policy``). Raises ``CheckpointMismatchError`` naming unexpected / missing / misshaped keys.
+    """
+    cfg = config_from_diffusers(read_config(path), dtype=dtype,
+                                param_dtype=dtype if param_dtype is None else param_dtype, **config_overrides)
+    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    params = dict(_named_params(state))
+    key_map = diffusers_key_map(cfg)
+    check_checkpoint(_checkpoint_shapes(path), key_map, params)
+
+    for name, array in iter_tensors(path):
+        dst, kind = key_map[name]
+        variable = params[dst]
+        sharding = None
+        if mesh is not None:
+            names = logical_axes(variable) or (None,) * len(variable.shape)
+            spec = logical_to_mesh_spec(names, variable.shape, mesh, rules or ())
+            sharding = NamedSharding(mesh, spec)
+        variable.set_value(_place(to_model_layout(array, kind), variable.dtype, sharding))
+        del array
+    return nnx.merge(graphdef, state)
+
+
+def load_config(path: str, **overrides) -> WanTransformerConfig:
+    """The ``WanTransformerConfig`` of a diffusers ``transformer/`` folder."""
+    return config_from_diffusers(read_config(path), **overrides)
+
+
+__all__ = ["CheckpointMismatchError", "check_checkpoint", "config_from_diffusers", "diffusers_key_map",
+           "load_config", "load_transformer", "logical_to_mesh_spec", "to_model_layout"]
