@@ -10,7 +10,6 @@ misspelt ``--config.*`` key is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 from absl import app, flags, logging

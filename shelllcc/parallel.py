@@ -8,13 +8,24 @@ shardings we give it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+KNOWN_MESH_AXES = ("data", "fsdp", "tensor")   # rules may name any; those a mesh lacks are skipped
+
+# Logical parameter axes -> mesh axes. FSDP: the model dim of every large matrix is split over
+# 'fsdp' (gathered per layer by XLA); a 'tensor' axis, when a mesh has one, splits heads and FFN.
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("modulation", "tensor"),
+)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -57,3 +68,38 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.device_put(x, batch_sharding(mesh))
 
     return jax.tree.map(put, batch)
+
+
+def logical_to_mesh_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                         rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> P:
+    """Resolve logical axis names to a ``PartitionSpec`` with ``rules`` ((logical, mesh axes) pairs,
+    first match wins). A dimension stays replicated when its name has no rule, when the rule's mesh
+    axis is absent from this mesh (one rule set serves meshes with and without 'tensor'), when the
+    mesh axis is already used by an earlier dimension, or when its size is not divisible by the
+    mesh axes' size. A rule naming an axis that no mesh of this project has is an error (a typo)."""
+    table: dict[str, Any] = {}
+    for logical, mesh_axes in (rules.items() if isinstance(rules, Mapping) else rules):
+        table.setdefault(logical, mesh_axes)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        target = table.get(name) if name is not None else None
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        unknown = [a for a in axes if a not in mesh.shape and a not in KNOWN_MESH_AXES]
+        if unknown:
+            raise ValueError(f"sharding rule for {name!r} names mesh axes {unknown}, neither in the mesh "
+                             f"{dict(mesh.shape)} nor among the known axes {KNOWN_MESH_AXES}")
+        if (not axes or any(a not in mesh.shape for a in axes) or used & set(axes)
+                or size % math.prod(mesh.shape[a] for a in axes)):
+            spec.append(None)
+            continue
+        used |= set(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def param_sharding(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
+    """``NamedSharding`` of a parameter from its logical axis names (replicated when it has none)."""
+    names = tuple(names) if names is not None else (None,) * len(shape)
+    return NamedSharding(mesh, logical_to_mesh_spec(names, shape, mesh, rules))

@@ -221,8 +221,8 @@ def test_logical_axis_names_on_big_weights():
             assert any(names), path  # every matrix can be sharded by some rule
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 host devices forced by tests/conftest.py")
 def test_load_onto_mesh_with_rules(loaded, checkpoints):
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
     mesh = parallel.make_mesh(data=2, fsdp=4)
     rules = [("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("text_embed", "fsdp"), ("patch", None)]
     model = load_transformer(checkpoints["single"], mesh=mesh, rules=rules)
@@ -231,3 +231,7 @@ def test_load_onto_mesh_with_rules(loaded, checkpoints):
     assert model.blocks[0].self_attn.query_norm.scale[...].sharding.spec == P(None)
     args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
     assert rel_err(forward(model, *args), forward(loaded, *args)) < 1e-5
+    # The project's default rules: FSDP over the model dim, nothing else on a mesh without 'tensor'.
+    default = load_transformer(checkpoints["single"], mesh=mesh, rules=parallel.DEFAULT_RULES)
+    assert default.blocks[0].ffn.up.kernel[...].sharding.spec == P("fsdp", None)
+    assert default.blocks[0].self_attn.out.kernel[...].sharding.spec == P(None, "fsdp")

@@ -11,16 +11,16 @@ Layout changes: Linear ``weight [out, in]`` -> ``kernel [in, out]``; Conv3d ``we
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig, logical_axes
+from shelllcc.parallel import logical_to_mesh_spec
 from third_party.safetensors_checkpoint import iter_tensors, read_config, read_header, weight_files
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
@@ -125,30 +125,6 @@ def _source_shape(model_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     return tuple(model_shape)
 
 
-def logical_to_mesh_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                         rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> P:
-    """Resolve logical axis names to a ``PartitionSpec`` with ``rules`` ((logical, mesh axes) pairs,
-    first match wins). A dimension stays replicated when its name has no rule, when the mesh axis is
-    already used by an earlier dimension, or when its size is not divisible by the mesh axes' size."""
-    table: dict[str, Any] = {}
-    for logical, mesh_axes in (rules.items() if isinstance(rules, Mapping) else rules):
-        table.setdefault(logical, mesh_axes)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape):
-        target = table.get(name) if name is not None else None
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        unknown = [a for a in axes if a not in mesh.shape]
-        if unknown:
-            raise ValueError(f"sharding rule for {name!r} names mesh axes {unknown} not in the mesh {dict(mesh.shape)}")
-        if not axes or used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
-            spec.append(None)
-            continue
-        used |= set(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
-
-
 def _checkpoint_shapes(folder: str) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in weight_files(folder):
@@ -243,4 +219,4 @@ def load_config(path: str, **overrides) -> WanTransformerConfig:
 
 
 __all__ = ["CheckpointMismatchError", "check_checkpoint", "config_from_diffusers", "diffusers_key_map",
-           "load_config", "load_transformer", "logical_to_mesh_spec", "to_model_layout"]
+           "load_config", "load_transformer", "to_model_layout"]
