@@ -1,0 +1,131 @@
+"""TFDS builder for the embedded text-to-video benchmark (no download; TensorFlow not needed).
+
+Each example is one clip of :mod:`shelllcc.data.moving_textures`: a textured shape moving over a
+textured background, with its caption and attribute labels. Textures carry high-frequency detail
+that blur visibly removes, so detail metrics and an attribute classifier can tell a sharp
+generator from an over-smoothed one.
+
+    from shelllcc.data import embedded_benchmark
+    builder = embedded_benchmark.build(data_dir, embedded_benchmark.BenchmarkConfig(train_size=512))
+    train = builder.as_data_source("train")       # ArrayRecord, random access, TF-free
+
+The dataset is written as ArrayRecord, read back with ``tfds.data_source`` / grain. Clip ``i`` of a
+split depends only on ``(seed, split, i)``, so a config's data are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from shelllcc.data import moving_textures as mt
+
+NAME = "shelllcc_moving_textures"
+
+
+@dataclasses.dataclass
+class BenchmarkConfig(tfds.core.BuilderConfig):
+    """Size and shape of the benchmark; every field is part of the builder config's name."""
+
+    name: str = ""            # derived from the fields below when left empty
+    num_frames: int = 17
+    height: int = 64
+    width: int = 64
+    train_size: int = 1024
+    test_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ("num_frames", "height", "width", "train_size", "test_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"BenchmarkConfig.{field} must be positive, got {getattr(self, field)}")
+        if not self.name:
+            # The config's name encodes its fields, so two sizes never share a directory.
+            self.name = (f"t{self.num_frames}_{self.height}x{self.width}_train{self.train_size}"
+                         f"_test{self.test_size}_seed{self.seed}")
+
+    def clip_spec(self) -> mt.ClipSpec:
+        return mt.ClipSpec(num_frames=self.num_frames, height=self.height, width=self.width, seed=self.seed)
+
+
+class MovingTextures(tfds.core.GeneratorBasedBuilder):
+    """Textured shapes in motion, with captions and attribute labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    BUILDER_CONFIGS = [BenchmarkConfig()]
+    name = NAME
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        labels = {attr: tfds.features.ClassLabel(names=list(values)) for attr, values in mt.ATTRIBUTES.items()}
+        return self.dataset_info_from_configs(
+            description=__doc__,
+            features=tfds.features.FeaturesDict({
+                # zlib: textured uint8 frames compress well, and decoding needs no TensorFlow.
+                "video": tfds.features.Tensor(shape=(cfg.num_frames, cfg.height, cfg.width, 3), dtype=np.uint8,
+                                              encoding=tfds.features.Encoding.ZLIB),
+                "caption": tfds.features.Text(),
+                "index": np.int64,
+                **labels,
+            }),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        cfg = self.builder_config
+        return {"train": self._generate_examples("train", cfg.train_size),
+                "test": self._generate_examples("test", cfg.test_size)}
+
+    def _generate_examples(self, split: str, size: int):
+        cfg = self.builder_config
+        spec = cfg.clip_spec()
+        seed = mt.split_seed(cfg.seed, split)
+        for index in range(size):
+            ex = mt.generate_example(seed, index, spec)
+            yield index, {"video": ex["video"], "caption": ex["caption"], "index": index, **ex["labels"]}
+
+
+def build(data_dir: str, config: BenchmarkConfig | None = None, verbose: bool = True) -> MovingTextures:
+    """Build (or reuse) the dataset under ``data_dir`` as ArrayRecord and return its builder."""
+    config = config or BenchmarkConfig()
+    # TFDS refuses a config object named like a registered one; the registered one is then this config.
+    registered = {c.name: c for c in MovingTextures.BUILDER_CONFIGS}
+    if config.name in registered and registered[config.name] != config:
+        raise ValueError(f"config name {config.name!r} is taken by a different registered config")
+    arg = config.name if config.name in registered else config
+    builder = MovingTextures(config=arg, data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    t0 = time.time()
+    already = builder.is_prepared()
+    builder.download_and_prepare()
+    if verbose:
+        what = "reused" if already else f"built in {time.time() - t0:.1f}s"
+        print(f"{NAME}/{config.name}: {config.train_size} train + {config.test_size} test clips of "
+              f"{config.num_frames}x{config.height}x{config.width} ({what}) at {builder.data_dir}", flush=True)
+    return builder
+
+
+def label_names() -> dict[str, tuple[str, ...]]:
+    """Attribute -> class names, in label-index order (for classifiers and reports)."""
+    return dict(mt.ATTRIBUTES)
+
+
+def decode_labels(example: dict) -> dict[str, str]:
+    """Attribute values of an example read back from the dataset."""
+    return {attr: values[int(example[attr])] for attr, values in mt.ATTRIBUTES.items()}
+
+
+__all__ = ["BenchmarkConfig", "MovingTextures", "NAME", "build", "decode_labels", "label_names"]
+
+
+if __name__ == "__main__":  # python -m shelllcc.data.embedded_benchmark DATA_DIR [train_size]
+    import sys
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m shelllcc.data.embedded_benchmark DATA_DIR [TRAIN_SIZE]")
+    size = int(sys.argv[2]) if len(sys.argv) > 2 else BenchmarkConfig.train_size
+    build(sys.argv[1], BenchmarkConfig(train_size=size))
