@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import imageio
 import imageio.v3 as iio
 import numpy as np
 import pytest
