@@ -54,6 +54,7 @@ def _peak_tflops(device_name: str) -> float | None:
 def _jax_worker(args, variant: str) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from shelllcc.models.wan_transformer import WanTransformer, get_config
@@ -67,17 +68,12 @@ def _jax_worker(args, variant: str) -> dict:
     model = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
 
-    # Random N(0, 0.02^2) weights drawn leaf by leaf: the module's own initialisers, jitted whole,
-    # compile slowly at this depth, and timing does not depend on the init distribution.
-    leaves, treedef = jax.tree.flatten(abstract_params)
-
-    @jax.jit
-    def init():
-        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-        return jax.tree.unflatten(treedef, [
-            (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype) for k, leaf in zip(keys, leaves)])
-
-    params = init()
+    # Random N(0, 0.02^2) weights drawn on the host: one jax.random call per leaf shape compiles a
+    # program each, which took minutes on the GPU; timing does not depend on the init distribution.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda leaf: jnp.asarray((0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)),
+        abstract_params)
     rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_rest)
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     x = jax.random.normal(keys[0], (1, t, h, w, cfg.in_channels), jnp.bfloat16)
