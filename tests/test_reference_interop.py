@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 # third_party/ is not an installed package; make the repo root importable however pytest is launched.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shelllcc.rewards import manifold_distance  # noqa: E402
-from third_party.shell_lcc_reference import load_manifold, save_manifold  # noqa: E402
-from third_party.shell_lcc_torch import ReferenceManifold  # noqa: E402
+from shelllcc.rewards import manifold_distance
+from third_party.shell_lcc_reference import load_manifold, save_manifold
+from third_party.shell_lcc_torch import ReferenceManifold
 
 D, K, H = 16, 64, 32
 KINDS = ("shell_norm", "lcc", "shell", "shell_band")

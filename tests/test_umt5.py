@@ -7,11 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import torch
 
-from third_party import umt5  # noqa: E402
+from third_party import umt5
 
 WORDS = ["a", "red", "car", "drives", "on", "the", "road", "blue", "sky", "cat", "sits", ",", "."]
 CAPTIONS = ["A red car drives on the road.", "blue   sky", "", "a cat &amp; a car",

@@ -13,18 +13,18 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import torch
+import diffusers
+import safetensors.numpy as safetensors_numpy
 
 # third_party/ is not an installed package; make the repo root importable however pytest is launched.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shelllcc import parallel  # noqa: E402
-from shelllcc.models.wan_transformer import (  # noqa: E402
+from shelllcc import parallel
+from shelllcc.models.wan_transformer import (
     WanTransformer, get_config, logical_axes)
-from tests.helpers import rel_err  # noqa: E402
-from third_party.wan_transformer_weights import (  # noqa: E402
+from tests.helpers import rel_err
+from third_party.wan_transformer_weights import (
     CheckpointMismatchError, config_from_diffusers, load_transformer)
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,

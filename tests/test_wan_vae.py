@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import torch
+import diffusers
+import safetensors.numpy as safetensors_numpy
 
-from shelllcc.models.wan_vae import (WanVAEConfig, config_from_diffusers, denormalize_latents,  # noqa: E402
+from shelllcc.models.wan_vae import (WanVAEConfig, config_from_diffusers, denormalize_latents,
                                      normalize_latents, run_chunked)
-from tests.helpers import rel_err  # noqa: E402
-from third_party.safetensors_checkpoint import weight_files  # noqa: E402
-from third_party.wan_vae_weights import (abstract_vae, convert_tensor, diffusers_key_to_path,  # noqa: E402
+from tests.helpers import rel_err
+from third_party.safetensors_checkpoint import weight_files
+from third_party.wan_vae_weights import (abstract_vae, convert_tensor, diffusers_key_to_path,
                                          load_vae, path_to_diffusers_key)
 
 TOL = 1e-4

@@ -16,13 +16,12 @@ split depends only on ``(seed, split, i)``, so a config's data are the same on e
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from shelllcc.data import moving_textures as mt
+from shelllcc.data.tfds_prepare import prepare
 
 NAME = "shelllcc_moving_textures"
 
@@ -94,17 +93,8 @@ class MovingTextures(tfds.core.GeneratorBasedBuilder):
 def build(data_dir: str, config: BenchmarkConfig | None = None, verbose: bool = True) -> MovingTextures:
     """Build (or reuse) the dataset under ``data_dir`` as ArrayRecord and return its builder."""
     config = config or BenchmarkConfig()
-    # TFDS refuses a config object named like a registered one; the registered one is then this config.
-    registered = {c.name: c for c in MovingTextures.BUILDER_CONFIGS}
-    if config.name in registered and registered[config.name] != config:
-        raise ValueError(f"config name {config.name!r} is taken by a different registered config")
-    arg = config.name if config.name in registered else config
-    builder = MovingTextures(config=arg, data_dir=os.path.expanduser(data_dir), file_format="array_record")
-    t0 = time.time()
-    already = builder.is_prepared()
-    builder.download_and_prepare()
+    builder, what = prepare(MovingTextures, config, data_dir)
     if verbose:
-        what = "reused" if already else f"built in {time.time() - t0:.1f}s"
         print(f"{NAME}/{config.name}: {config.train_size} train + {config.test_size} test clips of "
               f"{config.num_frames}x{config.height}x{config.width} ({what}) at {builder.data_dir}", flush=True)
     return builder

@@ -72,6 +72,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from shelllcc.data.tfds_prepare import prepare
+
 NAME = "shelllcc_video_folder"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif")
 SKIP_REASONS = ("unreadable", "truncated", "too_short", "no_caption", "empty_caption")
@@ -559,17 +561,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir: str, config: VideoFolderConfig, verbose: bool = True) -> VideoFolder:
     """Build (or reuse) the dataset of ``config.video_dir`` under ``data_dir`` and return its builder."""
-    # TFDS refuses a config object named like a registered one; the registered one is then this config.
-    registered = {c.name: c for c in VideoFolder.BUILDER_CONFIGS}
-    if config.name in registered and registered[config.name] != config:
-        raise ValueError(f"config name {config.name!r} is taken by a different registered config")
-    arg = config.name if config.name in registered else config
-    builder = VideoFolder(config=arg, data_dir=os.path.expanduser(data_dir), file_format="array_record")
-    t0 = time.time()
-    already = builder.is_prepared()
-    builder.download_and_prepare()
+    builder, what = prepare(VideoFolder, config, data_dir)
     if verbose:
-        what = "reused" if already else f"built in {time.time() - t0:.1f}s"
         print(f"{NAME}/{config.name}: clips of {config.num_frames}x{config.height}x{config.width} "
               f"({what}) at {builder.data_dir}", flush=True)
     return builder
