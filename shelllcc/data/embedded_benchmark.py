@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from shelllcc.data import moving_textures as mt
-from shelllcc.data.tfds_prepare import prepare
+from shelllcc.data.tfds_prepare import prepare, video_feature
 
 NAME = "shelllcc_moving_textures"
 
@@ -65,9 +65,7 @@ class MovingTextures(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                # zlib: textured uint8 frames compress well, and decoding needs no TensorFlow.
-                "video": tfds.features.Tensor(shape=(cfg.num_frames, cfg.height, cfg.width, 3), dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
+                "video": video_feature(cfg.num_frames, cfg.height, cfg.width),
                 "caption": tfds.features.Text(),
                 "index": np.int64,
                 **labels,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 
@@ -24,3 +25,9 @@ def prepare(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.cor
     already = builder.is_prepared()
     builder.download_and_prepare()
     return builder, "reused" if already else f"built in {time.time() - t0:.1f}s"
+
+
+def video_feature(num_frames: int, height: int, width: int) -> tfds.features.Tensor:
+    """uint8 ``[T, H, W, 3]`` clip, zlib-compressed: lossless, and decoding needs no TensorFlow."""
+    return tfds.features.Tensor(shape=(num_frames, height, width, 3), dtype=np.uint8,
+                                encoding=tfds.features.Encoding.ZLIB)

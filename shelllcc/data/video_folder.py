@@ -72,7 +72,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from shelllcc.data.tfds_prepare import prepare
+from shelllcc.data.tfds_prepare import prepare, video_feature
 
 NAME = "shelllcc_video_folder"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif")
@@ -416,9 +416,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                # zlib: lossless, and decoding needs no TensorFlow.
-                "video": tfds.features.Tensor(shape=(cfg.num_frames, cfg.height, cfg.width, 3), dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
+                "video": video_feature(cfg.num_frames, cfg.height, cfg.width),
                 "caption": tfds.features.Text(),
                 "source": tfds.features.Text(),
                 "clip_index": np.int64,
