@@ -1,0 +1,157 @@
+"""Generator objectives for reward fine-tuning (DESIGN 2.5), as pure, jit-able functions.
+
+Conventions (see :mod:`shelllcc.flow.rectified`): ``x_s = (1 - s) x0 + s eps``, target
+``v = eps - x0``, model timestep ``1000 s``, one-step denoise ``z = x_s - s v``.
+
+* ``velocity_fn(x, timestep, context) -> v`` with ``x`` channels-last ``[B, T, H, W, C]`` (any
+  ``[B, ...]`` works), ``timestep`` float ``[B]`` (``1000 s``). The trainable parameters are whatever
+  ``velocity_fn`` closes over (or the caller binds), so ``jax.grad`` of a wrapper that builds the
+  closure differentiates through every objective here.
+* ``reward_fn(z) -> distance`` returns a scalar or a per-example ``[B]`` distance *to minimise*
+  (e.g. ``lambda z: manifold_distance(params, z, "shell")``); a ``[B]`` result is averaged.
+* Every objective returns ``(loss, metrics)``: a float32 scalar and a dict of float32 scalars with
+  the same keys whatever the options, so that the metrics tree is stable under ``jax.jit``.
+* Noise levels: ``s=None`` draws them from ``key``; an explicit ``[B]`` (or scalar) ``s`` is used
+  as given (tests, or a caller that wants to log/reuse the draw). ``key`` is unused then.
+* Each objective evaluates the trained model exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from shelllcc.flow.rectified import add_noise, denoise, flow_matching_loss, model_timestep
+from shelllcc.flow.timesteps import uniform_sigmas
+
+VelocityFn = Callable[[jax.Array, jax.Array, object], jax.Array]
+RewardFn = Callable[[jax.Array], jax.Array]
+SigmaSampler = Callable[[jax.Array, tuple], jax.Array]
+
+
+def _noise_levels(key, s, batch: int, lo: float, hi: float, sigma_sampler: SigmaSampler | None):
+    """Per-example ``s`` of shape ``[B]`` in float32: the given one, else a draw from ``key``."""
+    if s is None:
+        if sigma_sampler is not None:
+            s = sigma_sampler(key, (batch,))
+        else:
+            s = uniform_sigmas(key, (batch,), lo, hi)
+    s = jnp.asarray(s, jnp.float32)
+    # a scalar is a valid noise level for the rectified-flow helpers, but the model's timestep
+    # input is per example, so expand it here once
+    return jnp.broadcast_to(s, (batch,)) if s.ndim == 0 else s
+
+
+def _reward(reward_fn: RewardFn, z) -> jax.Array:
+    # the reward may be per example ([B]); the objective is its batch mean, in float32
+    return jnp.mean(jnp.asarray(reward_fn(z), jnp.float32))
+
+
+def _s_metrics(s) -> dict:
+    return {"s_mean": jnp.mean(s), "s_min": jnp.min(s), "s_max": jnp.max(s)}
+
+
+def _mse(a, b) -> jax.Array:
+    # float32 accumulation: a bfloat16 mean over a video latent loses most of its mantissa
+    return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def one_step_from_noise(velocity_fn: VelocityFn, reward_fn: RewardFn, eps, context, key, *,
+                        s_lo: float = 0.7, s_hi: float = 1.0, s=None,
+                        ref_velocity_fn: VelocityFn | None = None, drift_margin: float = 0.0,
+                        drift_weight: float = 1.0):
+    """Reference one-step reward objective from pure noise.
+
+    ::
+
+        x      = eps
+        s      ~ U[s_lo, s_hi)                      (per example, [B]; or the given ``s``)
+        z      = x - s * v_theta(x, 1000 s, c)      (one-step denoise)
+        z_ref  = x - s * stop_gradient(v_ref(x, 1000 s, c))
+        drift  = mean((z - z_ref)^2)                (over every element of the batch)
+        loss   = mean_B reward_fn(z) + drift_weight * relu(drift - drift_margin)
+
+    The anti-drift term is present only with ``ref_velocity_fn`` (a frozen reference model);
+    without it ``drift`` and the penalty are reported as 0. It is zero whenever the model's one-step
+    output stays within ``drift_margin`` (mean squared) of the reference's, so the reward can move
+    the generator freely in that ball but pays linearly for leaving it.
+
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``reward`` (the mean distance),
+    ``drift_mse``, ``drift_penalty``, ``s_mean``, ``s_min``, ``s_max``.
+    """
+    x = eps
+    s = _noise_levels(key, s, x.shape[0], s_lo, s_hi, None)
+    t = model_timestep(s)
+    z = denoise(x, velocity_fn(x, t, context), s)
+    reward = _reward(reward_fn, z)
+    if ref_velocity_fn is not None:
+        # the reference is frozen: no gradient may flow into it (nor through it into shared inputs)
+        v_ref = jax.lax.stop_gradient(ref_velocity_fn(x, t, context))
+        z_ref = denoise(x, v_ref, s)
+        drift = _mse(z, z_ref)
+        penalty = drift_weight * jax.nn.relu(drift - drift_margin)
+    else:
+        drift = jnp.zeros((), jnp.float32)
+        penalty = jnp.zeros((), jnp.float32)
+    loss = reward + penalty
+    metrics = {"loss": loss, "reward": reward, "drift_mse": drift, "drift_penalty": penalty,
+               **_s_metrics(s)}
+    return loss, metrics
+
+
+def noised_data(velocity_fn: VelocityFn, reward_fn: RewardFn, x0, eps, context, key, *,
+                s_lo: float = 0.7, s_hi: float = 1.0, sft_weight: float = 1.0,
+                sigma_sampler: SigmaSampler | None = None, s=None):
+    """Noised-data reward objective with a flow-matching (SFT) anchor on the same batch.
+
+    ::
+
+        s     ~ sigma_sampler(key, [B])  or  U[s_lo, s_hi)   (or the given ``s``)
+        x     = (1 - s) x0 + s eps
+        v     = v_theta(x, 1000 s, c)                        (one forward pass, used twice)
+        z     = x - s v
+        loss  = mean_B reward_fn(z) + sft_weight * mean((v - (eps - x0))^2)
+
+    Sharing ``v`` between the reward and the flow-matching term is what keeps the cost at one
+    model evaluation; it also means both terms see the same noise levels. With ``sft_weight = 0``
+    it is the reward of :func:`shelllcc.flow.rectified.denoise` on noised data.
+
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``reward``, ``sft`` (the unweighted
+    flow-matching loss), ``s_mean``, ``s_min``, ``s_max``.
+    """
+    s = _noise_levels(key, s, x0.shape[0], s_lo, s_hi, sigma_sampler)
+    x = add_noise(x0, eps, s)
+    v = velocity_fn(x, model_timestep(s), context)
+    z = denoise(x, v, s)
+    reward = _reward(reward_fn, z)
+    sft = flow_matching_loss(v, x0, eps)
+    loss = reward + sft_weight * sft
+    metrics = {"loss": loss, "reward": reward, "sft": sft, **_s_metrics(s)}
+    return loss, metrics
+
+
+def sft_loss(velocity_fn: VelocityFn, x0, eps, context, key, *,
+             sigma_sampler: SigmaSampler | None = None, s=None):
+    """Plain rectified-flow matching (the ``sft`` experiment and the no-reward control).
+
+    ::
+
+        s     ~ sigma_sampler(key, [B])  or  U[0, 1)          (or the given ``s``)
+        x     = (1 - s) x0 + s eps
+        loss  = mean((v_theta(x, 1000 s, c) - (eps - x0))^2)
+
+    ``sigma_sampler(key, shape) -> s`` is e.g.
+    ``functools.partial(sample_training_sigmas, distribution="logit_normal", shift=3.0)``.
+
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``sft``, ``s_mean``, ``s_min``, ``s_max``.
+    """
+    s = _noise_levels(key, s, x0.shape[0], 0.0, 1.0, sigma_sampler)
+    x = add_noise(x0, eps, s)
+    v = velocity_fn(x, model_timestep(s), context)
+    loss = flow_matching_loss(v, x0, eps)
+    return loss, {"loss": loss, "sft": loss, **_s_metrics(s)}
+
+
+__all__ = ["one_step_from_noise", "noised_data", "sft_loss"]

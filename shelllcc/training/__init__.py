@@ -1,0 +1,1 @@
+"""Training utilities (parameter-efficient adapters, train-step helpers)."""

@@ -1,0 +1,196 @@
+"""Low-rank adapters (LoRA) for the ``Dense`` layers of the Wan transformer, in Flax NNX.
+
+A target ``Dense`` (``y = x W + b``, ``W [in, out]``) becomes a ``LoRADense``::
+
+    y = x W + b + (alpha / rank) * (x A) B          A [in, rank], B [rank, out]
+
+computed in the layer's compute dtype; ``A`` and ``B`` are stored as ``LoRAParam`` (float32 by default).
+``A`` starts small random (kaiming-uniform, bound ``1/sqrt(in)``) and ``B`` zero, so an adapted model is
+initially exactly the base model. ``LoRADense`` subclasses ``Dense`` and shares its ``kernel``/``bias``
+Variables, so the base parameters keep their paths (``blocks.0.self_attn.query.kernel``); the adapters sit
+next to them (``...query.lora_a``, ``...query.lora_b``).
+
+Typical reward fine-tuning use::
+
+    apply_lora(model, rank=16, alpha=16, rngs=nnx.Rngs(0))       # in place
+    graphdef, lora, frozen = split_lora(model)                   # differentiate ``lora`` only
+    def loss_fn(lora):
+        return loss(nnx.merge(graphdef, lora, frozen), batch)
+    grads = jax.grad(loss_fn)(lora)
+    ...
+    merge_lora(model)                                            # plain model, W <- W + (alpha/rank) A B
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shelllcc.models.wan_transformer import Dense, KeyStream, _partitioned, logical_axes
+
+# The attention projections of both attention layers of every block (q, k, v, o).
+DEFAULT_TARGETS = tuple(f"{attn}.{proj}" for attn in ("self_attn", "cross_attn")
+                        for proj in ("query", "key", "value", "out"))
+
+_WILDCARDS = set("*?[")
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter weight. A subclass of ``nnx.Param`` so that filters can separate adapters
+    (``LoRAParam``) from base weights (``base_filter``) while optimisers over ``nnx.Param`` still see both."""
+
+
+# nnx filter selecting the adapter weights, and one selecting every other parameter.
+lora_filter = LoRAParam
+base_filter = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+
+class LoRADense(Dense):
+    """``y = x W + b + (alpha / rank) * (x A) B`` (``A [in, rank]``, ``B [rank, out]``), in ``dtype``.
+
+    Built from an existing ``Dense``: takes over its ``kernel``/``bias`` Variables (same objects, same
+    attribute names, so paths and logical axes of the base weights are unchanged) and adds ``lora_a``
+    (logical axes ``(in_axis, None)``) and ``lora_b`` (``(None, out_axis)``) as ``LoRAParam``.
+    """
+
+    def __init__(self, base: Dense, *, rank: int, alpha: float, key: jax.Array, param_dtype: Any = jnp.float32):
+        # Deliberately not calling Dense.__init__: it would draw a fresh random kernel we'd throw away.
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.dtype = base.dtype
+        self.kernel = base.kernel
+        self.bias = base.bias
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        in_features, out_features = base.kernel.shape
+        in_axis, out_axis = logical_axes(base.kernel) or (None, None)
+        # variance_scaling(1/3, fan_in, uniform) = U(-1/sqrt(in), 1/sqrt(in)): torch's kaiming_uniform(a=sqrt(5)),
+        # the usual LoRA choice; fan_in of A [in, rank] is ``in``.
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.lora_a = LoRAParam(_partitioned(a_init, (in_axis, None))(key, (in_features, self.rank), param_dtype))
+        # B = 0 makes the update vanish exactly at initialisation (the adapted model *is* the base model).
+        self.lora_b = LoRAParam(_partitioned(nnx.initializers.zeros_init(), (None, out_axis))(
+            key, (self.rank, out_features), param_dtype))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> jnp.ndarray:
+        """The float32 kernel update ``(alpha / rank) A B`` ``[in, out]`` (what ``merge_lora`` folds in)."""
+        return self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = super().__call__(x)  # the base path, bit-identical to Dense
+        x = x.astype(self.dtype)
+        # Low-rank path as two thin matmuls (never materialise A B: [in, out] per layer and step).
+        update = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        return y + jnp.asarray(self.scale, self.dtype) * update
+
+
+# ----------------------------------------------------------------------------------------------
+# module surgery
+# ----------------------------------------------------------------------------------------------
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    if _WILDCARDS & set(pattern):
+        return fnmatch.fnmatchcase(path, pattern)
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _replace_module(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    parent = model
+    for step in path[:-1]:
+        parent = parent[step] if isinstance(step, int) else getattr(parent, step)
+    last = path[-1]
+    if isinstance(last, int):
+        parent[last] = new
+    else:
+        setattr(parent, last, new)
+
+
+def _dense_modules(model: nnx.Module) -> list[tuple[tuple, Dense]]:
+    # Materialise the list first: the caller replaces modules, which must not happen while iterating.
+    return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Dense) and path]
+
+
+def apply_lora(model: nnx.Module, *, rank: int = 16, alpha: float = 16.0,
+               targets: Iterable[str] = DEFAULT_TARGETS, rngs: nnx.Rngs,
+               param_dtype: Any = jnp.float32) -> nnx.Module:
+    """Replace, in place, every target ``Dense`` of ``model`` by a ``LoRADense``; returns ``model``.
+
+    Update: ``y = x W + b + (alpha / rank) * (x A) B`` (see the module docstring).
+
+    ``targets`` are matched against the dotted module path relative to ``model`` (list indices as
+    numbers, e.g. ``blocks.3.self_attn.query``):
+
+    * a pattern with a wildcard (``*``, ``?``, ``[``) is an ``fnmatch`` pattern on the whole path
+      (``blocks.*.self_attn.query``, ``blocks.1.*_attn.*``; ``*`` also crosses dots);
+    * otherwise it is a suffix on whole path components: ``self_attn.query`` matches
+      ``blocks.0.self_attn.query`` but ``attn.query`` does not.
+
+    Only ``Dense`` modules are candidates. Every pattern must match at least one of them, else
+    ``ValueError`` naming the pattern (a typo would otherwise silently train nothing). Applying LoRA
+    twice to the same layer is an error too.
+    """
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("apply_lora: no targets given")
+    candidates = _dense_modules(model)
+    unmatched = [t for t in targets if not any(_matches(_path_str(p), t) for p, _ in candidates)]
+    if unmatched:
+        raise ValueError(f"LoRA target pattern(s) matched no Dense module: {unmatched}")
+    chosen = [(p, m) for p, m in candidates if any(_matches(_path_str(p), t) for t in targets)]
+    already = [_path_str(p) for p, m in chosen if isinstance(m, LoRADense)]
+    if already:
+        raise ValueError(f"LoRA is already applied to: {already}")
+    # One draw from rngs, then fold_in per layer (see KeyStream: avoids quadratic nnx.eval_shape traces).
+    keys = KeyStream(rngs.params())
+    for path, dense in chosen:
+        _replace_module(model, path, LoRADense(dense, rank=rank, alpha=alpha, key=keys(), param_dtype=param_dtype))
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its base kernel, ``W <- W + (alpha / rank) A B`` (summed in float32, cast
+    back to the kernel dtype), and put plain ``Dense`` modules back, in place; returns ``model``.
+
+    The result has no ``LoRAParam`` left and the same outputs as the adapted model up to rounding
+    (exactly the rounding of the kernel dtype; bf16 kernels lose the low bits of small updates).
+    """
+    for path, module in _dense_modules(model):
+        if not isinstance(module, LoRADense):
+            continue
+        kernel = module.kernel
+        kernel[...] = (kernel[...].astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+        in_features, out_features = kernel.shape
+        axes = logical_axes(kernel) or (None, None)
+        # An abstract Dense (no random kernel drawn), then give it the real, merged Variables.
+        plain = nnx.eval_shape(lambda: Dense(in_features, out_features, axes, dtype=module.dtype,
+                                             param_dtype=kernel.dtype, keys=KeyStream(jax.random.key(0))))
+        plain.kernel = kernel
+        plain.bias = module.bias
+        _replace_module(model, path, plain)
+    return model
+
+
+def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, lora_params, frozen_rest)`` = ``nnx.split(model, LoRAParam, ...)``.
+
+    Differentiate a loss w.r.t. ``lora_params`` only (``nnx.merge(graphdef, lora_params, frozen_rest)``
+    inside the loss); ``frozen_rest`` holds the base weights and every other state, never differentiated.
+    """
+    return nnx.split(model, lora_filter, ...)
+
+
+def lora_param_count(model: nnx.Module) -> int:
+    """Number of adapter scalars: ``sum over adapted layers of rank * (in + out)``."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, lora_filter)))
