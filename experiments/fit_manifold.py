@@ -211,23 +211,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     rng = np.random.default_rng(config.seed)
     init_sample = pool[rng.choice(pool.shape[0], min(pool.shape[0], m.init_patches), replace=False)]
-    t0 = time.time()
-    params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, m.anchor_init, m.kmeans_iters)
-    print(f"anchors: {m.num_anchors} by {m.anchor_init} from {init_sample.shape[0]} patches "
-          f"in {time.time() - t0:.1f}s", flush=True)
-
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     manager = ocp.CheckpointManager(
         ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
     start, stage = 0, 1
-    state = parallel.replicate_tree(fit.init_state(params, opt1, 1), mesh)
     latest = manager.latest_step()
-    if latest is not None:
+    if latest is None:
+        t0 = time.time()
+        params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, m.anchor_init,
+                               m.kmeans_iters)
+        print(f"anchors: {m.num_anchors} by {m.anchor_init} from {init_sample.shape[0]} patches "
+              f"in {time.time() - t0:.1f}s", flush=True)
+        state = parallel.replicate_tree(fit.init_state(params, opt1, 1), mesh)
+    else:
+        # The restore target is built abstractly: re-running the anchor init (k-means) would be wasted.
         meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         stage = meta["stage"]
-        if stage == 2:
-            state = parallel.replicate_tree(fit.init_state(params, opt2, 2), mesh)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.eval_shape(lambda p: fit.init_state(p, opt1 if stage == 1 else opt2, stage),
+                                  io.abstract_params(mconfig))
+        rep = parallel.replicated(mesh)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
         state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         start = latest
         print(f"resumed from {ckpt_dir} at step {start} (stage {stage})", flush=True)
