@@ -2,25 +2,73 @@
 
     python -m experiments.main --config=configs/demo.py --workdir=/tmp/demo
     python -m experiments.main --config=configs/demo.py:quick --config.stage1.steps=200 --workdir=/tmp/d
+    python -m experiments.main --config=configs/wan21_1_3b_reward.py:lora --config.data.cache_dir=... --workdir=...
 
 ``config.experiment`` names the module in ``experiments/`` that runs it. Configs are locked: a
 misspelt ``--config.*`` key is an error, not a silently ignored setting.
+
+Ablations: a config with an ``ablation`` section (``ablation.base``, a config of any experiment, and
+``ablation.variants``, a tuple of ``(name, {dotted.key: value})``) runs every variant one after another
+in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``).
+SIGTERM stops the whole ablation after the running variant saved its checkpoint (exit code 143).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-EXPERIMENTS = ("fit_manifold",)
+EXPERIMENTS = ("fit_manifold", "sft", "reward_finetune", "sample")
+DONE_FILE = "DONE"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize(): auto = when the environment describes several "
+                                 "processes (JAX_COORDINATOR_ADDRESS, Slurm, Open MPI, multi-host TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def expand_variants(config) -> list[tuple[str, object]]:
+    """``[(name, config)]``: the ablation's variants, each the base config with its overrides applied
+    (every key must exist: a misspelt one is an error naming the variant), or ``[("", config)]``."""
+    if "ablation" not in config:
+        return [("", config)]
+    out, seen = [], set()
+    for name, overrides in config.ablation.variants:
+        if not name or "/" in name or name in seen:
+            raise ValueError(f"ablation variant names must be unique, non-empty and without '/': {name!r}")
+        seen.add(name)
+        variant = copy.deepcopy(config.ablation.base)
+        for key, value in dict(overrides).items():
+            parent = variant
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if part not in parent:
+                    raise KeyError(f"ablation variant {name!r}: no config key {key!r} (at {part!r})")
+                parent = parent[part]
+            if parts[-1] not in parent:
+                raise KeyError(f"ablation variant {name!r}: no config key {key!r}")
+            parent[parts[-1]] = value
+        out.append((name, variant))
+    return out
+
+
+def run_one(config, workdir: str) -> None:
+    if config.experiment not in EXPERIMENTS:
+        raise app.UsageError(f"config.experiment={config.experiment!r} is not one of {EXPERIMENTS}")
+    os.makedirs(workdir, exist_ok=True)
+    import jax
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    importlib.import_module(f"experiments.{config.experiment}").run(config, workdir)
 
 
 def main(argv):
@@ -28,14 +76,28 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from shelllcc.training import distributed
+    distributed.maybe_initialize(_DISTRIBUTED.value)
+    from shelllcc.training.checkpoints import Preempted
+
     config = _CONFIG.value
-    if config.experiment not in EXPERIMENTS:
-        raise app.UsageError(f"config.experiment={config.experiment!r} is not one of {EXPERIMENTS}")
     workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    importlib.import_module(f"experiments.{config.experiment}").run(config, workdir)
+    variants = expand_variants(config)
+    try:
+        for i, (name, variant) in enumerate(variants):
+            vdir = os.path.join(workdir, name) if name else workdir
+            if name:
+                if os.path.exists(os.path.join(vdir, DONE_FILE)):
+                    print(f"=== variant {i + 1}/{len(variants)} {name}: already done, skipped", flush=True)
+                    continue
+                print(f"=== variant {i + 1}/{len(variants)} {name} -> {vdir}", flush=True)
+            run_one(variant, vdir)
+            if name:
+                with open(os.path.join(vdir, DONE_FILE), "w") as f:
+                    f.write("done\n")
+    except Preempted as e:
+        print(f"preempted: {e}", flush=True)
+        sys.exit(Preempted.exit_code)
 
 
 if __name__ == "__main__":

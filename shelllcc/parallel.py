@@ -103,3 +103,46 @@ def param_sharding(names: Sequence[str | None] | None, shape: Sequence[int], mes
     """``NamedSharding`` of a parameter from its logical axis names (replicated when it has none)."""
     names = tuple(names) if names is not None else (None,) * len(shape)
     return NamedSharding(mesh, logical_to_mesh_spec(names, shape, mesh, rules))
+
+
+def _key_name(k: Any) -> Any:
+    return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+
+
+def tree_shardings(tree: Any, names: Any, mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` for every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s) from ``names``, a
+    mapping from the leaf's key path (tuple of keys) to its logical axis names; leaves it lacks are
+    replicated."""
+    def one(path, x):
+        key = tuple(_key_name(k) for k in path)
+        return param_sharding(names.get(key), x.shape, mesh, rules)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def follow_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that embeds copies of ``params`` (an optax state: Adam's moments are
+    params-shaped subtrees): a leaf whose key path ends with a parameter's path and has its shape
+    gets that parameter's sharding; every other leaf (step counts, scalars) is replicated."""
+    by_path: dict[tuple, tuple] = {}
+    for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings)):
+        by_path[tuple(_key_name(k) for k in path)] = (tuple(p.shape), s)
+    rep = replicated(mesh)
+
+    def one(path, x):
+        key = tuple(_key_name(k) for k in path)
+        for start in range(len(key)):
+            hit = by_path.get(key[start:])
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return rep
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def global_batch(batch: Any, mesh: Mesh) -> Any:
+    """Assemble this process's host batch into global arrays split over the batch axes. On one process
+    it is :func:`shard_batch`; on several, each process passes its own rows (``make_array_from_process_local_data``)."""
+    if jax.process_count() == 1:
+        return shard_batch(batch, mesh)
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,0 +1,466 @@
+"""What ``sft``, ``reward_finetune`` and ``sample`` share: the DiT (built, loaded, adapted, sharded), the latent
+batches, and the generic jitted train step with gradient accumulation.
+
+Config sections defined here (each experiment's ``default_config`` includes them):
+
+* ``model``: preset + architecture overrides, dtypes, attention kernel, remat; weights from a diffusers
+  ``transformer/`` folder (``pretrained``), from an earlier run of this project (``init_from``: its
+  workdir), or random (``seed``).
+* ``lora``: rank (0: full fine-tuning), alpha, target module patterns.
+* ``data``: the latent cache (``source='cache'``) or seeded Gaussian latents of a fixed shape
+  (``source='random'``: smoke and speed runs, no files).
+* ``mesh``, ``sharding_rules``: the ('data', 'fsdp') mesh and the logical-axis rules for parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from shelllcc import parallel
+from shelllcc.models import saving
+from shelllcc.models.wan_transformer import WanTransformer, get_config as wan_config, logical_axes
+from shelllcc.training import lora as lora_lib
+from shelllcc.training import optimizers, train_state as ts
+
+ARCH_OVERRIDES = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim")
+MODEL_DIR = "model"           # where a run exports its final DiT (loadable by init_from / sample)
+
+
+# ------------------------------------------------------------------------------------------ config sections
+
+def model_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        preset="tiny",               # tiny | wan2.1-t2v-1.3b | wan2.1-t2v-14b
+        # architecture overrides of the preset (0: keep the preset's value)
+        dim=0, num_layers=0, num_heads=0, ffn_dim=0, text_dim=0, freq_dim=0,
+        dtype="float32", param_dtype="float32",
+        attention_impl="",           # '' (jax default) | xla | cudnn (flash attention on GPU)
+        remat_policy="none",
+        pretrained="",               # diffusers transformer/ folder
+        init_from="",                # workdir of an earlier sft / reward_finetune run (its model/)
+        seed=0,                      # random init when neither of the above is set
+    ))
+
+
+def lora_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=lora_lib.DEFAULT_TARGETS))
+
+
+def data_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source="cache",              # cache | random
+        cache_dir="",                # a latent cache written by shelllcc.data.latent_cache
+        batch_size=8,                # global batch per optimizer step
+        prefetch=2,
+        latent_dtype="float32",
+        # per-channel normalisation x -> (x - mean) / std applied to cached latents (empty: none)
+        latent_mean=(), latent_std=(),
+        # source='random': latent [T, H, W, C] and text [L, D] shapes
+        random_latent_shape=(3, 8, 8, 16), random_text_shape=(8, 32),
+    ))
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
+    runtime = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                   attention_impl=m.attention_impl or None, remat_policy=m.remat_policy)
+    if arch is not None:
+        return saving.config_from_architecture("wan_transformer", arch, **runtime)
+    overrides = {k: int(m[k]) for k in ARCH_OVERRIDES if m[k]}
+    return wan_config(m.preset, **overrides, **runtime)
+
+
+def param_names(state: nnx.State) -> dict[tuple, tuple]:
+    """``{key path: logical axis names}`` of every variable in ``state``."""
+    return {tuple(path): logical_axes(v) for path, v in nnx.to_flat_state(state)}
+
+
+def state_shardings(tree: Any, names: dict, mesh, rules) -> Any:
+    return parallel.tree_shardings(tree, names, mesh, rules)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: WanTransformer            # holds the (placed) weights
+    source: str                      # human-readable origin of the weights
+    names: dict                      # logical axis names by key path
+
+
+def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
+    """The DiT with weights from ``pretrained``, ``init_from`` or a seeded random init, sharded by ``rules``."""
+    if m.pretrained and m.init_from:
+        raise ValueError("set at most one of model.pretrained (a diffusers folder) and model.init_from (a workdir)")
+    if m.pretrained:
+        from third_party.diffusers_wan import load_transformer
+        model = load_transformer(m.pretrained, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                                 mesh=mesh, rules=rules, attention_impl=m.attention_impl or None,
+                                 remat_policy=m.remat_policy)
+        _, state = nnx.split(model)
+        return LoadedModel(model, f"diffusers {m.pretrained}", param_names(state))
+    if m.init_from:
+        path = os.path.join(m.init_from, MODEL_DIR) if os.path.isdir(os.path.join(m.init_from, MODEL_DIR)) \
+            else m.init_from
+        info = saving.read_model_json(path)
+        cfg = transformer_config(m, info["architecture"])
+        abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
+        names = param_names(nnx.state(abstract))
+        model = saving.load_model(path, shardings=lambda t: state_shardings(t, names, mesh, rules),
+                                  dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                  attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+        return LoadedModel(model, f"saved model {path}", names)
+    cfg = transformer_config(m)
+    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(m.seed)))
+    graphdef, abs_state = nnx.split(abstract)
+    names = param_names(abs_state)
+    pure = abs_state.to_pure_dict()
+    shardings = state_shardings(pure, names, mesh, rules)
+
+    # one compiled program draws every parameter, already sharded (eager init compiles one program
+    # per parameter shape, which takes minutes for the 1.3B model on a GPU)
+    def init():
+        return nnx.state(WanTransformer(cfg, rngs=nnx.Rngs(m.seed))).to_pure_dict()
+
+    params = jax.jit(init, out_shardings=shardings)()
+    return LoadedModel(nnx.merge(graphdef, params), f"random init (seed {m.seed})", names)
+
+
+def describe_params(params: Any) -> str:
+    from clu import parameter_overview
+    return parameter_overview.get_parameter_overview(params, include_stats=False)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+class RandomLatentBatches:
+    """Seeded Gaussian latents + text embeddings; batch ``i`` is a pure function of ``(seed, i)``, so the
+    iterator's state is just ``i``."""
+
+    def __init__(self, seed: int, batch_size: int, latent_shape, text_shape, process_index=0, process_count=1):
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+        self.seed, self.latent_shape, self.text_shape = seed, tuple(latent_shape), tuple(text_shape)
+        self.local = batch_size // process_count
+        self.offset = process_index * self.local
+        self.batch_size = batch_size
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, self.index])
+        full_lat = rng.standard_normal((self.batch_size, *self.latent_shape), np.float32)
+        full_txt = rng.standard_normal((self.batch_size, *self.text_shape), np.float32)
+        self.index += 1
+        sl = slice(self.offset, self.offset + self.local)
+        return {"latents": full_lat[sl], "context": full_txt[sl]}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class _Normalize:
+    def __init__(self, mean, std, dtype):
+        self.mean = None if not len(mean) else np.asarray(mean, np.float32)
+        self.std = None if not len(std) else np.asarray(std, np.float32)
+        self.dtype = np.dtype(dtype) if dtype != "bfloat16" else jnp.bfloat16
+
+    def __call__(self, batch: dict) -> dict:
+        lat = np.asarray(batch["latents"], np.float32)
+        if self.mean is not None:
+            lat = (lat - self.mean) / self.std
+        return {"latents": lat.astype(self.dtype), "context": np.asarray(batch["text_embeddings"], np.float32)}
+
+
+def host_batches(d: ml_collections.ConfigDict, seed: int):
+    """This process's batch iterator (with ``get_state``/``set_state``) for the ``data`` section."""
+    if len(d.latent_mean) != len(d.latent_std):
+        raise ValueError(f"data.latent_mean has {len(d.latent_mean)} entries, data.latent_std {len(d.latent_std)}")
+    n_proc = jax.process_count()
+    if d.batch_size % n_proc:
+        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by {n_proc} processes")
+    if d.source == "random":
+        return RandomLatentBatches(seed, d.batch_size, d.random_latent_shape, d.random_text_shape,
+                                   jax.process_index(), n_proc)
+    if d.source != "cache":
+        raise ValueError(f"unknown data.source {d.source!r}; expected 'cache' or 'random'")
+    if not d.cache_dir:
+        raise ValueError("data.source='cache' needs --config.data.cache_dir=/path/to/latent/cache")
+    from shelllcc.data import latent_cache, readers
+    cache = latent_cache.open_cache(d.cache_dir)
+    lat_shape = tuple(cache.info["fields"]["latents"]["shape"])
+    if d.latent_mean and len(d.latent_mean) != lat_shape[-1]:
+        raise ValueError(f"data.latent_mean has {len(d.latent_mean)} entries; cache {d.cache_dir!r} latents have "
+                         f"{lat_shape[-1]} channels")
+    ds = readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed,
+                              transform=None)
+    return _Mapped(iter(ds), _Normalize(d.latent_mean, d.latent_std, d.latent_dtype))
+
+
+class _Mapped:
+    """An iterator with state whose items pass through ``fn`` (keeps the wrapped iterator's state)."""
+
+    def __init__(self, it, fn):
+        self._it, self._fn = it, fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._fn(next(self._it))
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def device_batches(host_iter, mesh, prefetch: int):
+    from shelllcc.data.readers import prefetch_to_device
+    return prefetch_to_device(host_iter, size=max(prefetch, 1), sharding=parallel.batch_sharding(mesh))
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def _split_microbatches(batch: dict, k: int) -> dict:
+    # microbatch i takes rows i, i + k, i + 2k, ...: each device's rows stay on that device
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, optimizer, schedule, microbatches: int = 1):
+    """``(state, batch, rng) -> (state, metrics)`` from ``loss_fn(params, frozen, batch, key) -> (loss, metrics)``.
+
+    The step's key is ``fold_in(rng, state.step)`` (the same on every device and on resume).
+    ``microbatches = k > 1`` accumulates gradients over ``k`` slices of the batch in a ``lax.scan``
+    (loss, gradient and metrics are their means), then makes one update.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: ts.TrainState, batch: dict, rng: jax.Array):
+        key = jax.random.fold_in(rng, state.step)
+        if microbatches == 1:
+            (loss, metrics), grads = grad_fn(state.params, state.frozen, batch, key)
+        else:
+            micro = _split_microbatches(batch, microbatches)
+
+            def body(xs):
+                i, mb = xs
+                (l, m), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(key, i))
+                return l, m, g
+
+            shapes = jax.eval_shape(lambda: grad_fn(state.params, state.frozen,
+                                                    jax.tree.map(lambda x: x[0], micro), key))
+            (l_s, m_s), g_s = shapes
+            # accumulate in float32 whatever the parameter dtype; cast back after averaging
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (l_s, m_s, g_s))
+            (loss, metrics, grads), _ = jax.lax.scan(
+                lambda acc, xs: (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, body(xs)), None),
+                zeros, (jnp.arange(microbatches), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, (loss, metrics, grads))
+            grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, g_s)
+        new_state, opt_metrics = ts.apply_gradients(state, grads, loss, optimizer, schedule)
+        return new_state, {**metrics, **opt_metrics}
+
+    return step
+
+
+def jit_train_step(step_fn, state_shardings_tree, mesh):
+    rep = parallel.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings_tree, parallel.batch_sharding(mesh), rep),
+                   out_shardings=(state_shardings_tree, rep), donate_argnums=0)
+
+
+def train_state_shardings(state_abstract: ts.TrainState, params_shardings, frozen_shardings, mesh) -> ts.TrainState:
+    rep = parallel.replicated(mesh)
+    return ts.TrainState(
+        step=rep, skipped=rep, params=params_shardings,
+        opt_state=parallel.follow_param_shardings(state_abstract.opt_state, state_abstract.params,
+                                                  params_shardings, mesh),
+        frozen=frozen_shardings)
+
+
+def microbatch_count(batch_size: int, microbatch_size: int, mesh) -> int:
+    """Number of sequential microbatches: ``batch / (microbatch_size * batch shards)`` (1 when 0)."""
+    shards = parallel.num_batch_shards(mesh)
+    if batch_size % shards:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by the {shards} batch shards of the "
+                         f"mesh {dict(mesh.shape)}")
+    if not microbatch_size:
+        return 1
+    per_step = microbatch_size * shards
+    if batch_size % per_step:
+        raise ValueError(f"data.batch_size={batch_size} is not a multiple of train.microbatch_size="
+                         f"{microbatch_size} x {shards} batch shards")
+    return batch_size // per_step
+
+
+def split_trainable(model: nnx.Module, lora_cfg, seed: int):
+    """``(graphdef, trainable, frozen_model)`` as pure dicts: the LoRA adapters under LoRA (applied here),
+    else every parameter (frozen part empty)."""
+    if lora_cfg.rank:
+        lora_lib.apply_lora(model, rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets),
+                            rngs=nnx.Rngs(seed + 1))
+        graphdef, trainable, frozen = nnx.split(model, lora_lib.lora_filter, ...)
+    else:
+        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    return graphdef, trainable, frozen
+
+
+def optimizer_from(config, params) -> tuple[Any, Any]:
+    ocfg = optimizers.OptimizerConfig.from_config(config.optim, config.train.steps)
+    return optimizers.make_optimizer(ocfg, params), optimizers.make_schedule(ocfg)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def train_section(steps: int = 1000) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        steps=steps,
+        microbatch_size=0,           # examples per device per forward pass; 0: the whole batch at once
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+    ))
+
+
+def optim_section(learning_rate: float = 1e-4) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        learning_rate=learning_rate, schedule="constant", warmup_steps=0, end_lr_fraction=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, decay_vectors=False, grad_clip=1.0, freeze=(),
+    ))
+
+
+def common_config(experiment: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment
+    c.seed = 0
+    c.mesh = mesh_section()
+    c.sharding_rules = parallel.DEFAULT_RULES
+    c.model = model_section()
+    c.lora = lora_section()
+    c.data = data_section()
+    c.train = train_section()
+    c.optim = optim_section()
+    return c
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a DiT experiment's ``make_loss`` gets to build its loss from."""
+    graphdef: Any                    # the (possibly LoRA-adapted) model's graph
+    params: Any                      # trainable parameters (pure dict)
+    frozen_model: Any                # the rest of the model's state (pure dict; base weights under LoRA)
+    mesh: Any
+    rules: tuple
+    names: dict                      # logical axis names by key path (for shardings of copies)
+
+
+MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: MakeLoss) -> ts.TrainState:
+    """Build model, data, optimizer and step for a DiT experiment, restore the latest checkpoint if any,
+    train, and export the final (LoRA-merged) model to ``workdir/model``.
+
+    ``make_loss(setup) -> (loss_fn, extra_frozen, extra_frozen_shardings)``: the experiment's loss and any
+    frozen inputs it needs (a manifold, a reference model) with their shardings; they are placed in
+    ``state.frozen`` next to ``"model"``.
+    """
+    from shelllcc.training import checkpoints, loop, metric_writers
+
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
+    k = microbatch_count(config.data.batch_size, config.train.microbatch_size, mesh)
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es); "
+          f"mesh {dict(mesh.shape)}; global batch {config.data.batch_size}"
+          + (f" in {k} microbatches" if k > 1 else ""), flush=True)
+
+    loaded = build_model(config.model, mesh, rules)
+    graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
+    names = {**param_names(trainable), **param_names(frozen_model)}
+    params, frozen_pure = trainable.to_pure_dict(), frozen_model.to_pure_dict()
+    setup = Setup(graphdef, params, frozen_pure, mesh, rules, names)
+    loss_fn, extra_frozen, extra_sh = make_loss(setup)
+    frozen = {"model": frozen_pure, **extra_frozen}
+    param_sh = state_shardings(params, names, mesh, rules)
+    frozen_sh = {"model": state_shardings(frozen_pure, names, mesh, rules), **extra_sh}
+    optimizer, schedule = optimizer_from(config, params)
+    abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
+    state_sh = train_state_shardings(abstract, param_sh, frozen_sh, mesh)
+    step_fn = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen_pure))
+    what = f"LoRA rank {config.lora.rank} (alpha {config.lora.alpha})" if config.lora.rank else "full fine-tuning"
+    print(f"model: {loaded.source}; {what}: {n_train:,} trainable, {n_frozen:,} frozen parameters", flush=True)
+    if jax.process_index() == 0:
+        overview = describe_params(params)
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write(overview + "\n")
+        lines = overview.splitlines()
+        print("\n".join(lines if len(lines) <= 40 else lines[:20] + [f"... ({len(lines) - 40} rows omitted; "
+                                                                    f"full table in parameters.txt) ..."] + lines[-20:]),
+              flush=True)
+
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
+                                    asynchronous=config.train.async_checkpoints)
+    host_iter = host_batches(config.data, config.seed)
+    rng = jax.random.PRNGKey(config.seed)
+    rep = parallel.replicated(mesh)
+    latest = ckpt.latest_step()
+    frozen = jax.device_put(frozen, frozen_sh)
+    if latest is None:
+        state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
+        items, rng, data_state, meta = ckpt.restore(
+            latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        state = ts.from_checkpoint_items(items, frozen)
+        if data_state is not None:
+            host_iter.set_state(data_state)
+        print(f"resumed from {ckpt.directory} at step {latest}", flush=True)
+    del params, frozen_pure, trainable, frozen_model, loaded
+    batches = device_batches(host_iter, mesh, config.data.prefetch)
+    writer = metric_writers.create_writer(workdir)
+    settings = loop.LoopSettings(config.train.steps, config.train.log_every, config.train.checkpoint_every)
+    try:
+        with checkpoints.PreemptionGuard() as guard:
+            state = loop.train(step_fn, state, rng, batches, settings=settings, checkpointer=ckpt, writer=writer,
+                               guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment})
+    finally:
+        batches.close() if hasattr(batches, "close") else None
+        ckpt.close()
+        writer.close()
+    skipped = int(jax.device_get(state.skipped))
+    model = nnx.merge(graphdef, state.params, state.frozen["model"])
+    if config.lora.rank:
+        lora_lib.merge_lora(model)
+    out = saving.save_model(os.path.join(workdir, MODEL_DIR), model,
+                            extra={"experiment": config.experiment, "steps": config.train.steps,
+                                   "skipped_updates": skipped})
+    print(f"exported the trained model to {out}; non-finite updates skipped: {skipped}", flush=True)
+    return state

@@ -1,0 +1,148 @@
+"""Experiment ``reward_finetune``: the DiT fine-tuned against a frozen Shell-LCC manifold (DESIGN 2.5).
+
+Objectives (``objective.name``):
+
+* ``one_step``: ``x = eps``, ``s ~ U[s_lo, s_hi]``, ``z = x - s v_theta(x, 1000 s, c)``,
+  ``loss = w * d(z) + drift_weight * relu(mean((z - z_ref)^2) - drift_margin)``; the anti-drift term
+  (``drift_weight > 0``) compares with the frozen starting model (the base without adapters under LoRA,
+  a frozen copy of the initial weights under full fine-tuning).
+* ``noised_data``: ``x = (1 - s) x0 + s eps`` from the latent cache, ``z = x - s v_theta``,
+  ``loss = w * d(z) + sft_weight * flow-matching loss`` (one forward pass).
+* ``sft``: flow matching only (the no-reward control, same data, optimizer and steps).
+
+``d`` is ``manifold_distance(manifold, z, reward.kind)`` (lcc | shell_norm | shell | shell_band), run
+inside the step under ``jax.shard_map`` over the batch axes; ``w = reward.weight``. The manifold comes
+from ``reward.manifold``: the ``manifold/`` directory of a ``fit_manifold`` run (or its workdir), a
+reference PyTorch checkpoint (``.pt``/``.pth``), or ``random`` (seeded, for smoke and speed runs only).
+It must have been fitted on latents normalised as this run's ``data`` section normalises them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from experiments import dit_setup, sft
+from shelllcc import parallel
+from shelllcc.flow import objectives
+from shelllcc.manifold import io as manifold_io
+from shelllcc.manifold.params import ManifoldConfig, init_params
+from shelllcc.rewards import manifold_distance
+
+OBJECTIVES = ("one_step", "noised_data", "sft")
+KINDS = ("lcc", "shell_norm", "shell", "shell_band")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = dit_setup.common_config("reward_finetune")
+    c.optim.learning_rate = 1e-5
+    c.flow = sft.default_config().flow            # the noise levels of the sft objective / term
+    c.objective = dict(name="one_step", s_lo=0.7, s_hi=1.0, sft_weight=1.0, drift_weight=0.0, drift_margin=0.0)
+    c.reward = dict(
+        manifold="",                 # fit_manifold output dir / workdir, a reference .pt, or 'random'
+        kind="shell",
+        weight=1.0,
+        shell_band_target=-1.0,      # tau of shell_band; < 0: the value stored with the manifold
+        coder="amortized",           # amortized | analytic
+        chunk_size=8192,
+        compute_dtype="float32",
+        random=dict(num_anchors=64, hidden_dim=64, patch_size=(1, 1, 1), seed=0),
+    )
+    return c
+
+
+def load_reward_manifold(r: ml_collections.ConfigDict, latent_channels: int):
+    """``(params, ManifoldConfig, extra)`` for ``reward.manifold``."""
+    src = r.manifold
+    if not src:
+        raise ValueError("reward_finetune needs --config.reward.manifold=DIR (a fit_manifold output), a reference "
+                         ".pt checkpoint, or 'random'")
+    if src == "random":
+        rc = r.random
+        dim = latent_channels * int(np.prod(rc.patch_size))
+        cfg = ManifoldConfig(dim=dim, num_anchors=rc.num_anchors, hidden_dim=rc.hidden_dim,
+                             patch_size=tuple(rc.patch_size))
+        key = jax.random.PRNGKey(rc.seed)
+        anchors = jax.random.normal(jax.random.fold_in(key, 1), (rc.num_anchors, dim))
+        return init_params(key, cfg, anchors), cfg, {"shell_band_target": 1.0}
+    if src.endswith((".pt", ".pth")):
+        from third_party.shell_lcc_reference import load_manifold as load_reference
+        params, cfg = load_reference(src)[:2]
+        return params, cfg, {}
+    path = os.path.join(src, "manifold") if os.path.isdir(os.path.join(src, "manifold")) else src
+    return manifold_io.load_manifold(path)
+
+
+def make_loss(config: ml_collections.ConfigDict):
+    o, r = config.objective, config.reward
+    if o.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective.name {o.name!r}; expected one of {OBJECTIVES}")
+    if r.kind not in KINDS:
+        raise ValueError(f"unknown reward.kind {r.kind!r}; expected one of {KINDS}")
+    sampler = sft.sigma_sampler(config.flow)
+
+    def build(setup: dit_setup.Setup):
+        cfg = dit_setup.transformer_config(config.model)
+        channels = cfg.in_channels
+        manifold, mcfg, extra = load_reward_manifold(r, channels)
+        if mcfg.dim != channels * int(np.prod(mcfg.patch_size)):
+            raise ValueError(f"the manifold has D={mcfg.dim} with patch {mcfg.patch_size}; the DiT's latents have "
+                             f"{channels} channels, so D should be {channels * int(np.prod(mcfg.patch_size))}")
+        target = None
+        if r.kind == "shell_band":
+            target = r.shell_band_target if r.shell_band_target >= 0 else extra.get("shell_band_target")
+            if target is None:
+                raise ValueError("reward.kind='shell_band' needs reward.shell_band_target (the manifold stores none)")
+        print(f"reward: {r.kind} x {r.weight} on a manifold of {mcfg.num_anchors} anchors, D={mcfg.dim}, patch "
+              f"{mcfg.patch_size} ({r.manifold}); objective {o.name}", flush=True)
+        mesh = setup.mesh
+        lora = config.lora.rank > 0
+        drift = o.name == "one_step" and o.drift_weight > 0
+        compute_dtype = jnp.dtype(r.compute_dtype)
+
+        def distance(manifold_params, z):
+            d = manifold_distance(manifold_params, z.astype(jnp.float32), r.kind, target,
+                                  patch_size=mcfg.patch_size, coder=r.coder, chunk_size=r.chunk_size,
+                                  compute_dtype=compute_dtype, mesh=mesh, data_axis=parallel.BATCH_AXES,
+                                  bn_eps=mcfg.bn_eps, shell_eps=mcfg.shell_eps)
+            return r.weight * d
+
+        def loss_fn(params, frozen, batch, key):
+            model = nnx.merge(setup.graphdef, params, frozen["model"])
+            reward_fn = functools.partial(distance, frozen["manifold"])
+            k_eps, k_s = jax.random.split(key)
+            x0, ctx = batch["latents"], batch["context"]
+            eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+            if o.name == "one_step":
+                ref = None
+                if drift:
+                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
+                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
+                return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                                      ref_velocity_fn=ref, drift_margin=o.drift_margin,
+                                                      drift_weight=o.drift_weight)
+            if o.name == "noised_data":
+                return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                              sft_weight=o.sft_weight)
+            return objectives.sft_loss(model, x0, eps, ctx, k_s, sigma_sampler=sampler)
+
+        rep = parallel.replicated(mesh)
+        extra_frozen = {"manifold": manifold}
+        extra_sh = {"manifold": jax.tree.map(lambda _: rep, manifold)}
+        if drift and not lora:
+            # a frozen copy of the starting weights, sharded like the trained ones
+            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
+            extra_sh["reference"] = dit_setup.state_shardings(setup.params, setup.names, mesh, setup.rules)
+        return loss_fn, extra_frozen, extra_sh
+
+    return build
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    return dit_setup.run_training(config, workdir, make_loss(config))

@@ -1,0 +1,53 @@
+"""Experiment ``sft``: rectified-flow training / fine-tuning of the Wan DiT on a latent cache.
+
+The step (``dit_setup.make_train_step`` around :func:`loss_fn`) minimises
+``mean((v_theta(x_s, 1000 s, c) - (eps - x0))^2)`` with ``x_s = (1 - s) x0 + s eps`` and ``s`` drawn
+from ``flow.sigma_distribution`` (then shifted by ``flow.shift``). Full fine-tuning or LoRA.
+
+Writes under ``workdir``: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``parameters.txt`` and
+``model/`` (the final DiT, LoRA merged; ``--config.model.init_from=WORKDIR`` of a later run loads it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+from flax import nnx
+
+from experiments import dit_setup
+from shelllcc.flow.objectives import sft_loss
+from shelllcc.flow.timesteps import sample_training_sigmas
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = dit_setup.common_config("sft")
+    c.optim.learning_rate = 1e-4
+    c.flow = dict(sigma_distribution="logit_normal", sigma_mean=0.0, sigma_std=1.0, shift=1.0)
+    return c
+
+
+def sigma_sampler(flow: ml_collections.ConfigDict):
+    return functools.partial(sample_training_sigmas, distribution=flow.sigma_distribution, mean=flow.sigma_mean,
+                             std=flow.sigma_std, shift=flow.shift)
+
+
+def make_loss(config: ml_collections.ConfigDict):
+    sampler = sigma_sampler(config.flow)
+    sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)   # validates the name
+
+    def build(setup: dit_setup.Setup):
+        def loss_fn(params, frozen, batch, key):
+            model = nnx.merge(setup.graphdef, params, frozen["model"])
+            k_eps, k_s = jax.random.split(key)
+            x0 = batch["latents"]
+            eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+            return sft_loss(model, x0, eps, batch["context"], k_s, sigma_sampler=sampler)
+        return loss_fn, {}, {}
+
+    return build
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    return dit_setup.run_training(config, workdir, make_loss(config))

@@ -1,0 +1,143 @@
+"""Checkpoints of a training run (orbax ``CheckpointManager``) and saving on SIGTERM.
+
+A checkpoint at step ``n`` holds everything needed to continue as if the run had never stopped:
+
+* ``state``: the train state's ``step``, ``params``, ``opt_state`` and ``skipped`` count
+  (:func:`shelllcc.training.train_state.checkpoint_items`), as sharded arrays;
+* ``rng``: the run's base PRNG key (every step's key is ``fold_in(rng, step)``);
+* ``meta``: JSON (step, experiment, anything the experiment adds);
+* the data iterator state of every process, as ``data_state/<n>/process_<i>.json`` next to the orbax
+  directory. Processes read different shards, so each writes its own; it is written before the orbax
+  save starts, so a checkpoint that exists always has its data state.
+
+Saves are asynchronous (the loop continues while arrays are written) and old checkpoints beyond
+``max_to_keep`` are deleted. Restoring takes abstract arrays whose ``sharding`` says where each array
+goes, so a checkpoint written on 8 devices restores on 1 and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+DATA_STATE_DIR = "data_state"
+
+
+class Checkpointer:
+    """``save(step, state_items, rng, data_state, meta)`` / ``restore(step, abstract_items, abstract_rng)``."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            os.path.join(self.directory, "orbax"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=asynchronous))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def _data_path(self, step: int, process: int) -> str:
+        return os.path.join(self.directory, DATA_STATE_DIR, str(step), f"process_{process}.json")
+
+    def save(self, step: int, state_items: Any, rng: jax.Array, *, data_state: Any = None,
+             meta: dict | None = None, force: bool = False) -> None:
+        path = self._data_path(step, jax.process_index())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"data_state": data_state}, f)
+        os.replace(path + ".tmp", path)
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_items), rng=ocp.args.StandardSave({"key": rng}),
+            meta=ocp.args.JsonSave(dict(meta or {}, step=step))), force=force)
+        self._prune_data_states()
+
+    def _prune_data_states(self) -> None:
+        if jax.process_index() != 0:
+            return
+        root = os.path.join(self.directory, DATA_STATE_DIR)
+        # orbax deletes old steps asynchronously; keep data states of every step it still lists or writes
+        keep = {str(s) for s in self._manager.all_steps()}
+        latest = self._manager.latest_step()
+        for name in os.listdir(root) if os.path.isdir(root) else ():
+            if name not in keep and (latest is None or not name.isdigit() or int(name) < latest):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+    def restore(self, step: int, abstract_items: Any, abstract_rng: Any) -> tuple[Any, jax.Array, Any, dict]:
+        """``(state_items, rng, data_state, meta)`` of checkpoint ``step``; arrays placed as the abstract
+        targets' shardings say."""
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_items), rng=ocp.args.StandardRestore({"key": abstract_rng}),
+            meta=ocp.args.JsonRestore()))
+        path = self._data_path(step, jax.process_index())
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {step} in {self.directory!r} has no data iterator state for process "
+                                    f"{jax.process_index()} ({path}); was it written with another process count?")
+        with open(path) as f:
+            data_state = json.load(f)["data_state"]
+        return out["state"], out["rng"]["key"], data_state, dict(out["meta"])
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class Preempted(Exception):
+    """Raised by a training loop after it saved a checkpoint because SIGTERM arrived."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class PreemptionGuard:
+    """Turns SIGTERM into a flag the training loop polls between steps.
+
+    With one process the flag is set by a Python signal handler. With several, every process must stop
+    at the same step, so the guard installs no handler and asks JAX's distributed runtime instead
+    (``multihost_utils.reached_preemption_sync_point``: ``jax.distributed.initialize`` registers a
+    SIGTERM notifier and the processes agree on the step). Use as a context manager: the previous
+    handler is restored on exit.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self._flag = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self._flag.set()
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._flag.is_set()
+
+    def request(self) -> None:
+        """Set the flag as SIGTERM would (tests, or a caller's own stop condition)."""
+        self._flag.set()
+
+
+__all__ = ["Checkpointer", "Preempted", "PreemptionGuard", "DATA_STATE_DIR"]

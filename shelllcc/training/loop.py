@@ -1,0 +1,106 @@
+"""The training loop shared by the experiments: steps, metrics, progress, checkpoints, SIGTERM.
+
+Each experiment builds its own pure step ``(state, batch, rng) -> (state, metrics)`` (jitted, sharded,
+state donated), its initial or restored state and a batch iterator; :func:`train` runs it::
+
+    for step in range(start, total):
+        stop on SIGTERM (save first)
+        state, metrics = step_fn(state, next(batches), rng)    # dispatched, not waited for
+        every log_every steps: fetch the buffered metrics once, write means + steps/s + ETA
+        every checkpoint_every steps: save asynchronously (params, optimizer, step, rng, data state)
+    final save
+
+Metrics stay on the device between log points: the loop keeps the per-step metric dicts (small device
+arrays) and fetches them together, so the host never waits on the device in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from shelllcc.training import train_state as ts
+from shelllcc.training.checkpoints import Checkpointer, Preempted, PreemptionGuard
+
+# metrics that are running values (reported as their latest value, not averaged over the interval)
+LATEST_VALUE_METRICS = ("skipped", "learning_rate")
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    total_steps: int
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+def _summarise(fetched: list[dict]) -> dict[str, float]:
+    out = {}
+    for k in fetched[0]:
+        values = np.asarray([np.asarray(m[k], np.float64) for m in fetched])
+        out[k] = float(values[-1]) if k in LATEST_VALUE_METRICS else float(np.mean(values))
+    return out
+
+
+def train(step_fn: Callable, state: ts.TrainState, rng: jax.Array, batches: Iterator[Any], *,
+          settings: LoopSettings, checkpointer: Checkpointer | None, writer: Any,
+          guard: PreemptionGuard | None = None, data_state: Callable[[], Any] | None = None,
+          meta: dict | None = None, start_step: int | None = None) -> ts.TrainState:
+    """Run ``step_fn`` from the state's step to ``settings.total_steps``; returns the final state.
+
+    ``data_state()`` gives the batch iterator's state after the batches consumed so far (saved with
+    every checkpoint). On SIGTERM (``guard``) the loop saves a checkpoint at the current step, waits
+    for it and raises :class:`Preempted`.
+    """
+    total = settings.total_steps
+    start = int(jax.device_get(state.step)) if start_step is None else start_step
+
+    def save(step: int, force: bool = False) -> None:
+        if checkpointer is None:
+            return
+        checkpointer.save(step, ts.checkpoint_items(state), rng,
+                          data_state=data_state() if data_state is not None else None, meta=meta, force=force)
+
+    pending: list[dict] = []
+    t_mark, s_mark = time.perf_counter(), start
+    for step in range(start, total):
+        if guard is not None and guard.should_stop(step):
+            save(step, force=True)
+            if checkpointer is not None:
+                checkpointer.wait_until_finished()
+            writer.write_texts(step, {"preempted": f"SIGTERM: saved a checkpoint at step {step}, exiting"})
+            writer.flush()
+            raise Preempted(f"stopped by SIGTERM at step {step} (checkpoint saved)")
+        batch = next(batches)
+        state, metrics = step_fn(state, batch, rng)
+        pending.append(metrics)
+        done = step + 1
+        if step == start:
+            # the only extra wait of the run: report how long compilation + the first step took
+            jax.block_until_ready(metrics)
+            writer.write_texts(done, {"first_step": f"compiled and ran the first step in "
+                                                    f"{time.perf_counter() - t_mark:.1f}s"})
+            t_mark, s_mark = time.perf_counter(), done
+            pending = [metrics]
+        if done % settings.log_every == 0 or done == total:
+            summary = _summarise(jax.device_get(pending))
+            pending = []
+            now = time.perf_counter()
+            if done > s_mark:
+                rate = (done - s_mark) / max(now - t_mark, 1e-9)
+                summary.update(steps_per_s=rate, eta_s=(total - done) / max(rate, 1e-9))
+            t_mark, s_mark = now, done
+            writer.write_scalars(done, summary)
+        if checkpointer is not None and done % settings.checkpoint_every == 0 and done < total:
+            save(done)
+    if checkpointer is not None and total > start:
+        save(total, force=True)
+        checkpointer.wait_until_finished()
+    writer.flush()
+    return state
+
+
+__all__ = ["LoopSettings", "train", "LATEST_VALUE_METRICS"]
