@@ -69,7 +69,20 @@ def data_section() -> ml_collections.ConfigDict:
 
 
 def mesh_section() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # data / fsdp: axis sizes (one may be -1: all devices the other leaves); devices: use the first N
+    # devices only (0: all; single-process runs)
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0))
+
+
+def make_mesh(mesh_cfg):
+    devices = None
+    if mesh_cfg.devices:
+        if jax.process_count() > 1:
+            raise ValueError("mesh.devices selects a subset of devices and only works with one process")
+        if mesh_cfg.devices > jax.device_count():
+            raise ValueError(f"mesh.devices={mesh_cfg.devices} but only {jax.device_count()} devices are present")
+        devices = jax.devices()[:mesh_cfg.devices]
+    return parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, devices)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -391,7 +404,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     """
     from shelllcc.training import checkpoints, loop, metric_writers
 
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = make_mesh(config.mesh)
     rules = tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
     k = microbatch_count(config.data.batch_size, config.train.microbatch_size, mesh)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es); "
@@ -431,8 +444,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     rng = jax.random.PRNGKey(config.seed)
     rep = parallel.replicated(mesh)
     latest = ckpt.latest_step()
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen = parallel.place(frozen, frozen_sh)
     if latest is None:
+        params = parallel.place(params, param_sh)
         state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -81,23 +81,27 @@ def main(argv):
     from shelllcc.training.checkpoints import Preempted
 
     config = _CONFIG.value
-    workdir = os.path.abspath(_WORKDIR.value)
-    variants = expand_variants(config)
     try:
-        for i, (name, variant) in enumerate(variants):
-            vdir = os.path.join(workdir, name) if name else workdir
-            if name:
-                if os.path.exists(os.path.join(vdir, DONE_FILE)):
-                    print(f"=== variant {i + 1}/{len(variants)} {name}: already done, skipped", flush=True)
-                    continue
-                print(f"=== variant {i + 1}/{len(variants)} {name} -> {vdir}", flush=True)
-            run_one(variant, vdir)
-            if name:
-                with open(os.path.join(vdir, DONE_FILE), "w") as f:
-                    f.write("done\n")
+        run_variants(config, os.path.abspath(_WORKDIR.value))
     except Preempted as e:
         print(f"preempted: {e}", flush=True)
         sys.exit(Preempted.exit_code)
+
+
+def run_variants(config, workdir: str) -> None:
+    """Run the config, or each variant of an ablation in ``workdir/<name>`` (finished ones skipped)."""
+    variants = expand_variants(config)
+    for i, (name, variant) in enumerate(variants):
+        vdir = os.path.join(workdir, name) if name else workdir
+        if name:
+            if os.path.exists(os.path.join(vdir, DONE_FILE)):
+                print(f"=== variant {i + 1}/{len(variants)} {name}: already done, skipped", flush=True)
+                continue
+            print(f"=== variant {i + 1}/{len(variants)} {name} -> {vdir}", flush=True)
+        run_one(variant, vdir)
+        if name:
+            with open(os.path.join(vdir, DONE_FILE), "w") as f:
+                f.write("done\n")
 
 
 if __name__ == "__main__":

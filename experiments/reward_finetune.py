@@ -146,3 +146,10 @@ def make_loss(config: ml_collections.ConfigDict):
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     return dit_setup.run_training(config, workdir, make_loss(config))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``--config=experiments/MODULE.py``: the defaults, every field settable with ``--config.*``."""
+    if arg:
+        raise ValueError(f"this experiment's own config takes no argument, got {arg!r}; use a file in configs/")
+    return default_config()

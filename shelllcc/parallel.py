@@ -12,6 +12,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -29,13 +30,17 @@ DEFAULT_RULES = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``('data', 'fsdp')`` mesh; ``data=-1`` takes every device not used by ``fsdp``."""
+    """A ``('data', 'fsdp')`` mesh over ``devices`` (default: all); one of ``data`` and ``fsdp`` may be
+    ``-1``, meaning every device the other axis leaves."""
     devices = list(devices) if devices is not None else jax.devices()
     n = len(devices)
-    if data == -1:
-        if n % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {n} available devices")
-        data = n // fsdp
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh data and fsdp may be -1")
+    if data == -1 or fsdp == -1:
+        other = fsdp if data == -1 else data
+        if other < 1 or n % other:
+            raise ValueError(f"mesh axis of size {other} does not divide the {n} available devices")
+        data, fsdp = (n // other, fsdp) if data == -1 else (data, n // other)
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, {n} available")
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
@@ -146,3 +151,23 @@ def global_batch(batch: Any, mesh: Mesh) -> Any:
         return shard_batch(batch, mesh)
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf of ``tree`` at its sharding in ``shardings``, on one process or many.
+
+    Leaves already placed so are kept. With several processes a host value (numpy, or a jax array on
+    this process's devices only, e.g. a freshly initialised adapter) becomes a global array through
+    ``make_array_from_callback``: every process must hold the same value, as seeded inits do.
+    """
+    multi = jax.process_count() > 1
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if not multi or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)

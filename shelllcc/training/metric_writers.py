@@ -20,7 +20,6 @@ import sys
 import types
 from typing import Any, Mapping
 
-import numpy as np
 
 _SHIM = "clu.metric_writers.summary_writer"
 

@@ -1,0 +1,144 @@
+"""Multi-device smoke run of ``reward_finetune``: data parallel with LoRA, FSDP with full fine-tuning and
+microbatches, one process per device through ``jax.distributed``, and resume from a checkpoint.
+
+    python benchmarks/train_smoke.py --devices 2 --out /tmp/smoke          # GPUs of one host
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
+        python benchmarks/train_smoke.py --devices 2 --out /tmp/smoke --platform cpu
+
+Every run goes through ``python -m experiments.main`` exactly as a user would start it. Writes
+``OUT/smoke.log`` (every command and its output) and ``OUT/summary.json`` (per run: return code, wall
+time, first/last logged metrics, steps/s of the last interval, whether it resumed). The model is a
+scaled-down Wan DiT (``--dim``/``--layers``) with random weights; data and manifold are seeded random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def overrides(args, workdir_steps: int, **extra) -> list[str]:
+    base = {
+        "model.preset": "tiny", "model.dim": args.dim, "model.num_layers": args.layers,
+        "model.num_heads": args.dim // 64, "model.ffn_dim": 4 * args.dim, "model.text_dim": 64,
+        "model.dtype": args.dtype, "model.param_dtype": "float32",
+        "data.source": "random", "data.random_latent_shape": f"({args.frames},{args.size},{args.size},16)",
+        "data.random_text_shape": "(16,64)", "reward.manifold": "random", "reward.random.num_anchors": 256,
+        "reward.random.hidden_dim": 128, "train.steps": workdir_steps, "train.log_every": 5,
+        "train.checkpoint_every": 10, "optim.learning_rate": 1e-5,
+    }
+    if args.attention:
+        base["model.attention_impl"] = args.attention
+    base.update(extra)
+    return [f"--config.{k}={v}" for k, v in base.items()]
+
+
+def command(workdir: str, flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "experiments.main", "--config=experiments/reward_finetune.py",
+            f"--workdir={workdir}", *flags]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def run(name: str, cmds: list[tuple[list[str], dict]], workdir: str, log, results: dict, timeout: int) -> None:
+    """Run ``cmds`` (commands started together: one per process) and record the outcome under ``name``."""
+    log.write(f"\n===== {name}\n")
+    for cmd, env in cmds:
+        log.write("$ " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd) + "\n")
+    log.flush()
+    t0 = time.time()
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, env in cmds]
+    outs, codes = [], []
+    for i, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            out += "\n[timed out]"
+        outs.append(out)
+        codes.append(p.returncode)
+        log.write(f"--- process {i} (rc {p.returncode})\n{out}\n")
+    log.flush()
+    rows = read_metrics(workdir)
+    scalar = [r for r in rows if "loss" in r]
+    results[name] = {
+        "returncodes": codes, "wall_s": round(time.time() - t0, 1),
+        "resumed": any("resumed from" in o for o in outs),
+        "first": scalar[0] if scalar else None, "last": scalar[-1] if scalar else None,
+        "devices_line": next((line for o in outs for line in o.splitlines() if line.startswith("devices:")), ""),
+    }
+    print(f"{name}: rc {codes} in {results[name]['wall_s']}s", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--platform", default="gpu", choices=["gpu", "cpu"])
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--attention", default="", help="model.attention_impl (cudnn on GPU)")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--parts", default="dp,fsdp,multiprocess")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    n = args.devices
+    work = os.path.join(args.out, "work")
+    results: dict = {"devices": n, "platform": args.platform, "model": f"dim {args.dim} x {args.layers} layers",
+                     "latent": [args.frames, args.size, args.size, 16]}
+    parts = args.parts.split(",")
+    with open(os.path.join(args.out, "smoke.log"), "w") as log:
+        if "dp" in parts:
+            w = os.path.join(work, "dp_lora")
+            flags = dict(**{"mesh.data": n, "mesh.fsdp": 1, "data.batch_size": 2 * n, "lora.rank": 16,
+                            "objective.drift_weight": 1.0, "reward.kind": "shell"})
+            run("dp_lora", [(command(w, overrides(args, 20, **flags)), {})], w, log, results, args.timeout)
+            run("dp_lora_resume", [(command(w, overrides(args, 30, **flags)), {})], w, log, results, args.timeout)
+        if "fsdp" in parts:
+            w = os.path.join(work, "fsdp_full")
+            flags = {"mesh.data": 1, "mesh.fsdp": n, "data.batch_size": 2 * n, "train.microbatch_size": 1,
+                     "objective.name": "noised_data", "reward.kind": "shell_band"}
+            run("fsdp_full_microbatch", [(command(w, overrides(args, 10, **flags)), {})], w, log, results,
+                args.timeout)
+        if "multiprocess" in parts:
+            w = os.path.join(work, "multiprocess")
+            port = free_port()
+            flags = {"mesh.data": n, "mesh.fsdp": 1, "data.batch_size": 2 * n, "lora.rank": 16}
+            cmds = []
+            for i in range(n):
+                env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
+                       "JAX_PROCESS_ID": str(i)}
+                if args.platform == "gpu":
+                    env["JAX_LOCAL_DEVICE_IDS"] = str(i)
+                else:
+                    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+                cmds.append((command(w, overrides(args, 10, **flags)), env))
+            run("multiprocess_lora", cmds, w, log, results, args.timeout)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

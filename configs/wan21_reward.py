@@ -1,0 +1,52 @@
+"""Wan2.1 T2V reward fine-tuning with the reference recipe: ``wan21_reward.py:SIZE-MODE``.
+
+SIZE is ``1.3b`` or ``14b``; MODE is ``lora`` (rank 16, alpha 16 on q/k/v/o of both attention layers, bf16
+base) or ``full`` (float32 master weights). Recipe: one-step reward from noise, s ~ U[0.7, 1.0], AdamW at
+lr 1e-5, effective batch 8, gradient clipping at 1.0, ``shell`` distance.
+
+    python -m experiments.main --config=configs/wan21_reward.py:1.3b-lora --workdir=runs/wan13b-shell \\
+        --config.model.pretrained=Wan2.1-T2V-1.3B-Diffusers/transformer \\
+        --config.data.cache_dir=cache/train --config.reward.manifold=runs/manifold
+
+Effective batch 8 = ``data.batch_size``; each device runs ``train.microbatch_size`` (1) examples per forward
+pass and gradients accumulate over ``8 / (microbatch_size x devices)`` passes. 14B spreads its weights over
+every device (``mesh.fsdp = -1``): full fine-tuning of 14B needs about 230 GB of weights + Adam state.
+"""
+
+from experiments import reward_finetune
+from shelllcc.models.wan_vae import WanVAEConfig
+
+ARGS = ("1.3b-lora", "1.3b-full", "14b-lora", "14b-full")
+PRESETS = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
+
+
+def get_config(arg: str | None = None):
+    arg = arg or "1.3b-lora"
+    if arg not in ARGS:
+        raise ValueError(f"unknown wan21_reward config arg {arg!r}; expected one of {ARGS}")
+    size, mode = arg.split("-")
+    c = reward_finetune.default_config()
+    c.model.preset = PRESETS[size]
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16" if mode == "lora" else "float32"
+    c.model.attention_impl = "cudnn"
+    c.model.remat_policy = "full"
+    c.lora.rank = 16 if mode == "lora" else 0
+    c.lora.alpha = 16.0
+    if size == "14b":
+        c.mesh.data, c.mesh.fsdp = 1, -1
+    c.data.source = "cache"
+    c.data.batch_size = 8
+    c.data.latent_dtype = "bfloat16"
+    vae = WanVAEConfig.preset("wan2.1")
+    c.data.latent_mean, c.data.latent_std = tuple(vae.latents_mean), tuple(vae.latents_std)
+    c.train.steps = 2000
+    c.train.microbatch_size = 1
+    c.train.log_every, c.train.checkpoint_every, c.train.keep_checkpoints = 10, 200, 3
+    c.optim.learning_rate = 1e-5
+    c.optim.schedule = "constant"
+    c.optim.grad_clip = 1.0
+    c.objective.name, c.objective.s_lo, c.objective.s_hi = "one_step", 0.7, 1.0
+    c.reward.kind = "shell"
+    c.reward.compute_dtype = "bfloat16"
+    return c

@@ -1,0 +1,1 @@
+"""Evaluation helpers: writing generated videos to disk (``media``)."""

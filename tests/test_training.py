@@ -1,0 +1,203 @@
+"""shelllcc.training: optimizers and masks, the guarded update, microbatching, writers, distributed detection."""
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import dit_setup
+from shelllcc.training import distributed, optimizers, train_state as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params():
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {"blocks": {0: {"attn": {"kernel": jax.random.normal(k[0], (4, 3)), "bias": jnp.zeros(3)}},
+                       1: {"attn": {"kernel": jax.random.normal(k[1], (4, 3)), "bias": jnp.ones(3)}}},
+            "head": {"kernel": jax.random.normal(k[2], (3, 2))}}
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "linear"])
+def test_schedules_match_formula(kind):
+    cfg = optimizers.OptimizerConfig(learning_rate=2e-3, schedule=kind, warmup_steps=10, total_steps=110,
+                                     end_lr_fraction=0.1)
+    sched = optimizers.make_schedule(cfg)
+    for step in [0, 5, 10, 35, 60, 109, 110]:
+        if step < 10:
+            want = 2e-3 * step / 10
+        else:
+            frac = min((step - 10) / 100, 1.0)
+            want = {"constant": 2e-3,
+                    "cosine": 2e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac))),
+                    "linear": 2e-3 * (1 - 0.9 * frac)}[kind]
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-12), (kind, step)
+
+
+def test_adamw_step_matches_numpy_restatement():
+    """One clipped AdamW step against a float64 re-statement, with the decay mask skipping vectors."""
+    params = _params()
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
+    cfg = optimizers.OptimizerConfig(learning_rate=0.1, schedule="constant", total_steps=10, weight_decay=0.5,
+                                     grad_clip=1.0)
+    tx = optimizers.make_optimizer(cfg, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    gnorm = np.sqrt(sum(9.0 * x.size for x in jax.tree.leaves(params)))
+    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)):
+        g = 3.0 / gnorm                                       # clipped to global norm 1
+        m, v = 0.1 * g, 0.001 * g * g                         # first Adam step, bias-corrected below
+        adam = (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8)
+        decay = 0.5 * np.asarray(p, np.float64) if p.ndim >= 2 else 0.0
+        # float32 tolerance: 1 - b2 in float32 is off by 1.3e-5 relative, which sqrt halves
+        np.testing.assert_allclose(np.asarray(u), -0.1 * (adam + decay), rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_freeze_patterns_zero_updates_and_skip_state():
+    params = _params()
+    cfg = optimizers.OptimizerConfig(learning_rate=0.1, freeze=("blocks.0.*",))
+    tx = optimizers.make_optimizer(cfg, params)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, state, params)
+    assert not np.any(np.asarray(updates["blocks"][0]["attn"]["kernel"]))
+    assert np.all(np.asarray(updates["blocks"][1]["attn"]["kernel"]) != 0)
+    # the frozen subtree holds no Adam moments
+    n_state = sum(x.size for x in jax.tree.leaves(state))
+    n_train = sum(x.size for x in jax.tree.leaves(params)) - 15
+    assert n_state <= 2 * n_train + 8
+    with pytest.raises(ValueError, match="match no parameter"):
+        optimizers.make_optimizer(optimizers.OptimizerConfig(freeze=("blocks.9.*",)), params)
+
+
+def test_optimizer_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValueError, match="unknown optimizer settings"):
+        optimizers.OptimizerConfig.from_config({"learnign_rate": 1.0}, 10)
+    with pytest.raises(ValueError, match="schedule"):
+        optimizers.OptimizerConfig(schedule="exp")
+
+
+def test_apply_gradients_skips_non_finite():
+    params = _params()
+    tx = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=0.1), params)
+    state = ts.create(params, tx)
+    good = jax.tree.map(jnp.ones_like, params)
+    s1, m1 = ts.apply_gradients(state, good, jnp.float32(1.0), tx)
+    ref_updates, _ = tx.update(good, state.opt_state, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 s1.params, optax.apply_updates(params, ref_updates))
+    assert int(s1.skipped) == 0 and int(s1.step) == 1
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
+    s2, m2 = ts.apply_gradients(s1, bad, jnp.float32(1.0), tx)
+    s3, m3 = ts.apply_gradients(s2, good, jnp.float32(jnp.inf), tx)
+    for s in (s2, s3):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s.params, s1.params)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s.opt_state, s1.opt_state)
+    assert (int(s2.skipped), int(s3.skipped), int(s3.step)) == (1, 2, 3)
+    assert float(m3["skipped"]) == 2.0 and float(m2["update_norm"]) == 0.0
+
+
+def test_microbatch_accumulation_equals_full_batch():
+    """k microbatches of a mean loss give the full batch's loss and gradient (and one update)."""
+    w = {"w": jnp.arange(6.0).reshape(3, 2) / 5}
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+
+    def loss_fn(params, frozen, batch, key):
+        loss = jnp.mean((batch["x"] @ params["w"]) ** 2)
+        return loss, {"loss": loss}
+
+    tx = optax.sgd(0.1)
+    full = dit_setup.make_train_step(loss_fn, tx, None, 1)
+    micro = dit_setup.make_train_step(loss_fn, tx, None, 4)
+    rng = jax.random.PRNGKey(0)
+    s_full, m_full = jax.jit(full)(ts.create(w, tx), {"x": x}, rng)
+    s_micro, m_micro = jax.jit(micro)(ts.create(w, tx), {"x": x}, rng)
+    np.testing.assert_allclose(s_micro.params["w"], s_full.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(m_micro["loss"], m_full["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_micro["grad_norm"], m_full["grad_norm"], rtol=1e-6)
+
+
+def test_distributed_detection():
+    assert distributed.detect({}) is None
+    assert distributed.detect({"JAX_COORDINATOR_ADDRESS": "h:1234"}) == "explicit"
+    assert distributed.detect({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}) == "slurm"
+    assert distributed.detect({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}) is None
+    assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    args = distributed.explicit_arguments({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                           "JAX_PROCESS_ID": "1", "JAX_LOCAL_DEVICE_IDS": "2,3"})
+    assert args == dict(coordinator_address="h:1", num_processes=2, process_id=1, local_device_ids=[2, 3])
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        distributed.maybe_initialize("auto", {"JAX_COORDINATOR_ADDRESS": "h:1"})
+    assert distributed.maybe_initialize("off", {"JAX_COORDINATOR_ADDRESS": "h:1"}) is False
+    assert distributed.maybe_initialize("auto", {}) is False
+
+
+def _read_tfevents(path):
+    """Scalars of a TensorBoard event file, parsed from its record framing with tensorboardX's protos."""
+    from tensorboardX.proto import event_pb2
+    out = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for v in event.summary.value:
+            out[(v.tag, event.step)] = v.simple_value
+    return out
+
+
+def test_metric_writers_without_tensorflow(tmp_path):
+    """clu's writers import without TensorFlow; TensorBoard, jsonl and console all receive the scalars."""
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        from shelllcc.training import metric_writers
+        w = metric_writers.create_writer({str(tmp_path)!r}, process_index=0)
+        w.write_scalars(5, {{"loss": 0.25, "steps_per_s": 3.0}})
+        w.write_scalars(10, {{"loss": 0.125, "steps_per_s": 4.0}})
+        w.flush(); w.close()
+        from clu import metric_writers as clu_writers
+        assert clu_writers.SummaryWriter is metric_writers.TensorBoardWriter
+        print("TF", "tensorflow" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TF False" in out.stdout
+    assert "[train] step 5 steps_per_s=3 | loss=0.25" in out.stdout
+    events = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
+    scalars = _read_tfevents(tmp_path / "tensorboard" / events[0])
+    assert scalars[("loss", 5)] == pytest.approx(0.25) and scalars[("loss", 10)] == pytest.approx(0.125)
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == [{"step": 5, "loss": 0.25, "steps_per_s": 3.0}, {"step": 10, "loss": 0.125, "steps_per_s": 4.0}]
+
+
+def test_writer_is_silent_on_other_processes(tmp_path, capsys):
+    from shelllcc.training import metric_writers
+    w = metric_writers.create_writer(str(tmp_path), process_index=1, asynchronous=False)
+    w.write_scalars(1, {"loss": 1.0})
+    w.flush()
+    assert capsys.readouterr().out == "" and not os.listdir(tmp_path)
+
+
+def test_follow_param_shardings_for_adam_state():
+    from shelllcc import parallel
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    params = {"a": {"kernel": jnp.zeros((8, 6))}, "b": jnp.zeros((3,))}
+    names = {("a", "kernel"): ("embed", None)}
+    sh = parallel.tree_shardings(params, names, mesh)
+    assert sh["a"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    opt = optimizers.make_optimizer(optimizers.OptimizerConfig(), params)
+    opt_sh = parallel.follow_param_shardings(jax.eval_shape(opt.init, params), params, sh, mesh)
+    specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]}
+    mu = [k for k in specs if "mu" in k and "kernel" in k]
+    assert mu and all(specs[k] == jax.sharding.PartitionSpec("fsdp", None) for k in mu)
+    assert all(s == jax.sharding.PartitionSpec() for k, s in specs.items() if "count" in k)
