@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def overrides(args, workdir_steps: int, **extra) -> list[str]:
     base = {
         "model.preset": "tiny", "model.dim": args.dim, "model.num_layers": args.layers,
-        "model.num_heads": args.dim // 64, "model.ffn_dim": 4 * args.dim, "model.text_dim": 64,
+        "model.num_heads": args.heads or args.dim // 64, "model.ffn_dim": args.ffn or 4 * args.dim,
+        "model.text_dim": 64, "model.freq_dim": 256, "model.remat_policy": args.remat,
         "model.dtype": args.dtype, "model.param_dtype": "float32",
         "data.source": "random", "data.random_latent_shape": f"({args.frames},{args.size},{args.size},16)",
         "data.random_text_shape": "(16,64)", "reward.manifold": "random", "reward.random.num_anchors": 256,
@@ -92,19 +93,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="", help="run directories (default OUT/work)")
     ap.add_argument("--platform", default="gpu", choices=["gpu", "cpu"])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=0, help="0: dim // 64")
+    ap.add_argument("--ffn", type=int, default=0, help="0: 4 x dim")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--scale-steps", type=int, default=12)
     ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attention", default="", help="model.attention_impl (cudnn on GPU)")
     ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--parts", default="dp,fsdp,multiprocess")
+    ap.add_argument("--parts", default="dp,fsdp,multiprocess",
+                    help="comma list of dp, fsdp, multiprocess, scale (weak scaling: 1 device vs all, LoRA)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     n = args.devices
-    work = os.path.join(args.out, "work")
+    work = args.work or os.path.join(args.out, "work")
     results: dict = {"devices": n, "platform": args.platform, "model": f"dim {args.dim} x {args.layers} layers",
                      "latent": [args.frames, args.size, args.size, 16]}
     parts = args.parts.split(",")
@@ -123,18 +130,33 @@ def main():
                 args.timeout)
         if "multiprocess" in parts:
             w = os.path.join(work, "multiprocess")
-            port = free_port()
             flags = {"mesh.data": n, "mesh.fsdp": 1, "data.batch_size": 2 * n, "lora.rank": 16}
-            cmds = []
-            for i in range(n):
-                env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
-                       "JAX_PROCESS_ID": str(i)}
-                if args.platform == "gpu":
-                    env["JAX_LOCAL_DEVICE_IDS"] = str(i)
-                else:
-                    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-                cmds.append((command(w, overrides(args, 10, **flags)), env))
-            run("multiprocess_lora", cmds, w, log, results, args.timeout)
+            for name, steps in (("multiprocess_lora", 10), ("multiprocess_lora_resume", 15)):
+                port = free_port()
+                cmds = []
+                for i in range(n):
+                    env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
+                           "JAX_PROCESS_ID": str(i)}
+                    if args.platform == "gpu":
+                        env["JAX_LOCAL_DEVICE_IDS"] = str(i)
+                    else:
+                        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+                    cmds.append((command(w, overrides(args, steps, **flags)), env))
+                run(name, cmds, w, log, results, args.timeout)
+        if "scale" in parts:
+            rates = {}
+            for devices in (1, n):
+                w = os.path.join(work, f"scale_{devices}")
+                flags = {"mesh.devices": devices, "mesh.data": devices, "mesh.fsdp": 1, "data.batch_size": devices,
+                         "lora.rank": 16, "train.log_every": args.scale_steps // 2,
+                         "train.checkpoint_every": 10 * args.scale_steps}
+                run(f"scale_{devices}", [(command(w, overrides(args, args.scale_steps, **flags)), {})], w, log,
+                    results, args.timeout)
+                last = results[f"scale_{devices}"]["last"]
+                rates[devices] = last.get("steps_per_s") if last else None
+            if rates.get(1) and rates.get(n):
+                results["weak_scaling_efficiency"] = rates[n] / rates[1]
+                results["steps_per_s"] = rates
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))

@@ -441,8 +441,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                                     asynchronous=config.train.async_checkpoints)
     host_iter = host_batches(config.data, config.seed)
-    rng = jax.random.PRNGKey(config.seed)
     rep = parallel.replicated(mesh)
+    # a global (replicated) array: checkpoints of several processes cannot hold a process-local one
+    rng = parallel.place(jax.random.PRNGKey(config.seed), rep)
     latest = ckpt.latest_step()
     frozen = parallel.place(frozen, frozen_sh)
     if latest is None:

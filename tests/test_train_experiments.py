@@ -10,7 +10,6 @@ import textwrap
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -62,8 +61,8 @@ def reward_config(cache_dir, base_model_dir, steps=3):
 
 
 def exported(workdir):
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(workdir, "model", "params"))
+    """The parameters a run exported to ``workdir/model`` (read onto one device, whatever wrote them)."""
+    return nnx.state(saving.load_model(os.path.join(workdir, "model")), nnx.Param).to_pure_dict()
 
 
 def metrics(workdir):
@@ -241,3 +240,36 @@ def test_misspelt_config_key_is_an_error(tmp_path, cache_dir):
     out = subprocess.run(_cmd(cfg, tmp_path / "w") + ["--config.optim.learnign_rate=0.1"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "learnign_rate" in out.stderr
+
+
+def test_two_processes_equal_one_process_with_two_devices(tmp_path, cache_dir):
+    """jax.distributed on localhost: 2 processes x 1 CPU device, each producing its own half of every
+    batch, train to the same parameters as 1 process with 2 devices. (Seeded random latents, whose global
+    batch is the same however it is split; a latent cache gives each process a disjoint shard of the
+    examples, so its batches differ from a single process's by design: see test_readers.)"""
+    import socket
+    cfg = _config_file(tmp_path, cache_dir, 4, checkpoint_every=2)
+    flags = ["--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.data.source=random",
+             "--config.data.random_latent_shape=(2,4,4,16)", "--config.data.random_text_shape=(6,32)"]
+    one = subprocess.run(_cmd(cfg, tmp_path / "one") + flags, cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_cmd(cfg, tmp_path / "two") + flags, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                       JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "process 1 of 2" in outs[1] and "devices: 2 x cpu over 2 process(es)" in outs[0]
+    # each process saved its own iterator position (4 batches of its shard)
+    for i in range(2):
+        state = json.load(open(tmp_path / "two" / "checkpoints" / "data_state" / "4" / f"process_{i}.json"))
+        assert state["data_state"] == {"index": 4}
+    assert_trees_close(exported(str(tmp_path / "two")), exported(str(tmp_path / "one")), rtol=1e-5, atol=PARAM_ATOL)
+    assert_metrics_close(metrics(str(tmp_path / "two")), metrics(str(tmp_path / "one")), [1, 2, 3, 4], rtol=1e-4,
+                         atol=1e-6)
