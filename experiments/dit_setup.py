@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -146,8 +147,10 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
     def init():
         return nnx.state(WanTransformer(cfg, rngs=nnx.Rngs(m.seed))).to_pure_dict()
 
-    params = jax.jit(init, out_shardings=shardings)()
-    return LoadedModel(nnx.merge(graphdef, params), f"random init (seed {m.seed})", names)
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
+    return LoadedModel(nnx.merge(graphdef, params), f"random init (seed {m.seed}, {time.perf_counter() - t0:.1f}s)",
+                       names)
 
 
 def describe_params(params: Any) -> str:
@@ -300,9 +303,18 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, microbatches: int = 1)
 
 
 def jit_train_step(step_fn, state_shardings_tree, mesh):
+    """``jax.jit`` with in/out shardings and the state donated; traced and run under ``jax.set_mesh(mesh)``
+    so that layers can constrain activations to the mesh's axes."""
     rep = parallel.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_shardings_tree, parallel.batch_sharding(mesh), rep),
-                   out_shardings=(state_shardings_tree, rep), donate_argnums=0)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings_tree, parallel.batch_sharding(mesh), rep),
+                     out_shardings=(state_shardings_tree, rep), donate_argnums=0)
+
+    def step(state, batch, rng):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch, rng)
+
+    step.jitted = jitted
+    return step
 
 
 def train_state_shardings(state_abstract: ts.TrainState, params_shardings, frozen_shardings, mesh) -> ts.TrainState:
@@ -411,6 +423,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
           f"mesh {dict(mesh.shape)}; global batch {config.data.batch_size}"
           + (f" in {k} microbatches" if k > 1 else ""), flush=True)
 
+    print("building the DiT ...", flush=True)
     loaded = build_model(config.model, mesh, rules)
     graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
     names = {**param_names(trainable), **param_names(frozen_model)}

@@ -295,6 +295,23 @@ class TextEmbedder(nnx.Module):
         return self.linear_2(jax.nn.gelu(self.linear_1(context), approximate=True))
 
 
+def _batch_split(x: jnp.ndarray) -> jnp.ndarray:
+    """Constrain ``x`` to be split over the batch axes ('data', 'fsdp') of the mesh in context, if any.
+
+    cuDNN attention's partitioner needs q, k and v sharded alike; without a constraint, FSDP lets XLA
+    choose differently for q (from the video tokens) and k/v (from the text), and compilation fails.
+    A no-op outside ``jax.set_mesh`` or when the batch does not divide over those axes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or size == 1 or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 class Attention(nnx.Module):
     """Multi-head attention with q/k RMS-normed over the whole inner dim (all heads at once).
 
@@ -324,6 +341,8 @@ class Attention(nnx.Module):
         v = self._split_heads(self.value(source))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.impl == "cudnn":
+            q, k, v = _batch_split(q), _batch_split(k), _batch_split(v)
         q, k, v = checkpoint_name(q, "attn_query"), checkpoint_name(k, "attn_key"), checkpoint_name(v, "attn_value")
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
         o = checkpoint_name(o, "attn_output")
