@@ -484,7 +484,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
         print(f"resumed from {ckpt.directory} at step {latest}", flush=True)
     del params, frozen_pure, trainable, frozen_model, loaded
     batches = device_batches(host_iter, mesh, config.data.prefetch)
-    writer = metric_writers.create_writer(workdir)
+    writer = metric_writers.create_writer(workdir, prefix=config.experiment, total_steps=config.train.steps)
     settings = loop.LoopSettings(config.train.steps, config.train.log_every, config.train.checkpoint_every)
     try:
         with checkpoints.PreemptionGuard() as guard:

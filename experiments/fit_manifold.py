@@ -27,6 +27,7 @@ from shelllcc.manifold.params import ManifoldConfig
 from shelllcc.manifold.coders import amortized_code
 from shelllcc.manifold.patches import check_latents, patchify, unpatchify
 from shelllcc.rewards import manifold_distance
+from shelllcc.training import checkpoints, metric_writers
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,12 +42,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1)
 
     c.data = dict(
-        source="synthetic",              # synthetic | npy
+        source="synthetic",              # synthetic | npy | cache
         test_fraction=0.1,               # held-out latents for the distance report
         max_train_patches=2_000_000,     # host-memory bound on the patch pool (0: no bound)
         synthetic=dict(dim=16, num_components=8, sigma=0.5, center_scale=3.0, num_videos=64,
                        grid=(4, 16, 16), region=(1, 8, 8)),
         npy=dict(pattern="", layout="channels_last", key=""),
+        # a latent cache (shelllcc.data.latent_cache); latents normalised (x - mean) / std as the DiT
+        # experiments' data.latent_mean / latent_std do, so the manifold lives in the generator's space
+        cache=dict(dir="", max_examples=0, latent_mean=(), latent_std=()),
     )
     c.manifold = dict(num_anchors=64, hidden_dim=128, patch_size=(1, 1, 1), anchor_init="kmeans++",
                       kmeans_iters=10, init_patches=65_536)
@@ -83,8 +87,10 @@ def load_latents(config) -> LatentSplits:
         desc = f"{report['used']} of {report['files']} files matching {d.npy.pattern!r}, {latents.shape[0]} latents"
         if report["skipped"]:
             desc += f"; skipped {report['skipped']}"
+    elif d.source == "cache":
+        latents, desc = _cache_latents(d.cache)
     else:
-        raise ValueError(f"unknown data.source {d.source!r}; expected 'synthetic' or 'npy'")
+        raise ValueError(f"unknown data.source {d.source!r}; expected 'synthetic', 'npy' or 'cache'")
     if latents.shape[0] < 2:
         raise ValueError(f"need at least 2 latents to hold some out for testing, got {latents.shape[0]}")
     order = rng.permutation(latents.shape[0])
@@ -98,6 +104,24 @@ def load_latents(config) -> LatentSplits:
     return LatentSplits(train_patches=patches, test_latents=test, description=desc)
 
 
+def _cache_latents(c) -> tuple[np.ndarray, str]:
+    if not c.dir:
+        raise ValueError("data.source='cache' needs --config.data.cache.dir=/path/to/latent/cache")
+    if len(c.latent_mean) != len(c.latent_std):
+        raise ValueError(f"data.cache.latent_mean has {len(c.latent_mean)} entries, latent_std {len(c.latent_std)}")
+    from shelllcc.data.latent_cache import open_cache
+    cache = open_cache(c.dir, latent_dtype=np.float32)
+    n = len(cache) if not c.max_examples else min(c.max_examples, len(cache))
+    latents = np.stack([cache[i]["latents"] for i in range(n)])
+    if len(c.latent_mean):
+        if len(c.latent_mean) != latents.shape[-1]:
+            raise ValueError(f"data.cache.latent_mean has {len(c.latent_mean)} entries; cache {c.dir!r} latents "
+                             f"have {latents.shape[-1]} channels")
+        latents = (latents - np.asarray(c.latent_mean, np.float32)) / np.asarray(c.latent_std, np.float32)
+    norm = " (normalised)" if len(c.latent_mean) else ""
+    return latents, f"{n} of {len(cache)} latents{norm} from the cache {c.dir!r}, each {latents.shape[1:]}"
+
+
 def _batch(pool: np.ndarray, seed: int, stage: int, step: int, batch_size: int) -> np.ndarray:
     # A pure function of (seed, stage, step): a resumed run draws exactly the batches it would have.
     rng = np.random.default_rng([seed, stage, step])
@@ -105,10 +129,11 @@ def _batch(pool: np.ndarray, seed: int, stage: int, step: int, batch_size: int) 
 
 
 class _Progress:
-    """Console + ``metrics.jsonl`` logging; device metrics are fetched only every ``every`` steps."""
+    """Buffers each step's device metrics and writes their means every ``every`` steps (console,
+    TensorBoard, ``metrics.jsonl``) with steps/s and ETA; the device is waited on only then."""
 
-    def __init__(self, path: str, every: int, total: int):
-        self.path, self.every, self.total = path, every, total
+    def __init__(self, writer, every: int, total: int):
+        self.writer, self.every, self.total = writer, every, total
         self.pending, self.t0, self.s0 = [], time.time(), None
 
     def add(self, step: int, stage: int, metrics) -> None:
@@ -120,12 +145,8 @@ class _Progress:
             self.pending = []
             mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
             rate = (step + 1 - self.s0) / max(time.time() - self.t0, 1e-9)
-            eta = (self.total - step - 1) / max(rate, 1e-9)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
-            print(f"[stage {stage}] step {step + 1}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s | {shown}",
-                  flush=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(dict(step=step + 1, stage=stage, steps_per_s=rate, **mean)) + "\n")
+            self.writer.write_scalars(step + 1, dict(mean, stage=stage, steps_per_s=rate,
+                                                     eta_s=(self.total - step - 1) / max(rate, 1e-9)))
 
 
 def _blur(latents: np.ndarray, radius: int) -> np.ndarray:
@@ -178,6 +199,13 @@ def _stage_steps(config):
     optim1 = fit.OptimConfig(s1.learning_rate, s1.warmup_steps, s1.steps, s1.weight_decay, s1.grad_clip)
     optim2 = fit.OptimConfig(s2.learning_rate, s2.warmup_steps, s2.steps, s2.weight_decay, s2.grad_clip)
     return fit.make_optimizer(optim1), fit.make_optimizer(optim2)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``--config=experiments/fit_manifold.py``: the defaults, every field settable with ``--config.*``."""
+    if arg:
+        raise ValueError(f"this experiment's own config takes no argument, got {arg!r}; use a file in configs/")
+    return default_config()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -240,26 +268,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    meta=ocp.args.JsonSave({"stage": stage, "step": step})),
                      force=force)
 
-    progress = _Progress(os.path.join(workdir, "metrics.jsonl"), config.log_every, total)
-    for step in range(start, total):
-        if step == n1 and stage == 1:
-            # Stage 2 starts from the final stage-1 manifold with a calibrated shell and fresh optimizer.
-            params = calibrate_shell(jax.device_get(state.params), init_sample, mconfig.bn_eps)
-            state = parallel.replicate_tree(fit.init_state(params, opt2, 2), mesh)
-            stage = 2
-        if stage == 1:
-            batch = _batch(pool, config.seed, 1, step, config.stage1.batch_size)
-            state, metrics = step1(state, parallel.shard_batch(batch, mesh))
-        else:
-            batch = _batch(pool, config.seed, 2, step - n1, config.stage2.batch_size)
-            state, metrics = step2(state, parallel.shard_batch(batch, mesh))
-        progress.add(step, stage, metrics)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
-            save(step + 1, stage, state)
-    if total > start:
-        save(total, stage, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    writer = metric_writers.create_writer(workdir, prefix="fit_manifold", total_steps=total)
+    progress = _Progress(writer, config.log_every, total)
+    try:
+        with checkpoints.PreemptionGuard() as guard:
+            for step in range(start, total):
+                if guard.should_stop(step):
+                    save(step, stage, state, force=True)
+                    writer.write_texts(step, {"preempted": f"SIGTERM: saved a checkpoint at step {step}, exiting"})
+                    raise checkpoints.Preempted(f"stopped by SIGTERM at step {step} (checkpoint saved)")
+                if step == n1 and stage == 1:
+                    # Stage 2 starts from the final stage-1 manifold with a calibrated shell and fresh optimizer.
+                    params = calibrate_shell(jax.device_get(state.params), init_sample, mconfig.bn_eps)
+                    state = parallel.replicate_tree(fit.init_state(params, opt2, 2), mesh)
+                    stage = 2
+                if stage == 1:
+                    batch = _batch(pool, config.seed, 1, step, config.stage1.batch_size)
+                    state, metrics = step1(state, parallel.shard_batch(batch, mesh))
+                else:
+                    batch = _batch(pool, config.seed, 2, step - n1, config.stage2.batch_size)
+                    state, metrics = step2(state, parallel.shard_batch(batch, mesh))
+                progress.add(step, stage, metrics)
+                if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
+                    save(step + 1, stage, state)
+            if total > start:
+                save(total, stage, state, force=True)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
 
     params = jax.device_get(state.params)
     skipped = int(state.skipped)

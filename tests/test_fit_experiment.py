@@ -96,7 +96,7 @@ def _quick_config(**overrides):
 def test_experiment_fits_saves_and_ranks_degraded_latents(tmp_path, capsys):
     results = fit_manifold.run(_quick_config(), str(tmp_path))
     out = capsys.readouterr().out
-    assert "[stage 2] step 60/60" in out and "manifold distances" in out
+    assert "[fit_manifold] step 60/60" in out and "stage=2" in out and "manifold distances" in out
     for name in ("manifold/manifold.json", "metrics.jsonl", "distances.json"):
         assert os.path.exists(tmp_path / name), name
     params, cfg, extra = io.load_manifold(str(tmp_path / "manifold"))
@@ -152,3 +152,26 @@ def test_cli_rejects_misspelt_config_key(tmp_path):
          f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
+
+
+def test_cache_source_normalises_like_the_dit_experiments(tmp_path):
+    """data.source='cache': the latents of a latent cache, normalised (x - mean) / std per channel."""
+    from shelllcc.data.latent_cache import open_cache
+    from tests.helpers import write_tiny_latent_cache
+    cache_dir = write_tiny_latent_cache(str(tmp_path / "cache"), n=10, size=32)
+    c = fit_manifold.default_config()
+    c.data.source = "cache"
+    c.data.cache.dir = cache_dir
+    c.data.cache.max_examples = 6
+    mean, std = tuple(float(i) / 10 for i in range(16)), tuple(1.0 + i / 5 for i in range(16))
+    c.data.cache.latent_mean, c.data.cache.latent_std = mean, std
+    c.data.test_fraction = 0.5
+    splits = fit_manifold.load_latents(c)
+    cache = open_cache(cache_dir)
+    want = (np.stack([cache[i]["latents"] for i in range(6)]) - np.asarray(mean)) / np.asarray(std)
+    got = np.concatenate([splits.test_latents.reshape(-1, 16), splits.train_patches])
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(want.reshape(-1, 16), axis=0), rtol=1e-6, atol=1e-6)
+    assert "6 of 10 latents (normalised)" in splits.description
+    c.data.cache.latent_mean = mean[:4]
+    with pytest.raises(ValueError, match="latent_mean has 4 entries"):
+        fit_manifold.load_latents(c)

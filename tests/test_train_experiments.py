@@ -157,7 +157,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, cache_dir):
     proc = subprocess.Popen(_cmd(cfg, killed), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
-        if line.startswith("[train] step 5 "):
+        if line.startswith("[sft] step 5/"):
             proc.send_signal(signal.SIGTERM)
             break
     rest, err = proc.communicate(timeout=600)

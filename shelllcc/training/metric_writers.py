@@ -62,19 +62,23 @@ class ConsoleWriter(interface.MetricWriter):
     Scalars whose key is in ``lead`` (progress figures) are printed first, in that order.
     """
 
-    def __init__(self, prefix: str = "train", lead: tuple[str, ...] = ("steps_per_s", "eta_s")):
+    def __init__(self, prefix: str = "train", lead: tuple[str, ...] = ("steps_per_s", "eta_s"),
+                 total_steps: int | None = None):
         super().__init__()
-        self.prefix, self.lead = prefix, lead
+        self.prefix, self.lead, self.total = prefix, lead, total_steps
+
+    def _step(self, step: int) -> str:
+        return f"step {step}/{self.total}" if self.total else f"step {step}"
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         head = [f"{k}={_fmt(scalars[k])}" for k in self.lead if k in scalars]
         rest = [f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()) if k not in self.lead]
-        print(f"[{self.prefix}] step {step} " + " ".join(head) + (" | " if head else "") + " ".join(rest),
+        print(f"[{self.prefix}] {self._step(step)} " + " ".join(head) + (" | " if head else "") + " ".join(rest),
               flush=True)
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
         for key, value in texts.items():
-            print(f"[{self.prefix}] step {step} {key}: {value}", flush=True)
+            print(f"[{self.prefix}] {self._step(step)} {key}: {value}", flush=True)
 
     def write_hparams(self, hparams: Mapping[str, Any]):
         pass   # the config is printed and saved as config.json by experiments.main
@@ -144,7 +148,8 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: str, *, prefix: str = "train", tensorboard: bool = True, console: bool = True,
-                  asynchronous: bool = True, process_index: int | None = None) -> interface.MetricWriter:
+                  asynchronous: bool = True, process_index: int | None = None,
+                  total_steps: int | None = None) -> interface.MetricWriter:
     """Console + TensorBoard (``workdir/tensorboard``) + ``workdir/metrics.jsonl`` on process 0; a writer
     that drops everything on the others (every process runs the same loop and calls the writer, only one should write).
 
@@ -157,7 +162,7 @@ def create_writer(workdir: str, *, prefix: str = "train", tensorboard: bool = Tr
     writers: list[interface.MetricWriter] = []
     if process_index == 0:
         if console:
-            writers.append(ConsoleWriter(prefix))
+            writers.append(ConsoleWriter(prefix, total_steps=total_steps))
         if tensorboard:
             writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
         writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
