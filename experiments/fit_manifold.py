@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments import config_entry
 from shelllcc import parallel
 from shelllcc.data import latent_files, synthetic_latents
 from shelllcc.manifold import fit, io
@@ -201,11 +202,7 @@ def _stage_steps(config):
     return fit.make_optimizer(optim1), fit.make_optimizer(optim2)
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``--config=experiments/fit_manifold.py``: the defaults, every field settable with ``--config.*``."""
-    if arg:
-        raise ValueError(f"this experiment's own config takes no argument, got {arg!r}; use a file in configs/")
-    return default_config()
+get_config = config_entry.defaults_entry(default_config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

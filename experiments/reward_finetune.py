@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from experiments import dit_setup, sft
+from experiments import config_entry, dit_setup, sft
 from shelllcc import parallel
 from shelllcc.flow import objectives
 from shelllcc.manifold import io as manifold_io
@@ -148,8 +148,4 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     return dit_setup.run_training(config, workdir, make_loss(config))
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``--config=experiments/MODULE.py``: the defaults, every field settable with ``--config.*``."""
-    if arg:
-        raise ValueError(f"this experiment's own config takes no argument, got {arg!r}; use a file in configs/")
-    return default_config()
+get_config = config_entry.defaults_entry(default_config)

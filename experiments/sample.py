@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from experiments import dit_setup
+from experiments import config_entry, dit_setup
 from shelllcc import parallel
 from shelllcc.evaluation import media
 from shelllcc.flow import samplers
@@ -99,11 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``--config=experiments/sample.py``: the defaults, every field settable with ``--config.*``."""
-    if arg:
-        raise ValueError(f"experiments/sample.py takes no config argument, got {arg!r}")
-    return default_config()
+get_config = config_entry.defaults_entry(default_config)
 
 
 # ------------------------------------------------------------------------------------------ prompts

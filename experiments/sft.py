@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from experiments import dit_setup
+from experiments import config_entry, dit_setup
 from shelllcc.flow.objectives import sft_loss
 from shelllcc.flow.timesteps import sample_training_sigmas
 
@@ -53,8 +53,4 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     return dit_setup.run_training(config, workdir, make_loss(config))
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``--config=experiments/MODULE.py``: the defaults, every field settable with ``--config.*``."""
-    if arg:
-        raise ValueError(f"this experiment's own config takes no argument, got {arg!r}; use a file in configs/")
-    return default_config()
+get_config = config_entry.defaults_entry(default_config)

@@ -51,73 +51,8 @@ from clu.metric_writers.multi_writer import MultiWriter  # noqa: E402
 from shelllcc.training.tensorboard_writer import TensorBoardWriter  # noqa: E402
 
 
-def _fmt(value: Any) -> str:
-    v = float(value)
-    return f"{v:.4g}" if v == v else "nan"
-
-
-class ConsoleWriter(interface.MetricWriter):
-    """One line per ``write_scalars`` call on stdout: ``[prefix] step N | k=v ...`` (keys sorted).
-
-    Scalars whose key is in ``lead`` (progress figures) are printed first, in that order.
-    """
-
-    def __init__(self, prefix: str = "train", lead: tuple[str, ...] = ("steps_per_s", "eta_s"),
-                 total_steps: int | None = None):
-        super().__init__()
-        self.prefix, self.lead, self.total = prefix, lead, total_steps
-
-    def _step(self, step: int) -> str:
-        return f"step {step}/{self.total}" if self.total else f"step {step}"
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        head = [f"{k}={_fmt(scalars[k])}" for k in self.lead if k in scalars]
-        rest = [f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()) if k not in self.lead]
-        print(f"[{self.prefix}] {self._step(step)} " + " ".join(head) + (" | " if head else "") + " ".join(rest),
-              flush=True)
-
-    def write_texts(self, step: int, texts: Mapping[str, str]):
-        for key, value in texts.items():
-            print(f"[{self.prefix}] {self._step(step)} {key}: {value}", flush=True)
-
-    def write_hparams(self, hparams: Mapping[str, Any]):
-        pass   # the config is printed and saved as config.json by experiments.main
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def flush(self):
-        sys.stdout.flush()
-
-    def close(self):
-        self.flush()
-
-
-class JsonlWriter(interface.MetricWriter):
-    """Scalars appended to a JSON-lines file, one ``{"step": n, **scalars}`` object per call: the
-    easy format for plots and tests (TensorBoard event files need a protobuf reader)."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        import json
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+class _TextOnlyWriter(interface.MetricWriter):
+    """Base of the writers below: they record scalars (and texts), and ignore arrays and hparams."""
 
     def write_texts(self, step, texts):
         pass
@@ -144,7 +79,55 @@ class JsonlWriter(interface.MetricWriter):
         pass
 
     def close(self):
-        pass
+        self.flush()
+
+
+def _fmt(value: Any) -> str:
+    v = float(value)
+    return f"{v:.4g}" if v == v else "nan"
+
+
+class ConsoleWriter(_TextOnlyWriter):
+    """One line per ``write_scalars`` call on stdout: ``[prefix] step N | k=v ...`` (keys sorted).
+
+    Scalars whose key is in ``lead`` (progress figures) are printed first, in that order.
+    """
+
+    def __init__(self, prefix: str = "train", lead: tuple[str, ...] = ("steps_per_s", "eta_s"),
+                 total_steps: int | None = None):
+        super().__init__()
+        self.prefix, self.lead, self.total = prefix, lead, total_steps
+
+    def _step(self, step: int) -> str:
+        return f"step {step}/{self.total}" if self.total else f"step {step}"
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        head = [f"{k}={_fmt(scalars[k])}" for k in self.lead if k in scalars]
+        rest = [f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()) if k not in self.lead]
+        print(f"[{self.prefix}] {self._step(step)} " + " ".join(head) + (" | " if head else "") + " ".join(rest),
+              flush=True)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        for key, value in texts.items():
+            print(f"[{self.prefix}] {self._step(step)} {key}: {value}", flush=True)
+
+    def flush(self):
+        sys.stdout.flush()
+
+
+class JsonlWriter(_TextOnlyWriter):
+    """Scalars appended to a JSON-lines file, one ``{"step": n, **scalars}`` object per call: the
+    easy format for plots and tests (TensorBoard event files need a protobuf reader)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        import json
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
 
 def create_writer(workdir: str, *, prefix: str = "train", tensorboard: bool = True, console: bool = True,
