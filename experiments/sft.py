@@ -1,6 +1,6 @@
 """Experiment ``sft``: rectified-flow training / fine-tuning of the Wan DiT on a latent cache.
 
-The step (``dit_setup.make_train_step`` around :func:`loss_fn`) minimises
+The step (``shelllcc.training.step.make_train_step`` around :func:`loss_fn`) minimises
 ``mean((v_theta(x_s, 1000 s, c) - (eps - x0))^2)`` with ``x_s = (1 - s) x0 + s eps`` and ``s`` drawn
 from ``flow.sigma_distribution`` (then shifted by ``flow.shift``). Full fine-tuning or LoRA.
 

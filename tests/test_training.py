@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import dit_setup
+from shelllcc.training import step as step_lib
 from shelllcc.training import distributed, optimizers, train_state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,8 +113,8 @@ def test_microbatch_accumulation_equals_full_batch():
         return loss, {"loss": loss}
 
     tx = optax.sgd(0.1)
-    full = dit_setup.make_train_step(loss_fn, tx, None, 1)
-    micro = dit_setup.make_train_step(loss_fn, tx, None, 4)
+    full = step_lib.make_train_step(loss_fn, tx, None, 1)
+    micro = step_lib.make_train_step(loss_fn, tx, None, 4)
     rng = jax.random.PRNGKey(0)
     s_full, m_full = jax.jit(full)(ts.create(w, tx), {"x": x}, rng)
     s_micro, m_micro = jax.jit(micro)(ts.create(w, tx), {"x": x}, rng)
