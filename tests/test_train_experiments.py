@@ -273,3 +273,12 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, cache_dir):
     assert_trees_close(exported(str(tmp_path / "two")), exported(str(tmp_path / "one")), rtol=1e-5, atol=PARAM_ATOL)
     assert_metrics_close(metrics(str(tmp_path / "two")), metrics(str(tmp_path / "one")), [1, 2, 3, 4], rtol=1e-4,
                          atol=1e-6)
+
+
+def test_wan_manifold_config_uses_the_reward_configs_latent_space():
+    from configs import wan21_manifold, wan21_reward
+    from experiments import fit_manifold
+    m, r = wan21_manifold.get_config(), wan21_reward.get_config("1.3b-lora")
+    assert m.data.cache.latent_mean == r.data.latent_mean and m.data.cache.latent_std == r.data.latent_std
+    assert (m.manifold.num_anchors, m.manifold.hidden_dim) == (4096, 512)
+    assert set(m.to_dict()) == set(fit_manifold.default_config().to_dict())
