@@ -118,7 +118,7 @@ def make_loss(config: ml_collections.ConfigDict):
             reward_fn = functools.partial(distance, frozen["manifold"])
             k_eps, k_s = jax.random.split(key)
             x0, ctx = batch["latents"], batch["context"]
-            eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
             if o.name == "one_step":
                 ref = None
                 if drift:

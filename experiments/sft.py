@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -42,7 +43,7 @@ def make_loss(config: ml_collections.ConfigDict):
             model = nnx.merge(setup.graphdef, params, frozen["model"])
             k_eps, k_s = jax.random.split(key)
             x0 = batch["latents"]
-            eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
             return sft_loss(model, x0, eps, batch["context"], k_s, sigma_sampler=sampler)
         return loss_fn, {}, {}
 
