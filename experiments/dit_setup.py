@@ -78,6 +78,11 @@ def mesh_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0))
 
 
+def sharding_rules(config) -> tuple:
+    """``config.sharding_rules`` as ``((logical, mesh axes), ...)`` with tuples, whatever the config made of them."""
+    return tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
+
+
 def make_mesh(mesh_cfg):
     devices = None
     if mesh_cfg.devices:
@@ -314,7 +319,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     from shelllcc.training import checkpoints, loop, metric_writers
 
     mesh = make_mesh(config.mesh)
-    rules = tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
+    rules = sharding_rules(config)
     k = microbatch_count(config.data.batch_size, config.train.microbatch_size, mesh)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es); "
           f"mesh {dict(mesh.shape)}; global batch {config.data.batch_size}"

@@ -434,10 +434,6 @@ def load_vae(v: ml_collections.ConfigDict):
 
 # ------------------------------------------------------------------------------------------ the run
 
-def _rules(config) -> tuple:
-    return tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Sample, decode and write every prompt (module doc). Returns ``{"latents": [N, ...], "captions": [...],
     "out_dir": ...}``."""
@@ -466,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = dit_setup.make_mesh(config.mesh)
     n = len(prompts.captions)
     batch_size = min(int(s.batch_size), n)      # fewer prompts than a batch: no rows wasted on padding
-    loaded = dit_setup.build_model(config.model, mesh, _rules(config))
+    loaded = dit_setup.build_model(config.model, mesh, dit_setup.sharding_rules(config))
     sampler = LatentSampler(loaded.model, mesh, latent_shape=shape, solver=s.solver, steps=s.steps, shift=s.shift,
                             guidance_scale=s.guidance_scale, batch_size=batch_size, seed=config.seed)
     decode = (o.mp4 or o.gif) and vae_cfg is not None
