@@ -107,7 +107,8 @@ def main():
     ap.add_argument("--attention", default="", help="model.attention_impl (cudnn on GPU)")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--parts", default="dp,fsdp,multiprocess",
-                    help="comma list of dp, fsdp, multiprocess, scale (weak scaling: 1 device vs all, LoRA)")
+                    help="comma list of dp, fsdp, 2d (data 2 x fsdp n/2, full fine-tuning with anti-drift), "
+                         "multiprocess, scale (weak scaling: 1 device vs all, LoRA)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     n = args.devices
@@ -128,6 +129,12 @@ def main():
                      "objective.name": "noised_data", "reward.kind": "shell_band"}
             run("fsdp_full_microbatch", [(command(w, overrides(args, 10, **flags)), {})], w, log, results,
                 args.timeout)
+        if "2d" in parts:
+            if n < 4 or n % 2:
+                raise SystemExit("--parts 2d needs an even number of devices >= 4 (mesh data 2 x fsdp n/2)")
+            w = os.path.join(work, "mesh_2d_full")
+            flags = {"mesh.data": 2, "mesh.fsdp": n // 2, "data.batch_size": n, "objective.drift_weight": 1.0}
+            run("mesh_2d_full_drift", [(command(w, overrides(args, 10, **flags)), {})], w, log, results, args.timeout)
         if "multiprocess" in parts:
             w = os.path.join(work, "multiprocess")
             flags = {"mesh.data": n, "mesh.fsdp": 1, "data.batch_size": 2 * n, "lora.rank": 16}
