@@ -294,6 +294,27 @@ def common_config(experiment: str) -> ml_collections.ConfigDict:
     return c
 
 
+def frozen_sources(config) -> dict:
+    """Where the weights that checkpoints do not hold come from: a resumed run must rebuild them the same way."""
+    m = config.model
+    out = {"model.pretrained": m.pretrained, "model.init_from": m.init_from,
+           "model.seed": m.seed if not (m.pretrained or m.init_from) else None,
+           "lora.rank": config.lora.rank, "lora.alpha": config.lora.alpha, "lora.targets": list(config.lora.targets)}
+    if "reward" in config:
+        out["reward.manifold"] = config.reward.manifold
+    return out
+
+
+def check_frozen_sources(saved: dict | None, current: dict, where: str) -> None:
+    if saved is None:
+        return
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"cannot resume from {where}: the frozen weights would come from elsewhere than when it "
+                         f"was written ({shown}); use a new workdir or the original settings")
+
+
 @dataclasses.dataclass
 class Setup:
     """What a DiT experiment's ``make_loss`` gets to build its loss from."""
@@ -369,6 +390,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
         items, rng, data_state, meta = ckpt.restore(
             latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        check_frozen_sources(meta.get("frozen_sources"), frozen_sources(config), ckpt.directory)
         state = ts.from_checkpoint_items(items, frozen)
         if data_state is not None:
             host_iter.set_state(data_state)
@@ -380,7 +402,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     try:
         with checkpoints.PreemptionGuard() as guard:
             state = loop.train(step_fn, state, rng, batches, settings=settings, checkpointer=ckpt, writer=writer,
-                               guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment})
+                               guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment,
+                                                                         "frozen_sources": frozen_sources(config)})
     finally:
         batches.close() if hasattr(batches, "close") else None
         ckpt.close()

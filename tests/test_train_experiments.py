@@ -282,3 +282,15 @@ def test_wan_manifold_config_uses_the_reward_configs_latent_space():
     assert m.data.cache.latent_mean == r.data.latent_mean and m.data.cache.latent_std == r.data.latent_std
     assert (m.manifold.num_anchors, m.manifold.hidden_dim) == (4096, 512)
     assert set(m.to_dict()) == set(fit_manifold.default_config().to_dict())
+
+
+def test_resume_refuses_other_frozen_weights(tmp_path, cache_dir, base_model_dir):
+    """Checkpoints hold the trained part only: resuming with another base model or manifold is an error."""
+    c = reward_config(cache_dir, base_model_dir, steps=2)
+    c.lora.rank = 4
+    main_lib.run_one(c, str(tmp_path))
+    c2 = reward_config(cache_dir, base_model_dir, steps=3)
+    c2.lora.rank = 4
+    c2.model.init_from = ""
+    with pytest.raises(ValueError, match="model.init_from: checkpoint"):
+        main_lib.run_one(c2, str(tmp_path))
