@@ -90,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=4,                # prompts per jitted sampling call
     ))
     c.vae = ml_collections.ConfigDict(dict(
-        dir="",                      # a WanVAE saved with shelllcc.models.saving.save_model
+        dir="",                      # a WanVAE or PatchVAE saved with shelllcc.models.saving.save_model
         pretrained="",               # a diffusers AutoencoderKLWan folder (.../vae)
         dtype="float32",             # decoder compute dtype
     ))
@@ -230,10 +230,13 @@ def planned_transformer_config(m: ml_collections.ConfigDict):
     return dit_setup.transformer_config(m)
 
 
+VAE_KINDS = ("wan_vae", "patch_vae")
+
+
 def planned_vae_config(v: ml_collections.ConfigDict):
     """The VAE's config (``None`` when no VAE is configured), read without loading any weights."""
     if v.dir and v.pretrained:
-        raise ValueError("set at most one of vae.dir (a saved WanVAE) and vae.pretrained (a diffusers vae folder)")
+        raise ValueError("set at most one of vae.dir (a saved VAE) and vae.pretrained (a diffusers vae folder)")
     if v.pretrained:
         from shelllcc.models.wan_vae import config_from_diffusers
         from third_party.safetensors_checkpoint import read_config
@@ -243,9 +246,9 @@ def planned_vae_config(v: ml_collections.ConfigDict):
             info = saving.read_model_json(v.dir)
         except FileNotFoundError:
             raise ValueError(f"vae.dir {v.dir!r} is not a saved model (no {saving.MODEL_JSON})") from None
-        if info["kind"] != "wan_vae":
-            raise ValueError(f"vae.dir {v.dir!r} holds a {info['kind']!r} model, not a wan_vae")
-        return saving.config_from_architecture("wan_vae", info["architecture"])
+        if info["kind"] not in VAE_KINDS:
+            raise ValueError(f"vae.dir {v.dir!r} holds a {info['kind']!r} model, not a VAE ({', '.join(VAE_KINDS)})")
+        return saving.config_from_architecture(info["kind"], info["architecture"])
     return None
 
 
@@ -394,7 +397,7 @@ def sample_latents(sampler: LatentSampler, indices: Sequence[int], contexts: Con
 
 class LatentDecoder:
     """``decode(latents [rows, T', h, w, C] normalised, on the mesh) -> (uint8 [rows, T, H, W, 3],
-    finite [rows] bool)``: denormalise, ``WanVAE.decode`` (clamped to [-1, 1]) and convert to pixels
+    finite [rows] bool)``: denormalise, the VAE's ``decode`` (clamped to [-1, 1]) and convert to pixels
     on the devices, so only uint8 crosses to the host. Non-finite pixels become mid-grey (and are flagged)."""
 
     def __init__(self, vae: nnx.Module, mesh, mean: Sequence[float] = (), std: Sequence[float] = ()):

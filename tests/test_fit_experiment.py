@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import synthetic_manifold
 from experiments import fit_manifold
 from shelllcc.data.latent_files import load_latent_files
 from shelllcc.manifold import fit, io
@@ -81,7 +81,7 @@ def test_save_load_manifold_round_trip(tmp_path):
 
 
 def _quick_config(**overrides):
-    c = demo.get_config("quick")
+    c = synthetic_manifold.get_config("quick")
     c.unlock()
     for key, value in overrides.items():
         node = c
@@ -148,7 +148,7 @@ def test_npy_latent_source_counts_bad_files(tmp_path):
 
 def test_cli_rejects_misspelt_config_key(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.main", "--config=configs/demo.py:quick", "--config.stage1.stepz=3",
+        [sys.executable, "-m", "experiments.main", "--config=configs/synthetic_manifold.py:quick", "--config.stage1.stepz=3",
          f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "stepz" in proc.stderr

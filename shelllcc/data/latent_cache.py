@@ -182,7 +182,7 @@ def vae_video_encoder(vae: Any, dtype: Any = None) -> VideoEncoder:
             raise TypeError(f"vae_video_encoder expects uint8 video, got {video.dtype}")
         return _encode(state, video)
 
-    encode.description = (f"WanVAE.encode(mean) config={vae.config!r} compute_dtype={dtype.name} "
+    encode.description = (f"{type(vae).__name__}.encode(mean) config={vae.config!r} compute_dtype={dtype.name} "
                           f"input=uint8/127.5-1 weights_sha256={module_digest(vae)}")
     return encode
 

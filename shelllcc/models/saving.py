@@ -1,7 +1,7 @@
 """Saving and loading the project's NNX models: ``DIR/model.json`` (kind + architecture) + ``DIR/params`` (orbax).
 
 Kinds: ``wan_transformer`` (:class:`WanTransformerConfig`), ``wan_vae`` (:class:`WanVAEConfig`),
-``text_encoder`` (:class:`TextEncoderConfig`). Only the architecture is stored; runtime knobs (compute
+``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`). Only the architecture is stored; runtime knobs (compute
 and parameter dtype, attention kernel, remat policy) are chosen when loading::
 
     save_model("run/model", model)
@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from shelllcc.models.patch_vae import PatchVAE, PatchVAEConfig
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig
 from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig
 from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
 
 MODEL_JSON = "model.json"
 _RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy"),
-            "text_encoder": ("dtype",), "wan_vae": ()}
+            "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": ()}
 _CLASSES = {"wan_transformer": (WanTransformer, WanTransformerConfig), "wan_vae": (WanVAE, WanVAEConfig),
-            "text_encoder": (TextEncoder, TextEncoderConfig)}
+            "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig)}
 
 
 def model_kind(model: nnx.Module) -> str:
@@ -93,6 +94,8 @@ def abstract_model(kind: str, config: Any, *, param_dtype: Any = None, dtype: An
     if kind == "wan_vae":
         kw = dict(dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kw))
+    if kind == "patch_vae":
+        return nnx.eval_shape(lambda: cls(config, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0)))
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
