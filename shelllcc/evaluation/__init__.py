@@ -1,1 +1,3 @@
-"""Evaluation helpers: writing generated videos to disk (``media``)."""
+"""Evaluation: detail and spectrum metrics (``detail``), the attribute classifier whose features also
+serve the Frechet distance (``classifier``, ``frechet``), media writers (``media``) and the report's
+plots, montages and tables (``report``)."""
