@@ -44,6 +44,11 @@ def test_high_frequency_fraction_matches_numpy():
     r = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij"))
     want = (p * (r > 0.125)).sum(axis=(-2, -1)) / p.sum(axis=(-2, -1))
     np.testing.assert_allclose(np.asarray(detail.high_frequency_fraction(v)), want.mean(axis=-1), rtol=1e-5)
+    energy = (p * (r > 0.125)).sum(axis=(-2, -1)) / (h * w)
+    np.testing.assert_allclose(np.asarray(detail.high_frequency_energy(v)), energy.mean(axis=-1), rtol=1e-5)
+    # halving the contrast quarters the energy but leaves the fraction alone
+    np.testing.assert_allclose(np.asarray(detail.high_frequency_energy(0.5 * v)), energy.mean(axis=-1) / 4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(detail.high_frequency_fraction(0.5 * v)), want.mean(axis=-1), rtol=1e-5)
 
 
 def test_radial_spectrum_matches_numpy_and_parseval():

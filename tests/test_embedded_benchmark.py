@@ -41,8 +41,15 @@ def test_rebuild_reuses_and_configs_do_not_collide(tmp_path, capsys):
     assert "reused" in capsys.readouterr().out
     other = eb.build(str(tmp_path), eb.BenchmarkConfig(**dict(SMALL, num_frames=9)), verbose=False)
     assert other.as_data_source("train")[0]["video"].shape[0] == 9
+    flat = eb.build(str(tmp_path), eb.BenchmarkConfig(**dict(SMALL, background_texture=False)), verbose=False)
+    ex = flat.as_data_source("train")[0]
+    want = mt.generate_example(mt.split_seed(3, "train"), int(ex["index"]),
+                               mt.ClipSpec(num_frames=5, height=32, width=32, seed=3, background_texture=False))
+    np.testing.assert_array_equal(ex["video"], want["video"])
+    # a flat background: the corner pixel (never under the object's start) is the same grey in every clip
+    assert len({tuple(flat.as_data_source("train")[i]["video"][0, 0, 0]) for i in range(12)}) <= 2
     assert sorted(d for d in os.listdir(tmp_path / eb.NAME) if not d.startswith(".")) == [
-        "t5_32x32_train12_test4_seed3", "t9_32x32_train12_test4_seed3"]
+        "t5_32x32_train12_test4_seed3", "t5_32x32_train12_test4_seed3_flatbg", "t9_32x32_train12_test4_seed3"]
 
 
 def test_bad_config_is_an_error():

@@ -37,6 +37,7 @@ class BenchmarkConfig(tfds.core.BuilderConfig):
     train_size: int = 1024
     test_size: int = 128
     seed: int = 0
+    background_texture: bool = True    # False: a flat grey background (only the object carries detail)
 
     def __post_init__(self):
         for field in ("num_frames", "height", "width", "train_size", "test_size"):
@@ -45,10 +46,11 @@ class BenchmarkConfig(tfds.core.BuilderConfig):
         if not self.name:
             # The config's name encodes its fields, so two sizes never share a directory.
             self.name = (f"t{self.num_frames}_{self.height}x{self.width}_train{self.train_size}"
-                         f"_test{self.test_size}_seed{self.seed}")
+                         f"_test{self.test_size}_seed{self.seed}" + ("" if self.background_texture else "_flatbg"))
 
     def clip_spec(self) -> mt.ClipSpec:
-        return mt.ClipSpec(num_frames=self.num_frames, height=self.height, width=self.width, seed=self.seed)
+        return mt.ClipSpec(num_frames=self.num_frames, height=self.height, width=self.width, seed=self.seed,
+                           background_texture=self.background_texture)
 
 
 class MovingTextures(tfds.core.GeneratorBasedBuilder):

@@ -6,6 +6,9 @@ luma ``Y = 0.299 R + 0.587 G + 0.114 B`` (or the single channel), per frame, the
 * :func:`laplacian_variance`: ``var(L * Y)`` with the 4-neighbour Laplacian ``L`` on the interior pixels.
 * :func:`high_frequency_fraction`: ``sum_{|f| > cutoff} |F(Y - mean Y)|^2 / sum_f |F(Y - mean Y)|^2``, ``|f|`` the
   radial frequency in cycles/pixel (Nyquist 0.5), ``cutoff = fraction * 0.5`` (default 1/4 of Nyquist).
+* :func:`high_frequency_energy`: ``sum_{|f| > cutoff} |F(Y - mean Y)|^2 / (H W)``, the mean squared amplitude
+  of the luma's content above the cutoff (the fraction's numerator, per pixel); the benchmark's "high-frequency
+  energy ratio" is its mean over a model's clips divided by the base's.
 * :func:`radial_power_spectrum`: ``P(r) = mean_{|f| in bin r} |F(Y - mean Y)|^2 / (H W)``, bins of width
   ``1 / min(H, W)`` from 0 to Nyquist.
 * :func:`spectrum_distance`: ``mean_r |log10 P_a(r) - log10 P_b(r)|`` between two sets' mean spectra.
@@ -59,6 +62,14 @@ def high_frequency_fraction(video, fraction: float = 0.25) -> jnp.ndarray:
     return jnp.mean(frac, axis=-1)
 
 
+def high_frequency_energy(video, fraction: float = 0.25) -> jnp.ndarray:
+    """Mean over frames of the spectral energy above ``fraction`` x Nyquist, per pixel; ``[...]``."""
+    y = luma(video)
+    h, w = y.shape[-2:]
+    high = _radius(h, w) > fraction * 0.5
+    return jnp.mean(jnp.sum(jnp.where(high, _power(y), 0.0), axis=(-2, -1)) / (h * w), axis=-1)
+
+
 def radial_power_spectrum(video) -> jnp.ndarray:
     """Radially averaged power spectrum per video, averaged over frames: ``[..., R]``, ``R = min(H, W) // 2``."""
     y = luma(video)
@@ -92,5 +103,5 @@ def mean_abs_change(a, b) -> jnp.ndarray:
     return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-__all__ = ["luma", "laplacian_variance", "high_frequency_fraction", "radial_power_spectrum", "spectrum_distance",
+__all__ = ["luma", "laplacian_variance", "high_frequency_fraction", "high_frequency_energy", "radial_power_spectrum", "spectrum_distance",
            "mean_abs_change"]
