@@ -45,6 +45,7 @@ def model_section() -> ml_collections.ConfigDict:
         preset="tiny",               # tiny | wan2.1-t2v-1.3b | wan2.1-t2v-14b
         # architecture overrides of the preset (0: keep the preset's value)
         dim=0, num_layers=0, num_heads=0, ffn_dim=0, text_dim=0, freq_dim=0,
+        patch_size=(),               # (pt, ph, pw) latent positions per token; empty: the preset's (1, 2, 2)
         dtype="float32", param_dtype="float32",
         attention_impl="",           # '' (jax default) | xla | cudnn (flash attention on GPU)
         remat_policy="none",
@@ -102,6 +103,10 @@ def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
     if arch is not None:
         return saving.config_from_architecture("wan_transformer", arch, **runtime)
     overrides = {k: int(m[k]) for k in ARCH_OVERRIDES if m[k]}
+    if len(m.patch_size):
+        if len(m.patch_size) != 3:
+            raise ValueError(f"model.patch_size must be (pt, ph, pw), got {tuple(m.patch_size)}")
+        overrides["patch_size"] = tuple(int(p) for p in m.patch_size)
     return wan_config(m.preset, **overrides, **runtime)
 
 
