@@ -151,6 +151,37 @@ def claim_checks(results: dict, cfg) -> list[dict]:
     return checks
 
 
+def chance_accuracy(attributes) -> float:
+    """Mean over ``attributes`` of ``1 / classes``: the attribute accuracy of guessing."""
+    from shelllcc.data import moving_textures as mt
+    return float(np.mean([1.0 / len(mt.ATTRIBUTES[a]) for a in attributes]))
+
+
+def diagnostics(results: dict, cfg) -> list[str]:
+    """Plain-language warnings about what the numbers can and cannot show (written into the report)."""
+    m = results["models"]
+    base = m["base"]
+    attrs = [a for a in base["attribute_accuracy"] if a != "mean"]
+    chance = chance_accuracy(attrs)
+    notes = []
+    b_acc = base["attribute_accuracy"]["mean"]
+    if b_acc < chance + 0.1:
+        notes.append(f"The base model's attribute accuracy ({b_acc:.3f}) is at chance ({chance:.3f}): it has not learned "
+                     "to draw the prompts, so the detail ratios compare noise with noise and cannot test the claim. "
+                     "Train the base longer (`configs/demo.py:long`).")
+    control = m.get("control", {}).get("content_change", 0.0)
+    for name, r in m.items():
+        if name in ("base", "control"):
+            continue
+        acc = r["attribute_accuracy"]["mean"]
+        if acc < b_acc - cfg.max_accuracy_drop and b_acc >= chance + 0.1:
+            notes.append(f"`{name}` lost the prompts' content (attribute accuracy {acc:.3f} against the base's {b_acc:.3f}, "
+                         f"content change {r['content_change']:.3f}, control {control:.3f}): the generator lowered the "
+                         f"distance by collapsing its samples (reward hacking), so its detail ratios do not measure "
+                         "restored texture.")
+    return notes
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 def run(config: ml_collections.ConfigDict, paths) -> dict:
@@ -236,6 +267,7 @@ def run(config: ml_collections.ConfigDict, paths) -> dict:
     for ref in ("real",):
         results["references"][ref]["manifold_distance"] = {k: float(v[:n].mean()) for k, v in distances[ref].items()}
     results["claim"] = claim_checks(results, cfg)
+    results["diagnostics"] = diagnostics(results, cfg)
     results["vae_reconstruction"] = json.load(open(os.path.join(paths.vae, train_vae.RECONSTRUCTION_JSON)))
     results["vae_reconstruction"].pop("latents_mean", None)
     results["vae_reconstruction"].pop("latents_std", None)
@@ -295,6 +327,8 @@ def write_report(path: str, results: dict, config) -> str:
                   f"`real_vae` the same clips through the VAE. Variants: {', '.join(config.variants)}.\n\n{vae}"),
         ("Metrics", table),
         ("The claim, item by item", claim),
+        ("Reading the numbers", "\n".join(f"- {n}" for n in results.get("diagnostics", []))
+         or "- No warnings: the base draws the prompts and no variant lost them."),
         ("Pictures", "![montage](montage.png)\n\n![spectra](spectra.png)\n\n![training](training_curves.png)\n\n"
                      + "\n\n".join(f"![{k}](distance_{k}.png)" for k in config.evaluate.distance_kinds)
                      + "\n\nSide by side: `comparison.mp4`, `comparison.gif`."),

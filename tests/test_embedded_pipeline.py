@@ -115,3 +115,20 @@ def test_claim_checks():
     # within ratio_eps of 1 is not "raised"; an accuracy drop beyond the margin is flagged
     assert not checks[("shell_norm", "raises high-frequency detail")]
     assert not checks[("shell_norm", "keeps attribute accuracy")]
+
+
+def test_diagnostics_flag_an_untrained_base_and_collapsed_variants():
+    cfg = embedded_evaluation.default_config()
+    attrs = ("shape", "colour", "texture", "scale", "direction", "speed")
+    chance = embedded_evaluation.chance_accuracy(attrs)
+    assert chance == pytest.approx(np.mean([1 / 6, 1 / 8, 1 / 4, 1 / 2, 1 / 8, 1 / 2]))
+
+    def model(acc, change=0.0):
+        return {"attribute_accuracy": {**{a: acc for a in attrs}, "mean": acc}, "content_change": change}
+    untrained = {"models": {"base": model(chance), "control": model(chance, 0.01), "shell": model(chance, 0.2)}}
+    notes = embedded_evaluation.diagnostics(untrained, cfg)
+    assert len(notes) == 1 and "at chance" in notes[0]
+    trained = {"models": {"base": model(0.6), "control": model(0.6, 0.01), "shell": model(0.3, 0.2),
+                          "shell_band": model(0.59, 0.05)}}
+    notes = embedded_evaluation.diagnostics(trained, cfg)
+    assert len(notes) == 1 and notes[0].startswith("`shell` lost the prompts' content")
