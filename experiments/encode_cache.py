@@ -49,7 +49,6 @@ from experiments import config_entry
 CAPTIONS_FILE = "captions.jsonl"
 SUMMARY_FILE = "encode_summary.json"
 ALL_FIELDS = "*"
-VAE_KINDS = ("wan_vae", "patch_vae")
 LATENT_DTYPES = ("", "float32", "bfloat16", "float16")
 
 
@@ -209,22 +208,8 @@ def write_captions(path: str, captions: list[str]) -> int:
 
 def planned_vae_config(v: ml_collections.ConfigDict):
     """The VAE's architecture, read without loading weights (``ValueError`` for a wrong folder)."""
-    from shelllcc.models import saving
-
-    if v.pretrained:
-        from shelllcc.models.wan_vae import config_from_diffusers
-        from third_party.safetensors_checkpoint import read_config
-        try:
-            return config_from_diffusers(read_config(v.pretrained))
-        except FileNotFoundError as e:
-            raise ValueError(f"vae.pretrained {v.pretrained!r} is not a diffusers vae folder: {e}") from None
-    try:
-        info = saving.read_model_json(v.dir)
-    except FileNotFoundError:
-        raise ValueError(f"vae.dir {v.dir!r} is not a saved model (no {saving.MODEL_JSON})") from None
-    if info["kind"] not in VAE_KINDS:
-        raise ValueError(f"vae.dir {v.dir!r} holds a {info['kind']!r} model, not a VAE ({', '.join(VAE_KINDS)})")
-    return saving.config_from_architecture(info["kind"], info["architecture"])
+    from experiments import sample
+    return sample.planned_vae_config(v)
 
 
 def check_video(shape: tuple, vae_cfg) -> tuple[int, ...]:

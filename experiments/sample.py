@@ -240,7 +240,10 @@ def planned_vae_config(v: ml_collections.ConfigDict):
     if v.pretrained:
         from shelllcc.models.wan_vae import config_from_diffusers
         from third_party.safetensors_checkpoint import read_config
-        return config_from_diffusers(read_config(v.pretrained))
+        try:
+            return config_from_diffusers(read_config(v.pretrained))
+        except FileNotFoundError as e:
+            raise ValueError(f"vae.pretrained {v.pretrained!r} is not a diffusers vae folder: {e}") from None
     if v.dir:
         try:
             info = saving.read_model_json(v.dir)
