@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark of the manifold rewards: forward + gradient w.r.t. the latents (DESIGN 2.3).
 
-For every (kind, chunk_size, compute_dtype) it times ``jax.value_and_grad`` of
+For every kind and JAX variant (implementation ``fused`` or ``remat``, kernel ``xla`` or ``pallas``,
+chunk_size, compute_dtype, Pallas tile sizes; ``--variants``) it times ``jax.value_and_grad`` of
 ``shelllcc.rewards.manifold_distance`` on one latent (default ``[1, 20, 60, 60, 16]``, N = 72,000
 patches of D = 16, K = 4096 anchors, hidden width 512) and compares it with a plain PyTorch eager
 float32 implementation of the same formulas (all N patches at once, ``.backward()``), which also
@@ -16,6 +17,8 @@ Run from the repository root::
     python benchmarks/reward_bench.py                       # full size, GPU
     python benchmarks/reward_bench.py --grid 2 8 8 --num-anchors 64 --hidden 32 \
         --repeats 3 --out-jsonl /tmp/rb.jsonl              # quick CPU check
+    python benchmarks/reward_bench.py --kinds shell --variants remat:xla:8192:bfloat16 \
+        fused:xla:8192:bfloat16 fused:pallas:16384:bfloat16:64,64,4,2,64,64,8,2
 
 Only jax, numpy, torch and shelllcc.manifold / shelllcc.rewards are imported, so that it runs on a
 machine with no data-pipeline dependencies.
@@ -78,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the softmax is nearly uniform, whereas a trained coder's is peaked (try 10-30 for "
                         "a harder bfloat16 accuracy check)")
     p.add_argument("--tau", type=float, default=1.0, help="target of kind=shell_band")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="explicit JAX variants IMPL:KERNEL:CHUNK:DTYPE[:BLOCKS] (IMPL fused|remat, KERNEL "
+                        "xla|pallas|auto, CHUNK an int or 'full', BLOCKS 'bn,bk,warps,stages,bbn,bbk,bwarps,bstages' "
+                        "for the Pallas kernels); replaces the --chunk-sizes x --compute-dtypes grid")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -98,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_kind", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_dtype", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_impl", default="remat", help=argparse.SUPPRESS)
+    p.add_argument("--_kernel", default="xla", help=argparse.SUPPRESS)
+    p.add_argument("--_blocks", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
@@ -107,6 +117,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 def n_patches(args) -> int:
     t, h, w = args.grid
     return t * h * w
+
+
+def parse_blocks(spec: str):
+    from shelllcc.manifold.softmax_code_pallas import Blocks
+    if not spec:
+        return Blocks()
+    values = [int(v) for v in spec.split(",")]
+    if len(values) != 8:
+        raise SystemExit(f"blocks {spec!r}: expected 8 comma-separated ints bn,bk,warps,stages,bbn,bbk,bwarps,bstages")
+    return Blocks(*values)
+
+
+def resolve_variants(args) -> list[dict]:
+    """JAX configurations to time: dicts of impl, kernel, chunk, dtype, blocks (a string)."""
+    n = n_patches(args)
+    if not args.variants:
+        return [dict(impl="remat", kernel="xla", chunk=c, dtype=d, blocks="")
+                for c in resolve_chunks(args) for d in args.compute_dtypes]
+    out = []
+    for v in args.variants:
+        parts = v.split(":")
+        if len(parts) not in (4, 5) or parts[0] not in ("fused", "remat") or \
+                parts[1] not in ("xla", "pallas", "auto") or parts[3] not in ("float32", "bfloat16"):
+            raise SystemExit(f"--variants: {v!r} is not IMPL:KERNEL:CHUNK:DTYPE[:BLOCKS]")
+        chunk = n if parts[2] == "full" else int(parts[2])
+        blocks = parts[4] if len(parts) == 5 else ""
+        parse_blocks(blocks)
+        out.append(dict(impl=parts[0], kernel=parts[1], chunk=chunk, dtype=parts[3], blocks=blocks))
+    return out
 
 
 def resolve_chunks(args) -> list[int]:
@@ -129,14 +168,16 @@ def flops(kind: str, n: int, d: int, h: int, k: int) -> tuple[float, float]:
     """(forward FLOPs, forward+backward FLOPs) of the matrix products, 2 FLOPs per multiply-add.
 
     Per patch: coder D*H + H*H + H*K, skeleton K*D, and for the shell kinds the shell head D*H + H*D.
-    The backward costs about twice the forward (gradients of both operands of every product; for the
-    first layer only the input gradient is needed, which we ignore as it is tiny), so ~3x in total.
+    Only the gradient w.r.t. the latents is asked for, so the backward pass needs each product's input
+    gradient alone, the same multiply-adds as the forward: 2x in total (0.70 TFLOP for the Wan2.1-1.3B
+    size). The Pallas kernel recomputes the logits in its backward (one more N*H*K product), and the
+    ``remat`` implementation the whole chunk forward; those extra products are not counted as work.
     """
     macs = d * h + h * h + h * k + k * d
     if kind != "lcc":
         macs += d * h + h * d
     fwd = 2.0 * macs * n
-    return fwd, 3.0 * fwd
+    return fwd, 2.0 * fwd
 
 
 def datasheet_peaks(device_kind: str | None):
@@ -258,8 +299,11 @@ def jax_worker(args) -> None:
     kind, chunk, dtype = args._kind, args._chunk, jnp.dtype(args._dtype)
     target = args.tau if kind == "shell_band" else None
 
+    blocks = parse_blocks(args._blocks)
+
     def distance(p, z):
-        return manifold_distance(p, z, kind, target, chunk_size=chunk, compute_dtype=dtype)
+        return manifold_distance(p, z, kind, target, chunk_size=chunk, compute_dtype=dtype,
+                                 implementation=args._impl, kernel=args._kernel, blocks=blocks)
 
     # Parameters are an argument, not a closure: a frozen manifold is passed in at fine-tuning time,
     # and closed-over arrays would be baked into the executable as constants.
@@ -403,7 +447,7 @@ class Log:
                 f.write(msg + "\n")
 
 
-def run_worker(args, log, which, data_dir, result_path, kind, chunk=None, dtype=None):
+def run_worker(args, log, which, data_dir, result_path, kind, variant=None):
     """Runs one worker subprocess; returns (result dict, arrays) or (None, None) on failure."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", which, "--_data", data_dir,
            "--_result", result_path, "--_kind", kind,
@@ -411,16 +455,18 @@ def run_worker(args, log, which, data_dir, result_path, kind, chunk=None, dtype=
            "--hidden", str(args.hidden), "--tau", repr(args.tau), "--repeats", str(args.repeats),
            "--warmup", str(args.warmup), "--jax-matmul-precision", args.jax_matmul_precision]
     if which == "jax":
-        cmd += ["--_chunk", str(chunk), "--_dtype", dtype]
+        cmd += ["--_chunk", str(variant["chunk"]), "--_dtype", variant["dtype"], "--_impl", variant["impl"],
+                "--_kernel", variant["kernel"], "--_blocks", variant["blocks"]]
+    label = variant_label(variant) if variant else ""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout,
                               cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
-        log(f"  ! {which} worker ({kind}, {chunk}, {dtype}) timed out after {args.worker_timeout:g} s")
+        log(f"  ! {which} worker ({kind} {label}) timed out after {args.worker_timeout:g} s")
         return None, None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        log(f"  ! {which} worker ({kind}, {chunk}, {dtype}) failed with exit code {proc.returncode}; "
+        log(f"  ! {which} worker ({kind} {label}) failed with exit code {proc.returncode}; "
             "last lines of its output:")
         for ln in (proc.stdout + proc.stderr).strip().splitlines()[-15:]:
             log("    " + ln)
@@ -428,6 +474,11 @@ def run_worker(args, log, which, data_dir, result_path, kind, chunk=None, dtype=
     with np.load(result_path) as f:
         arrays = {"value": float(f["value"]), "grad": f["grad"].astype(np.float64)}
     return json.loads(lines[-1][len(RESULT_PREFIX):]), arrays
+
+
+def variant_label(v: dict) -> str:
+    return ":".join(str(x) for x in (v["impl"], v["kernel"], v["chunk"], v["dtype"])) + \
+        (f":{v['blocks']}" if v["blocks"] else "")
 
 
 def package_version(name: str):
@@ -449,7 +500,8 @@ def fmt(value, spec):
 
 
 def print_table(log, rows):
-    cols = [("kind", "kind", "s"), ("chunk", "chunk_size", "d"), ("dtype", "compute_dtype", "s"),
+    cols = [("kind", "kind", "s"), ("impl", "implementation", "s"), ("kernel", "kernel", "s"),
+            ("chunk", "chunk_size", "d"), ("dtype", "compute_dtype", "s"), ("blocks", "blocks", "s"),
             ("jax_ms", "jax_ms", ".2f"), ("jax_peak_gb", "jax_peak_gb", ".3f"),
             ("jax_temp_gb", "jax_temp_gb", ".3f"), ("torch_ms", "torch_ms", ".2f"),
             ("torch_peak_gb", "torch_peak_gb", ".3f"), ("speedup", "speedup_vs_torch", ".2f"),
@@ -468,7 +520,7 @@ def main(args) -> None:
         os.makedirs(args.out_dir, exist_ok=True)
     log = Log(args.out_dir)
     command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
-    chunks = resolve_chunks(args)
+    variants = resolve_variants(args)
     n, d, k, h = n_patches(args), args.channels, args.num_anchors, args.hidden
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -479,11 +531,11 @@ def main(args) -> None:
         f"K={k}, hidden={h}, logit scale={args.logit_scale:g}; repeats={args.repeats}, warmup={args.warmup}, "
         f"jax matmul precision={args.jax_matmul_precision}")
     log("work (matrix products, 2 FLOPs per multiply-add; per patch: coder D*H + H*H + H*K, skeleton K*D, "
-        "shell D*H + H*D for the shell kinds; forward 1x, backward ~2x):")
+        "shell D*H + H*D for the shell kinds; forward 1x, input-gradient backward 1x):")
     for kind in args.kinds:
         fwd, total = flops(kind, n, d, h, k)
         log(f"  {kind:>10}: forward {fwd / 1e9:.4g} GFLOP, forward+backward ~{total / 1e9:.4g} GFLOP")
-    log("  (when N > chunk_size the scan rematerialises the forward in the backward: ~4/3 of that executed)")
+    log("  (executed on top of that: remat recomputes each chunk's forward, the Pallas kernel the N*H*K logits)")
     log(f"  one N x K float32 matrix (logits / coding weights) is {n * k * 4 / GB:.3f} GB")
 
     data_dir = tempfile.mkdtemp(prefix="reward_bench_")
@@ -498,18 +550,16 @@ def main(args) -> None:
                 if torch_res:
                     log(f"torch {kind:>10}: {torch_res['ms']:9.2f} ms  peak {fmt(torch_res['peak_gb'], '.3f')} "
                         f"GB  value {torch_res['value']:.6g}  on {torch_res['device_name']}")
-            for chunk in chunks:
-                for dtype in args.compute_dtypes:
-                    res, arr = run_worker(args, log, "jax", data_dir,
-                                          os.path.join(data_dir, f"jax_{kind}_{chunk}_{dtype}.npz"),
-                                          kind, chunk, dtype)
-                    row = record(args, command, date, kind, chunk, dtype, res, arr, torch_res, torch_arr)
-                    rows.append(row)
-                    write_jsonl(args, row)
-                    log(f"jax   {kind:>10}  chunk {chunk:>7}  {dtype:>8}: {fmt(row['jax_ms'], '9.2f')} ms  "
-                        f"peak {fmt(row['jax_peak_gb'], '.3f')} GB  temp {fmt(row['jax_temp_gb'], '.3f')} GB  "
-                        f"value {fmt(row['jax_value'], '.6g')}  value rel err {fmt(row['value_rel_err'], '.1e')}  "
-                        f"grad rel err {fmt(row['grad_rel_err'], '.1e')}")
+            for i, variant in enumerate(variants):
+                res, arr = run_worker(args, log, "jax", data_dir, os.path.join(data_dir, f"jax_{kind}_{i}.npz"),
+                                      kind, variant)
+                row = record(args, command, date, kind, variant, res, arr, torch_res, torch_arr)
+                rows.append(row)
+                write_jsonl(args, row)
+                log(f"jax   {kind:>10}  {variant_label(variant)}: {fmt(row['jax_ms'], '9.2f')} ms  "
+                    f"peak {fmt(row['jax_peak_gb'], '.3f')} GB  temp {fmt(row['jax_temp_gb'], '.3f')} GB  "
+                    f"value {fmt(row['jax_value'], '.6g')}  value rel err {fmt(row['value_rel_err'], '.1e')}  "
+                    f"grad rel err {fmt(row['grad_rel_err'], '.1e')}")
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -533,7 +583,7 @@ def main(args) -> None:
     print_table(log, rows)
 
 
-def record(args, command, date, kind, chunk, dtype, res, arr, torch_res, torch_arr) -> dict:
+def record(args, command, date, kind, variant, res, arr, torch_res, torch_arr) -> dict:
     n = n_patches(args)
     total_flops = flops(kind, n, args.channels, args.hidden, args.num_anchors)[1]
     jax_ms = res["ms"] if res else None
@@ -544,7 +594,8 @@ def record(args, command, date, kind, chunk, dtype, res, arr, torch_res, torch_a
         "bench": "reward_bench",
         "device": " / ".join(x for x in (jax_device, torch_device) if x) or None,
         "date": date, "command": command, "label": args.label,
-        "kind": kind, "chunk_size": chunk, "compute_dtype": dtype,
+        "kind": kind, "implementation": variant["impl"], "kernel": variant["kernel"],
+        "chunk_size": variant["chunk"], "compute_dtype": variant["dtype"], "blocks": variant["blocks"],
         "grid": list(args.grid), "n_patches": n, "dim": args.channels,
         "num_anchors": args.num_anchors, "hidden_dim": args.hidden,
         "jax_ms": jax_ms, "jax_ms_min": res["ms_min"] if res else None,

@@ -51,21 +51,26 @@ def coder_logits(coder: CoderParams, bn: BatchNormStats, z: jax.Array, *, train:
     ``train=True`` normalises with this batch's statistics (biased variance, as PyTorch does in its
     forward) and returns ``(logits, (batch_mean, batch_var_unbiased))`` for the running update.
     """
-    if train:
-        h = matmul(z, coder.w0, compute_dtype) + coder.b0
-        mean = jnp.mean(h, axis=0)
-        var = jnp.mean(jnp.square(h - mean), axis=0)
-        h = (h - mean) * jax.lax.rsqrt(var + eps) * coder.bn_scale + coder.bn_bias
-        n = h.shape[0]
-        stats = (mean, var * (n / max(n - 1, 1)))
-    else:
-        w0, b0 = fold_batchnorm(coder, bn, eps)
-        h = matmul(z, w0, compute_dtype) + b0
-        stats = None
+    if not train:
+        return matmul(coder_hidden(coder, bn, z, eps=eps, compute_dtype=compute_dtype), coder.w2,
+                      compute_dtype) + coder.b2
+    h = matmul(z, coder.w0, compute_dtype) + coder.b0
+    mean = jnp.mean(h, axis=0)
+    var = jnp.mean(jnp.square(h - mean), axis=0)
+    h = (h - mean) * jax.lax.rsqrt(var + eps) * coder.bn_scale + coder.bn_bias
+    n = h.shape[0]
+    stats = (mean, var * (n / max(n - 1, 1)))
     h = jax.nn.relu(h)
     h = jax.nn.relu(matmul(h, coder.w1, compute_dtype) + coder.b1)
-    logits = matmul(h, coder.w2, compute_dtype) + coder.b2
-    return (logits, stats) if train else logits
+    return matmul(h, coder.w2, compute_dtype) + coder.b2, stats
+
+
+def coder_hidden(coder: CoderParams, bn: BatchNormStats, z: jax.Array, *, eps: float = 1e-5,
+                 compute_dtype=jnp.float32) -> jax.Array:
+    """Eval-mode last hidden layer ``[N, H]`` of the coder (the logits are ``hidden @ w2 + b2``)."""
+    w0, b0 = fold_batchnorm(coder, bn, eps)
+    h = jax.nn.relu(matmul(z, w0, compute_dtype) + b0)
+    return jax.nn.relu(matmul(h, coder.w1, compute_dtype) + coder.b1)
 
 
 def update_batchnorm(bn: BatchNormStats, batch_stats, momentum: float = 0.1) -> BatchNormStats:

@@ -7,9 +7,14 @@ With ``zhat_n`` the skeleton point of patch ``z_n`` and ``delta_n`` its shell re
     shell      = mean_n | ||delta_n|| - 1 |     (distance to the shell surface itself)
     shell_band = | mean_n ||delta_n|| - tau |   (tau: ``target``, taken from a good checkpoint)
 
-Patches are processed in chunks of ``chunk_size`` rows inside one ``lax.scan`` whose body is
-rematerialised, so neither the forward nor the gradient ever holds more than ``chunk_size x K``
-coding weights, and no ``N x K x D`` tensor is formed.
+Two implementations (``implementation``):
+
+* ``fused`` (default): each patch's value and its gradient w.r.t. the patch are computed in one pass
+  over the anchors, chunk by chunk of ``chunk_size`` rows (``shelllcc.rewards.fused_values``); the
+  backward pass only scales the stored ``[N, D]`` gradients. No ``N x K`` array outlives its chunk,
+  and with ``kernel='pallas'`` (the default on a GPU) none is written to device memory at all.
+* ``remat``: the chunked ``lax.scan`` whose body is rematerialised (the backward recomputes each
+  chunk's forward). Kept as the plain-autodiff reference.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from shelllcc.manifold import coders
 from shelllcc.manifold.params import ManifoldParams
 from shelllcc.manifold.patches import check_latents, patchify
-from shelllcc.manifold.shell import safe_norm, shell_log_variance, shell_residual
+from shelllcc.manifold.softmax_code_pallas import Blocks
+from shelllcc.rewards import fused_values as pv
 
 KINDS = ("lcc", "shell_norm", "shell", "shell_band")
 CODERS = ("amortized", "analytic")
+IMPLEMENTATIONS = ("fused", "remat")
 
 
 def _check_options(kind: str, target, coder: str) -> None:
@@ -42,13 +48,6 @@ def _check_options(kind: str, target, coder: str) -> None:
         raise ValueError(f"target is only used by kind='shell_band', not {kind!r}")
 
 
-def _skeleton(params: ManifoldParams, z, coder, num_neighbors, lam, bn_eps, compute_dtype):
-    if coder == "amortized":
-        return coders.amortized_code(params, z, eps=bn_eps, compute_dtype=compute_dtype)[1]
-    anchors = coders.data_space_anchors(params)
-    return coders.analytic_code(anchors, z, num_neighbors=num_neighbors, lam=lam, compute_dtype=compute_dtype)[2]
-
-
 def patch_values(params: ManifoldParams, z: jax.Array, kind: str, *, coder: str = "amortized",
                  num_neighbors: int = 5, lam: float = 1e-4, bn_eps: float = 1e-5, shell_eps: float = 1e-6,
                  compute_dtype=jnp.float32) -> jax.Array:
@@ -57,13 +56,10 @@ def patch_values(params: ManifoldParams, z: jax.Array, kind: str, *, coder: str 
     ``||z - zhat||^2`` for ``lcc``; ``||delta||`` for ``shell_norm`` and ``shell_band``;
     ``| ||delta|| - 1 |`` for ``shell``.
     """
-    zhat = _skeleton(params, z, coder, num_neighbors, lam, bn_eps, compute_dtype)
-    r = z - zhat
-    if kind == "lcc":
-        return jnp.sum(jnp.square(r), axis=-1)
-    lv = shell_log_variance(params.shell, zhat, compute_dtype)
-    norm = safe_norm(shell_residual(z, zhat, lv, shell_eps))
-    return jnp.abs(norm - 1.0) if kind == "shell" else norm
+    _check_options(kind, 0.0 if kind == "shell_band" else None, coder)
+    return pv.patch_values(params, z, pv.Options(kind=kind, coder=coder, num_neighbors=num_neighbors, lam=lam,
+                                                  bn_eps=bn_eps, shell_eps=shell_eps,
+                                                  compute_dtype=str(jnp.dtype(compute_dtype))))
 
 
 def _segment_sums(values_fn, z: jax.Array, ids: jax.Array, num_segments: int, chunk_size: int) -> jax.Array:
@@ -91,15 +87,14 @@ def _segment_sums(values_fn, z: jax.Array, ids: jax.Array, num_segments: int, ch
     return acc
 
 
-def _local_sums(latents, values_fn, patch_size, chunk_size):
-    """Per-example sums ``[B]`` and the static patch count per example."""
+def _local_sums(latents, sums_fn):
+    """Per-example sums ``[B]`` (``sums_fn(rows, ids, num_segments)``) and the patch count per example."""
     if latents.ndim == 2:
         ids = jnp.zeros((latents.shape[0],), jnp.int32)
-        return _segment_sums(values_fn, latents, ids, 1, chunk_size), latents.shape[0]
-    patches = patchify(latents, patch_size)
-    b, p, d = patches.shape
+        return sums_fn(latents, ids, 1), latents.shape[0]
+    b, p, d = latents.shape
     ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), p)
-    return _segment_sums(values_fn, patches.reshape(b * p, d), ids, b, chunk_size), p
+    return sums_fn(latents.reshape(b * p, d), ids, b), p
 
 
 def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, target: float | None = None, *,
@@ -107,7 +102,8 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
                       lam: float = 1e-4, chunk_size: int = 8192, compute_dtype=jnp.float32,
                       per_example: bool = False, mesh: Mesh | None = None,
                       data_axis: str | tuple[str, ...] = "data", bn_eps: float = 1e-5,
-                      shell_eps: float = 1e-6) -> jax.Array:
+                      shell_eps: float = 1e-6, implementation: str = "fused", kernel: str = "auto",
+                      blocks: Blocks = Blocks()) -> jax.Array:
     """Distance of ``latents`` to the manifold (see the module docstring for each ``kind``).
 
     Args:
@@ -118,9 +114,14 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
       patch_size: ``(pt, ph, pw)`` block flattened into one patch (5-D latents only).
       coder: ``amortized`` (the learned coder) or ``analytic`` (LLC on ``num_neighbors`` nearest
         anchors with ridge ``lam``).
-      chunk_size: rows of patches coded at once; bounds memory at ``chunk_size x K``.
+      chunk_size: rows of patches coded at once; bounds the working set at ``chunk_size x K`` (or,
+        with the Pallas kernel, ``chunk_size x H``).
       compute_dtype: dtype of matrix-product operands (e.g. ``jnp.bfloat16``); accumulation,
         softmax and norms are float32.
+      implementation: ``fused`` (value and per-patch gradient in one pass) or ``remat``.
+      kernel: ``fused`` only: ``xla``, ``pallas`` (fused GPU kernels; interpret mode elsewhere) or
+        ``auto`` (``pallas`` for the amortized coder on a GPU, else ``xla``).
+      blocks: tile sizes of the Pallas kernels.
       per_example: return ``[B]`` (one distance per example of 5-D latents) instead of a scalar.
       mesh: when given, examples (or rows of flat latents) are split over ``data_axis`` with
         ``jax.shard_map`` and the manifold is replicated; the batch must divide evenly.
@@ -134,15 +135,27 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
     check_latents(latents, params.dim, patch_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    kernel = pv.resolve_kernel(kernel, coder)
     compute_dtype = jnp.dtype(compute_dtype)
     z_dtype = jnp.float32 if latents.dtype != jnp.float64 else jnp.float64
     latents = latents.astype(z_dtype)
 
+    opts = pv.Options(kind=kind, coder=coder, num_neighbors=num_neighbors, lam=lam, bn_eps=bn_eps,
+                      shell_eps=shell_eps, compute_dtype=str(compute_dtype), chunk_size=int(chunk_size),
+                      kernel=kernel, blocks=blocks)
+
     def local_sums(p, x):
-        values_fn = functools.partial(
-            patch_values, p, kind=kind, coder=coder, num_neighbors=num_neighbors, lam=lam, bn_eps=bn_eps,
-            shell_eps=shell_eps, compute_dtype=compute_dtype)
-        return _local_sums(x, values_fn, patch_size, chunk_size)
+        if x.ndim == 5:
+            x = patchify(x, patch_size)
+        if implementation == "fused":
+            def sums_fn(rows, ids, n):
+                return jax.ops.segment_sum(pv.patch_values_fused(p, rows, opts), ids, n)
+        else:
+            def sums_fn(rows, ids, n):
+                return _segment_sums(functools.partial(pv.patch_values, p, opts=opts), rows, ids, n, chunk_size)
+        return _local_sums(x, sums_fn)
 
     if mesh is None:
         sums, count = local_sums(params, latents)
