@@ -52,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
         coder="amortized",           # amortized | analytic
         chunk_size=8192,
         compute_dtype="float32",
+        implementation="fused",      # fused (value and gradient in one pass) | remat (plain autodiff, scan)
+        kernel="auto",               # auto (Pallas on GPU, XLA elsewhere) | xla | pallas
         random=dict(num_anchors=64, hidden_dim=64, patch_size=(1, 1, 1), seed=0),
     )
     return c
@@ -110,6 +112,7 @@ def make_loss(config: ml_collections.ConfigDict):
             d = manifold_distance(manifold_params, z.astype(jnp.float32), r.kind, target,
                                   patch_size=mcfg.patch_size, coder=r.coder, chunk_size=r.chunk_size,
                                   compute_dtype=compute_dtype, mesh=mesh, data_axis=parallel.BATCH_AXES,
+                                  implementation=r.implementation, kernel=r.kernel,
                                   bn_eps=mcfg.bn_eps, shell_eps=mcfg.shell_eps)
             return r.weight * d
 
