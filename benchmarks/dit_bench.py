@@ -6,7 +6,9 @@
 Both sides: random weights in bf16, batch 1, latent ``[1, 21, 60, 104, 16]`` (81 frames at 480x832),
 512 text tokens of dim 4096, loss ``mean((v - target)^2)`` in float32, gradients of every parameter,
 no optimizer update. Each variant runs in its own process so peak memory is its own. Variants:
-``jax:<remat policy>[:<attention impl>]`` and ``diffusers:plain`` / ``diffusers:checkpointing``.
+``jax:<remat policy>[:<attention impl>[:<xla flag preset>]]`` and ``diffusers:plain`` /
+``diffusers:checkpointing``. Flag presets (appended to ``XLA_FLAGS`` of that worker): ``cublas``
+(matrix products through cuBLAS rather than XLA's Triton GEMM fusions).
 
 FLOPs are counted from the architecture (matmuls and attention, x3 for forward + backward):
 per block ``2 * (4 D^2 + 2 D F) * N + 2 * 2 D^2 * (N + L) + 4 N^2 D + 4 N L D`` forward multiply-adds
@@ -30,6 +32,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+XLA_FLAG_PRESETS = {"": "", "cublas": "--xla_gpu_enable_triton_gemm=false"}
 
 
 def train_flops(dim, ffn, layers, n_tokens, text_len, text_dim, patch_volume, channels) -> float:
@@ -201,8 +204,13 @@ def main():
             "--text-len", str(args.text_len), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     for variant in args.variants:
         try:
+            preset = variant.split(":")[3] if variant.startswith("jax") and variant.count(":") >= 3 else ""
+            if preset not in XLA_FLAG_PRESETS:
+                raise SystemExit(f"unknown XLA flag preset {preset!r} in {variant!r}; expected {sorted(XLA_FLAG_PRESETS)}")
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
             proc = subprocess.run(base + ["--_worker", variant], capture_output=True, text=True,
-                                  timeout=args.worker_timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                  timeout=args.worker_timeout, env=env)
             out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not out:
                 log(f"{variant}: FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}")

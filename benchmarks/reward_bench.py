@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, default=1.0, help="target of kind=shell_band")
     p.add_argument("--variants", nargs="+", default=None,
                    help="explicit JAX variants IMPL:KERNEL:CHUNK:DTYPE[:BLOCKS] (IMPL fused|remat, KERNEL "
-                        "xla|pallas|auto, CHUNK an int or 'full', BLOCKS 'bn,bk,warps,stages,bbn,bbk,bwarps,bstages' "
+                        "xla|pallas|auto, CHUNK an int or 'full', BLOCKS 'bn,bk,warps,stages,bbn,bbk,bwarps,bstages[,fused|ds]' "
                         "for the Pallas kernels); replaces the --chunk-sizes x --compute-dtypes grid")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -123,10 +123,10 @@ def parse_blocks(spec: str):
     from shelllcc.manifold.softmax_code_pallas import Blocks
     if not spec:
         return Blocks()
-    values = [int(v) for v in spec.split(",")]
-    if len(values) != 8:
-        raise SystemExit(f"blocks {spec!r}: expected 8 comma-separated ints bn,bk,warps,stages,bbn,bbk,bwarps,bstages")
-    return Blocks(*values)
+    fields = spec.split(",")
+    if len(fields) not in (8, 9):
+        raise SystemExit(f"blocks {spec!r}: expected bn,bk,warps,stages,bbn,bbk,bwarps,bstages[,fused|ds]")
+    return Blocks(*(int(v) for v in fields[:8]), *fields[8:])
 
 
 def resolve_variants(args) -> list[dict]:

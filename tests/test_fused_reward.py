@@ -1,6 +1,8 @@
 """The fused manifold reward: Pallas kernels (interpret mode) against float64 numpy, and the fused
 value-and-gradient path against plain autodiff of the formulas."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,9 @@ def test_kernels_match_float64(n, hid, k, d):
     delta = np.sum(g * np.asarray(y), axis=1)
     dh = sp.backward_h(h, w, b, a, g, lse, delta, compute_dtype=jnp.float32, blocks=SMALL, interpret=True)
     assert dh.shape == (n, hid) and _rel(dh, dh_ref) < 1e-5
+    ds_blocks = dataclasses.replace(SMALL, backward="ds")
+    dh_ds = sp.backward_h(h, w, b, a, g, lse, delta, compute_dtype=jnp.float32, blocks=ds_blocks, interpret=True)
+    assert _rel(dh_ds, dh_ref) < 1e-5
     # bf16 operands, f32 accumulation and softmax
     y16, _ = sp.forward(h, w, b, a, compute_dtype=jnp.bfloat16, blocks=SMALL, interpret=True)
     assert 1e-5 < _rel(y16, y_ref) < 2e-2

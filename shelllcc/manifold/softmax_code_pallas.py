@@ -47,6 +47,13 @@ class Blocks:
     bwd_block_k: int = 64
     bwd_num_warps: int = 8
     bwd_num_stages: int = 2
+    # "fused": the kernel accumulates dh itself; "ds": it writes ds [N, K] (compute dtype) and dh = ds W^T
+    # is an ordinary matrix product (N x K bytes of traffic, a GEMM library's efficiency for that product)
+    backward: str = "fused"
+
+    def __post_init__(self):
+        if self.backward not in ("fused", "ds"):
+            raise ValueError(f"Blocks.backward={self.backward!r}; expected 'fused' or 'ds'")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -101,6 +108,13 @@ def _backward_kernel(h_ref, wt_ref, b_ref, a_ref, g_ref, lse_ref, delta_ref, dh_
     dh = jax.lax.fori_loop(0, wt_ref.shape[0] // block_k, body,
                            jnp.zeros(dh_ref.shape, jnp.float32))
     dh_ref[...] = dh
+
+
+def _ds_kernel(h_ref, wt_ref, b_ref, a_ref, g_ref, lse_ref, delta_ref, ds_ref, *, block_k: int):
+    ks = pl.ds(pl.multiple_of(pl.program_id(1) * block_k, block_k), block_k)
+    p = jnp.exp(_dot_nt(h_ref[...], wt_ref[ks, :]) + b_ref[ks][None, :] - lse_ref[...][:, None])
+    ds = p * (_dot_nt(g_ref[...], a_ref[ks, :]) - delta_ref[...][:, None])
+    ds_ref[...] = ds.astype(ds_ref.dtype)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -167,6 +181,25 @@ def backward_h(h, w, b, anchors, g, lse, delta, *, compute_dtype=jnp.bfloat16, b
     gp = jnp.pad(g.astype(cd), ((0, n_p - n), (0, d_p - d)))
     lsep = jnp.pad(lse.astype(jnp.float32), (0, n_p - n))
     deltap = jnp.pad(delta.astype(jnp.float32), (0, n_p - n))
+    if blocks.backward == "ds":
+        ds = pl.pallas_call(
+            functools.partial(_ds_kernel, block_k=bk),
+            grid=(n_p // bn, k_p // bk),
+            in_specs=[pl.BlockSpec((bn, h_p), lambda i, j: (i, 0)),
+                      pl.BlockSpec((k_p, h_p), lambda i, j: (0, 0)),
+                      pl.BlockSpec((k_p,), lambda i, j: (0,)),
+                      pl.BlockSpec((k_p, d_p), lambda i, j: (0, 0)),
+                      pl.BlockSpec((bn, d_p), lambda i, j: (i, 0)),
+                      pl.BlockSpec((bn,), lambda i, j: (i,)),
+                      pl.BlockSpec((bn,), lambda i, j: (i,))],
+            out_specs=pl.BlockSpec((bn, bk), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((n_p, k_p), cd),
+            compiler_params=None if interpret else _compiler_params(blocks.bwd_num_warps, blocks.bwd_num_stages),
+            interpret=interpret,
+            name="softmax_code_backward_ds",
+        )(hp, wt, bp, a, gp, lsep, deltap)
+        dh = jnp.matmul(ds, wt, preferred_element_type=jnp.float32)
+        return dh[:n, :hid]
     dh = pl.pallas_call(
         functools.partial(_backward_kernel, block_k=bk),
         grid=(n_p // bn,),
