@@ -30,7 +30,9 @@ def get_config(arg: str | None = None):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16" if mode == "lora" else "float32"
     c.model.attention_impl = "cudnn"
-    c.model.remat_policy = "full"
+    # 1.3B: keep each block's attention output and softmax statistics (+5 GB at 81 x 480 x 832, 14% faster
+    # per step than full remat on an H200, benchmarks/RESULTS.md); 14B: full remat (5x larger activations)
+    c.model.remat_policy = "attention_forward_saveable" if size == "1.3b" else "full"
     c.lora.rank = 16 if mode == "lora" else 0
     c.lora.alpha = 16.0
     if size == "14b":
@@ -49,4 +51,5 @@ def get_config(arg: str | None = None):
     c.objective.name, c.objective.s_lo, c.objective.s_hi = "one_step", 0.7, 1.0
     c.reward.kind = "shell"
     c.reward.compute_dtype = "bfloat16"
+    c.reward.chunk_size = 24000   # the Pallas kernels' best chunk on an H200 (0.37 GB; benchmarks/RESULTS.md)
     return c

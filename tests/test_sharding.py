@@ -110,3 +110,17 @@ def test_logical_to_mesh_spec_rules():
     with pytest.raises(ValueError, match="'tensr'"):
         spec(("mlp",), (64,), mesh, [("mlp", "tensr")])
     assert parallel.param_sharding(None, (4, 4), mesh).spec == P(None, None)
+
+
+def test_sharded_pallas_kernel_equals_xla(mesh):
+    """The Pallas kernels inside shard_map (their outputs vary over the batch axis); interpret mode here."""
+    from shelllcc.manifold.softmax_code_pallas import Blocks
+    params, _ = random_manifold(2)
+    lat = jnp.asarray(np.random.default_rng(3).standard_normal((8, 1, 2, 4, 16)).astype(np.float32))
+    blocks = Blocks(block_n=16, block_k=16, bwd_block_n=16, bwd_block_k=16)
+    xla = lambda x: manifold_distance(params, x, "shell", chunk_size=5, kernel="xla")
+    pallas = lambda x: manifold_distance(params, x, "shell", chunk_size=5, kernel="pallas", blocks=blocks, mesh=mesh)
+    v1, g1 = jax.value_and_grad(xla)(lat)
+    v8, g8 = jax.jit(jax.value_and_grad(pallas))(jax.device_put(lat, parallel.batch_sharding(mesh)))
+    np.testing.assert_allclose(v8, v1, rtol=1e-5)
+    assert rel_err(g8, g1) < 1e-5

@@ -39,17 +39,19 @@ _PAD_BIAS = -1e30
 class Blocks:
     """Tile sizes and Triton launch parameters of the two kernels."""
 
-    block_n: int = 64
+    # Defaults: the fastest tiles of benchmarks/softmax_code_bench.py on an H200 at H = 512, K = 4096
+    # (benchmarks/RESULTS.md); larger tiles exceed the shared memory there.
+    block_n: int = 128
     block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 8
+    num_stages: int = 1
     bwd_block_n: int = 64
-    bwd_block_k: int = 64
-    bwd_num_warps: int = 8
-    bwd_num_stages: int = 2
+    bwd_block_k: int = 128
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 3
     # "fused": the kernel accumulates dh itself; "ds": it writes ds [N, K] (compute dtype) and dh = ds W^T
     # is an ordinary matrix product (N x K bytes of traffic, a GEMM library's efficiency for that product)
-    backward: str = "fused"
+    backward: str = "ds"
 
     def __post_init__(self):
         if self.backward not in ("fused", "ds"):
@@ -134,6 +136,21 @@ def _pad_operands(h, w, b, anchors, compute_dtype, block_n: int, block_k: int):
     return h, wt, b, a
 
 
+def _out_struct(shape, dtype, like):
+    """``ShapeDtypeStruct`` varying over the same manual mesh axes as ``like``.
+
+    Inside ``jax.shard_map`` (with its default ``check_vma=True``) a Pallas output must say how it
+    varies across the mesh; the rows of every output come from the rows of ``h``.
+    """
+    mat = getattr(jax.typeof(like), "mat", None)
+    if mat is not None:
+        try:
+            return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+        except TypeError:   # a JAX without that argument has no such check either
+            pass
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def check_shapes(h, w, b, anchors) -> None:
     n, hid = h.shape
     if w.shape != (hid, anchors.shape[0]) or b.shape != (anchors.shape[0],):
@@ -158,7 +175,7 @@ def forward(h, w, b, anchors, *, compute_dtype=jnp.bfloat16, blocks: Blocks = Bl
                   pl.BlockSpec((k_p, d_p), lambda i: (0, 0))],
         out_specs=[pl.BlockSpec((blocks.block_n, d_p), lambda i: (i, 0)),
                    pl.BlockSpec((blocks.block_n,), lambda i: (i,))],
-        out_shape=[jax.ShapeDtypeStruct((n_p, d_p), jnp.float32), jax.ShapeDtypeStruct((n_p,), jnp.float32)],
+        out_shape=[_out_struct((n_p, d_p), jnp.float32, hp), _out_struct((n_p,), jnp.float32, hp)],
         compiler_params=None if interpret else _compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="softmax_code_forward",
@@ -193,7 +210,7 @@ def backward_h(h, w, b, anchors, g, lse, delta, *, compute_dtype=jnp.bfloat16, b
                       pl.BlockSpec((bn,), lambda i, j: (i,)),
                       pl.BlockSpec((bn,), lambda i, j: (i,))],
             out_specs=pl.BlockSpec((bn, bk), lambda i, j: (i, j)),
-            out_shape=jax.ShapeDtypeStruct((n_p, k_p), cd),
+            out_shape=_out_struct((n_p, k_p), cd, hp),
             compiler_params=None if interpret else _compiler_params(blocks.bwd_num_warps, blocks.bwd_num_stages),
             interpret=interpret,
             name="softmax_code_backward_ds",
@@ -211,7 +228,7 @@ def backward_h(h, w, b, anchors, g, lse, delta, *, compute_dtype=jnp.bfloat16, b
                   pl.BlockSpec((bn,), lambda i: (i,)),
                   pl.BlockSpec((bn,), lambda i: (i,))],
         out_specs=pl.BlockSpec((bn, h_p), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n_p, h_p), jnp.float32),
+        out_shape=_out_struct((n_p, h_p), jnp.float32, hp),
         compiler_params=None if interpret else _compiler_params(blocks.bwd_num_warps, blocks.bwd_num_stages),
         interpret=interpret,
         name="softmax_code_backward_h",
