@@ -81,6 +81,9 @@ import time
 
 import numpy as np
 
+# Shared with the reward benchmark (this directory is on sys.path when a script here runs).
+from reward_bench import _memory_stats, _temp_bytes, fmt, package_version  # noqa: E402
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("shelllcc") is None:
     # The package may not be pip-installed on the benchmark machine; use this checkout.
@@ -240,24 +243,6 @@ def summarize(times_ms, steps: int, n: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # JAX worker: this project's stage1_step, jitted as the fitting experiment jits it
 # ---------------------------------------------------------------------------------------------
-
-def _memory_stats(device) -> dict:
-    try:
-        return device.memory_stats() or {}
-    except Exception:  # CPU clients may not implement it
-        return {}
-
-
-def _temp_bytes(compiled):
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    value = getattr(analysis, "temp_size_in_bytes", None)
-    return int(value) if value is not None else None
-
 
 def jax_worker(args) -> None:
     import functools
@@ -524,13 +509,6 @@ def run_worker(args, log, which, data_dir, result_path, dtype="float32", tf32=Fa
     return json.loads(lines[-1][len(RESULT_PREFIX):]), arrays
 
 
-def package_version(name: str):
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def compare(arr, ref, init) -> dict:
     """Loss and update differences of ``arr`` against the reference ``ref`` (both after the check steps)."""
     if arr is None or ref is None:
@@ -556,10 +534,6 @@ def compare(arr, ref, init) -> dict:
             "update_rel_err_per_leaf": per_leaf,
             "update_norm_ref": float(math.sqrt(den)),
             "bn_stats_rel_err": float(math.sqrt(bn_num / bn_den)) if bn_den > 0 else None}
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(log, rows):
