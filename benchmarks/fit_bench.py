@@ -82,7 +82,7 @@ import time
 import numpy as np
 
 # Shared with the reward benchmark (this directory is on sys.path when a script here runs).
-from reward_bench import _memory_stats, _temp_bytes, fmt, package_version  # noqa: E402
+from reward_bench import _memory_stats, _temp_bytes, fmt, package_version, write_jsonl  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("shelllcc") is None:
@@ -609,7 +609,7 @@ def main(args) -> None:
         row = record(args, command, date, versions, flops, impl, dtype, tf32, res,
                      {} if is_ref else compare(arr, ref[1], init), ref[0], ref_tf32)
         rows.append(row)
-        write_jsonl(args, row)
+        write_jsonl(args, row, "fit_bench")
 
     log()
     for row in rows:
@@ -677,15 +677,6 @@ def record(args, command, date, versions, flops, impl, dtype, tf32, res, errs, r
                      **({"torch": res["torch_version"]} if res and "torch_version" in res else {})},
         "error": None if res else f"{impl} worker failed (see the log)",
     }
-
-
-def write_jsonl(args, row: dict) -> None:
-    line = json.dumps(row) + "\n"
-    paths = [args.out_jsonl] + ([os.path.join(args.out_dir, "fit_bench.jsonl")] if args.out_dir else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(line)
 
 
 if __name__ == "__main__":

@@ -619,9 +619,10 @@ def record(args, command, date, kind, variant, res, arr, torch_res, torch_arr) -
     }
 
 
-def write_jsonl(args, row: dict) -> None:
+def write_jsonl(args, row: dict, name: str = "reward_bench") -> None:
+    """Append ``row`` to ``--out-jsonl`` and, with ``--out-dir``, to ``OUT_DIR/<name>.jsonl``."""
     line = json.dumps(row) + "\n"
-    paths = [args.out_jsonl] + ([os.path.join(args.out_dir, "reward_bench.jsonl")] if args.out_dir else [])
+    paths = [args.out_jsonl] + ([os.path.join(args.out_dir, f"{name}.jsonl")] if args.out_dir else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "a") as f:
