@@ -140,14 +140,19 @@ class _Progress:
     def add(self, step: int, stage: int, metrics) -> None:
         if self.s0 is None:
             self.s0, self.t0 = step, time.time()
-        self.pending.append(metrics)
+        if self.pending and self.pending[-1][0] != stage:
+            self.flush(step - 1, self.pending[-1][0])       # never average stage-1 and stage-2 metrics together
+        self.pending.append((stage, metrics))
         if (step + 1) % self.every == 0 or step + 1 == self.total:
-            fetched = jax.device_get(self.pending)
-            self.pending = []
-            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            rate = (step + 1 - self.s0) / max(time.time() - self.t0, 1e-9)
-            self.writer.write_scalars(step + 1, dict(mean, stage=stage, steps_per_s=rate,
-                                                     eta_s=(self.total - step - 1) / max(rate, 1e-9)))
+            self.flush(step, stage)
+
+    def flush(self, step: int, stage: int) -> None:
+        fetched = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        rate = (step + 1 - self.s0) / max(time.time() - self.t0, 1e-9)
+        self.writer.write_scalars(step + 1, dict(mean, stage=stage, steps_per_s=rate,
+                                                 eta_s=(self.total - step - 1) / max(rate, 1e-9)))
 
 
 def _blur(latents: np.ndarray, radius: int) -> np.ndarray:
