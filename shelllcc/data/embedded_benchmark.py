@@ -38,15 +38,19 @@ class BenchmarkConfig(tfds.core.BuilderConfig):
     test_size: int = 128
     seed: int = 0
     background_texture: bool = True    # False: a flat grey background (only the object carries detail)
+    validation_size: int = 0           # > 0: a 'validation' split too (its own seed: no clip of train or test)
 
     def __post_init__(self):
         for field in ("num_frames", "height", "width", "train_size", "test_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"BenchmarkConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.validation_size < 0:
+            raise ValueError(f"BenchmarkConfig.validation_size must be >= 0, got {self.validation_size}")
         if not self.name:
             # The config's name encodes its fields, so two sizes never share a directory.
             self.name = (f"t{self.num_frames}_{self.height}x{self.width}_train{self.train_size}"
-                         f"_test{self.test_size}_seed{self.seed}" + ("" if self.background_texture else "_flatbg"))
+                         + (f"_val{self.validation_size}" if self.validation_size else "")
+                         + f"_test{self.test_size}_seed{self.seed}" + ("" if self.background_texture else "_flatbg"))
 
     def clip_spec(self) -> mt.ClipSpec:
         return mt.ClipSpec(num_frames=self.num_frames, height=self.height, width=self.width, seed=self.seed,
@@ -78,16 +82,43 @@ class MovingTextures(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         cfg = self.builder_config
-        return {"train": self._generate_examples("train", cfg.train_size),
-                "test": self._generate_examples("test", cfg.test_size)}
+        splits = {"train": self._generate_examples("train", cfg.train_size)}
+        if cfg.validation_size:
+            splits["validation"] = self._generate_examples("validation", cfg.validation_size)
+        splits["test"] = self._generate_examples("test", cfg.test_size)
+        return splits
 
     def _generate_examples(self, split: str, size: int):
         cfg = self.builder_config
         spec = cfg.clip_spec()
         seed = mt.split_seed(cfg.seed, split)
-        for index in range(size):
-            ex = mt.generate_example(seed, index, spec)
+        for index, ex in enumerate(_render(seed, size, spec)):
             yield index, {"video": ex["video"], "caption": ex["caption"], "index": index, **ex["labels"]}
+
+
+def _render_one(args) -> dict:
+    seed, index, spec = args
+    return mt.generate_example(seed, index, spec)
+
+
+def _render(seed: int, size: int, spec: mt.ClipSpec):
+    """Clips ``0 .. size - 1`` in order; large splits in worker processes (about 5 ms a clip on one core).
+
+    Spawned, not forked: the parent has usually started JAX's threads, which a fork would copy mid-flight.
+    Clip ``i`` depends on ``(seed, i)`` only, so the bytes do not depend on the number of workers.
+    """
+    import multiprocessing
+    import os
+    workers = min(os.cpu_count() or 1, 16)
+    if size < PARALLEL_FROM or workers < 3:
+        for index in range(size):
+            yield mt.generate_example(seed, index, spec)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_render_one, ((seed, i, spec) for i in range(size)), chunksize=64)
+
+
+PARALLEL_FROM = 2048         # clips per split from which worker processes render them
 
 
 def build(data_dir: str, config: BenchmarkConfig | None = None, verbose: bool = True) -> MovingTextures:
@@ -95,7 +126,8 @@ def build(data_dir: str, config: BenchmarkConfig | None = None, verbose: bool = 
     config = config or BenchmarkConfig()
     builder, what = prepare(MovingTextures, config, data_dir)
     if verbose:
-        print(f"{NAME}/{config.name}: {config.train_size} train + {config.test_size} test clips of "
+        val = f"{config.validation_size} validation + " if config.validation_size else ""
+        print(f"{NAME}/{config.name}: {config.train_size} train + {val}{config.test_size} test clips of "
               f"{config.num_frames}x{config.height}x{config.width} ({what}) at {builder.data_dir}", flush=True)
     return builder
 
