@@ -18,14 +18,16 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup
-from shelllcc.flow.objectives import sft_loss
+from shelllcc.flow.objectives import drop_text, sft_loss
 from shelllcc.flow.timesteps import sample_training_sigmas
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = dit_setup.common_config("sft")
     c.optim.learning_rate = 1e-4
-    c.flow = dict(sigma_distribution="logit_normal", sigma_mean=0.0, sigma_std=1.0, shift=1.0)
+    # text_dropout: the share of examples trained with the null (all-zero) prompt, so that the model
+    # also predicts the unconditional velocity that classifier-free guidance needs
+    c.flow = dict(sigma_distribution="logit_normal", sigma_mean=0.0, sigma_std=1.0, shift=1.0, text_dropout=0.0)
     return c
 
 
@@ -37,6 +39,8 @@ def sigma_sampler(flow: ml_collections.ConfigDict):
 def make_loss(config: ml_collections.ConfigDict):
     sampler = sigma_sampler(config.flow)
     sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)   # validates the name
+    dropout = float(config.flow.text_dropout)
+    drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), dropout)                          # validates the rate
 
     def build(setup: dit_setup.Setup):
         def loss_fn(params, frozen, batch, key):
@@ -44,7 +48,8 @@ def make_loss(config: ml_collections.ConfigDict):
             k_eps, k_s = jax.random.split(key)
             x0 = batch["latents"]
             eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
-            return sft_loss(model, x0, eps, batch["context"], k_s, sigma_sampler=sampler)
+            context = drop_text(jax.random.fold_in(key, 2), batch["context"], dropout)
+            return sft_loss(model, x0, eps, context, k_s, sigma_sampler=sampler)
         return loss_fn, {}, {}
 
     return build

@@ -132,6 +132,24 @@ def noised_data(velocity_fn: VelocityFn, reward_fn: RewardFn, x0, eps, context, 
     return loss, metrics
 
 
+def drop_text(key, context, rate: float):
+    """Classifier-free-guidance training: each example's context replaced by zeros with probability ``rate``.
+
+    ::
+
+        keep_b ~ Bernoulli(1 - rate)       (per example)
+        c'_b   = keep_b * c_b               (zeros: the null prompt the samplers use as negative context)
+
+    ``rate = 0`` returns ``context`` unchanged (no key is consumed).
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"text dropout rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return context
+    keep = jax.random.bernoulli(key, 1.0 - rate, (context.shape[0],) + (1,) * (context.ndim - 1))
+    return jnp.where(keep, context, jnp.zeros_like(context))
+
+
 def sft_loss(velocity_fn: VelocityFn, x0, eps, context, key, *,
              sigma_sampler: SigmaSampler | None = None, s=None):
     """Plain rectified-flow matching (the ``sft`` experiment and the no-reward control).
@@ -154,4 +172,4 @@ def sft_loss(velocity_fn: VelocityFn, x0, eps, context, key, *,
     return loss, {"loss": loss, "sft": loss, **_s_metrics(s)}
 
 
-__all__ = ["one_step_from_noise", "noised_data", "sft_loss"]
+__all__ = ["one_step_from_noise", "noised_data", "sft_loss", "drop_text"]
