@@ -49,6 +49,7 @@ def model_section() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32",
         attention_impl="",           # '' (jax default) | xla | cudnn (flash attention on GPU)
         remat_policy="none",
+        scan_blocks=False,           # one lax.scan over the blocks: faster compiles of small models (CPU)
         pretrained="",               # diffusers transformer/ folder
         init_from="",                # workdir of an earlier sft / reward_finetune run (its model/)
         seed=0,                      # random init when neither of the above is set
@@ -99,7 +100,8 @@ def make_mesh(mesh_cfg):
 
 def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
     runtime = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                   attention_impl=m.attention_impl or None, remat_policy=m.remat_policy)
+                   attention_impl=m.attention_impl or None, remat_policy=m.remat_policy,
+                   scan_blocks=bool(m.scan_blocks))
     if arch is not None:
         return saving.config_from_architecture("wan_transformer", arch, **runtime)
     overrides = {k: int(m[k]) for k in ARCH_OVERRIDES if m[k]}
@@ -146,7 +148,8 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
         names = param_names(nnx.state(abstract))
         model = saving.load_model(path, shardings=lambda t: state_shardings(t, names, mesh, rules),
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                  attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+                                  attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
+                                  scan_blocks=cfg.scan_blocks)
         return LoadedModel(model, f"saved model {path}", names)
     cfg = transformer_config(m)
     abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(m.seed)))
@@ -273,6 +276,7 @@ def train_section(steps: int = 1000) -> ml_collections.ConfigDict:
         microbatch_size=0,           # examples per device per forward pass; 0: the whole batch at once
         log_every=50,
         checkpoint_every=500,
+        eval_every=0,                # steps between calls of the run's evaluation hook (0: none)
         keep_checkpoints=3,
         async_checkpoints=True,
     ))
@@ -334,9 +338,13 @@ class Setup:
 MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
 
 
-def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: MakeLoss) -> ts.TrainState:
+def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: MakeLoss,
+                 on_eval: Callable[[int, nnx.Module], None] | None = None) -> ts.TrainState:
     """Build model, data, optimizer and step for a DiT experiment, restore the latest checkpoint if any,
     train, and export the final (LoRA-merged) model to ``workdir/model``.
+
+    ``on_eval(step, model)`` (with ``train.eval_every > 0``) gets the model with the weights after
+    ``step`` updates (LoRA adapters still separate), e.g. to sample validation prompts.
 
     ``make_loss(setup) -> (loss_fn, extra_frozen, extra_frozen_shardings)``: the experiment's loss and any
     frozen inputs it needs (a manifold, a reference model) with their shardings; they are placed in
@@ -403,12 +411,18 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     del params, frozen_pure, trainable, frozen_model, loaded
     batches = device_batches(host_iter, mesh, config.data.prefetch)
     writer = metric_writers.create_writer(workdir, prefix=config.experiment, total_steps=config.train.steps)
-    settings = loop.LoopSettings(config.train.steps, config.train.log_every, config.train.checkpoint_every)
+    settings = loop.LoopSettings(config.train.steps, config.train.log_every, config.train.checkpoint_every,
+                                 config.train.eval_every)
+    hook = None
+    if on_eval is not None and config.train.eval_every:
+        def hook(step, state):
+            on_eval(step, nnx.merge(graphdef, state.params, state.frozen["model"]))
     try:
         with checkpoints.PreemptionGuard() as guard:
             state = loop.train(step_fn, state, rng, batches, settings=settings, checkpointer=ckpt, writer=writer,
                                guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment,
-                                                                         "frozen_sources": frozen_sources(config)})
+                                                                         "frozen_sources": frozen_sources(config)},
+                               on_eval=hook)
     finally:
         batches.close() if hasattr(batches, "close") else None
         ckpt.close()

@@ -8,6 +8,7 @@ state donated), its initial or restored state and a batch iterator; :func:`train
         state, metrics = step_fn(state, next(batches), rng)    # dispatched, not waited for
         every log_every steps: fetch the buffered metrics once, write means + steps/s + ETA
         every checkpoint_every steps: save asynchronously (params, optimizer, step, rng, data state)
+        every eval_every steps (and at the last step): on_eval(step, state)   (blocks: it reads the state)
     final save
 
 Metrics stay on the device between log points: the loop keeps the per-step metric dicts (small device
@@ -35,6 +36,7 @@ class LoopSettings:
     total_steps: int
     log_every: int = 50
     checkpoint_every: int = 500
+    eval_every: int = 0              # 0: no evaluation during training
 
 
 def _summarise(fetched: list[dict]) -> dict[str, float]:
@@ -48,12 +50,14 @@ def _summarise(fetched: list[dict]) -> dict[str, float]:
 def train(step_fn: Callable, state: ts.TrainState, rng: jax.Array, batches: Iterator[Any], *,
           settings: LoopSettings, checkpointer: Checkpointer | None, writer: Any,
           guard: PreemptionGuard | None = None, data_state: Callable[[], Any] | None = None,
-          meta: dict | None = None, start_step: int | None = None) -> ts.TrainState:
+          meta: dict | None = None, start_step: int | None = None,
+          on_eval: Callable[[int, ts.TrainState], None] | None = None) -> ts.TrainState:
     """Run ``step_fn`` from the state's step to ``settings.total_steps``; returns the final state.
 
     ``data_state()`` gives the batch iterator's state after the batches consumed so far (saved with
     every checkpoint). On SIGTERM (``guard``) the loop saves a checkpoint at the current step, waits
-    for it and raises :class:`Preempted`.
+    for it and raises :class:`Preempted`. ``on_eval(step, state)`` runs every ``settings.eval_every``
+    steps and after the last one, with the state after ``step`` updates (e.g. validation sampling).
     """
     total = settings.total_steps
     start = int(jax.device_get(state.step)) if start_step is None else start_step
@@ -94,6 +98,8 @@ def train(step_fn: Callable, state: ts.TrainState, rng: jax.Array, batches: Iter
                 summary.update(steps_per_s=rate, eta_s=(total - done) / max(rate, 1e-9))
             t_mark, s_mark = now, done
             writer.write_scalars(done, summary)
+        if on_eval is not None and settings.eval_every and (done % settings.eval_every == 0 or done == total):
+            on_eval(done, state)
         if checkpointer is not None and done % settings.checkpoint_every == 0 and done < total:
             save(done)
     if checkpointer is not None and total > start:
