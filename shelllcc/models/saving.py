@@ -26,7 +26,7 @@ from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig
 from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
 
 MODEL_JSON = "model.json"
-_RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy"),
+_RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_blocks"),
             "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": ()}
 _CLASSES = {"wan_transformer": (WanTransformer, WanTransformerConfig), "wan_vae": (WanVAE, WanVAEConfig),
             "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig)}

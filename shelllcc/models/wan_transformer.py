@@ -91,6 +91,10 @@ class WanTransformerConfig:
     materialises the [heads, N, N] logits), ``'xla'`` or ``'cudnn'`` (flash attention on GPU: bf16/fp16
     compute, head_dim a multiple of 8; its backward needs even sequence lengths).
     ``remat_policy``: a key of ``REMAT_POLICIES``, applied per block.
+    ``scan_blocks``: run the blocks as one ``lax.scan`` over their weights stacked at call time (the
+    parameters stay one entry per block). XLA then compiles one block instead of ``num_layers``: the
+    6-block DiT of the embedded benchmark compiles its training step in about a third of the time on a
+    CPU. Costs a stacked copy of the blocks' weights per call, so it is meant for small models.
     """
 
     dim: int = 1536
@@ -111,6 +115,7 @@ class WanTransformerConfig:
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat_policy: str = "none"
+    scan_blocks: bool = False
 
     def __post_init__(self):
         # normalise so that configs compare and hash by value
@@ -437,6 +442,19 @@ class WanTransformer(nnx.Module):
                                             jnp.float32, (None, None, EMBED))
         self.proj_out = Dense(cfg.dim, cfg.patch_volume * cfg.out_channels, (EMBED, PATCH), **kw)
 
+    def _scan_blocks(self, x, context, time_mod, rope_cos, rope_sin):
+        graphdef = nnx.graphdef(self.blocks[0])
+        states = [nnx.state(b) for b in self.blocks]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        def body(h, state):
+            return _run_block(nnx.merge(graphdef, state), h, context, time_mod, rope_cos, rope_sin)
+
+        if self.config.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy])
+        x, _ = jax.lax.scan(lambda h, st: (body(h, st), None), x, stacked)
+        return x
+
     def _check_inputs(self, latents, timestep, context) -> tuple[int, int, int]:
         cfg = self.config
         if latents.ndim != 5:
@@ -473,11 +491,14 @@ class WanTransformer(nnx.Module):
         context = self.text_embed(context.astype(cfg.dtype))
         rope_cos, rope_sin = (jnp.asarray(a) for a in rope_tables(grid, cfg.head_dim, cfg.rope_theta))
 
-        run = _run_block
-        if cfg.remat_policy != "none":
-            run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat_policy])
-        for block in self.blocks:
-            x = run(block, x, context, time_mod, rope_cos, rope_sin)
+        if cfg.scan_blocks and len(self.blocks) > 1:
+            x = self._scan_blocks(x, context, time_mod, rope_cos, rope_sin)
+        else:
+            run = _run_block
+            if cfg.remat_policy != "none":
+                run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat_policy])
+            for block in self.blocks:
+                x = run(block, x, context, time_mod, rope_cos, rope_sin)
 
         shift, scale = jnp.split(self.head_modulation_table[...] + temb.astype(jnp.float32)[:, None, :], 2, axis=1)
         x = (_layer_norm_f32(x, cfg.eps) * (1.0 + scale) + shift).astype(cfg.dtype)
