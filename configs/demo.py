@@ -1,51 +1,108 @@
 """The README's main job: the embedded benchmark end to end (experiment ``embedded_pipeline``).
 
-Builds the Moving Textures dataset, trains the VAE, caches latents, trains the base DiT, fits the
-Shell-LCC manifold, fine-tunes the base with no reward (control) and with every manifold distance,
-samples the test prompts from each model and writes ``results.json``, ``report.md`` and pictures
-into the workdir. About 15 minutes on two CPU cores; a rerun skips finished stages.
+Default (no argument): the VAE, text encoder and base DiT shipped in ``configs/pretrained/demo`` (made by
+``:pretrain`` on one GPU; checksums verified), then on this machine: the dataset, latent caches, the
+attribute classifier, the Shell-LCC manifold, every variant's fine-tuning with validation every few
+steps and the checkpoint rule, test sampling and the evaluation with 95% intervals. At most 15 minutes
+on two CPU cores (``benchmarks/demo_timing.py``).
 
-Args (``--config=configs/demo.py:ARG``): none for the full demo; ``quick`` for a miniature of every
-stage (tens of seconds; the pipeline test); numbers from ``quick`` mean nothing. ``long``: the same
-pipeline with a base model trained long enough to draw the scenes (a wider DiT, 15k steps; minutes on
-one GPU, hours on a laptop CPU), which is what the claim under test needs (README: the embedded benchmark).
+Args (``--config=configs/demo.py:ARG``):
+
+* ``quick``: a miniature of every stage, models trained here (tens of seconds; the pipeline test). Its
+  numbers mean nothing.
+* ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
+  encoder and the base DiT trained here, the base checked on the validation prompts, then all three
+  packed into ``pretrained.export_to``. Stops after the classifier.
+* ``from_scratch``: ``pretrain``'s training of every model, then the whole protocol (a GPU job).
+* ``long``: a larger benchmark on one GPU: 17 frames, a wider and deeper base trained here, three seeds,
+  more validation and test prompts, longer fine-tuning.
+* ``authors``: the default protocol with the Shell-LCC authors' own choices where the project departs
+  from them (``../shared/AUTHORS_RECIPE.md``): bf16 weights and optimizer state, their manifold optimiser
+  and anchor init, checkpoints every 5 steps, their variants only.
 """
 
 from experiments import embedded_pipeline
+
+ARGS = ("quick", "pretrain", "from_scratch", "long", "authors")
+
+
+def _dit(c, dim, layers, heads, ffn):
+    for m in (c.base.model, c.reward.model, c.sample.model):
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = dim, layers, heads, ffn
+
+
+def _train_everything(c):
+    """The GPU recipe of the VAE and the base (what ``pretrain`` ran to make the shipped models)."""
+    c.pretrained.dir = ""
+    c.benchmark.train_size = 8192
+    c.vae.train.steps, c.vae.data.batch_size, c.vae.train.log_every = 6000, 64, 500
+    c.vae.train.checkpoint_every = 3000
+    c.cache.batch_size, c.cache.shard_size = 64, 1024
+    c.base.train.steps, c.base.data.batch_size, c.base.train.log_every = 12000, 128, 500
+    c.base.train.checkpoint_every = 4000
+    c.base.optim.learning_rate, c.base.optim.warmup_steps = 1e-3, 500
+    c.classifier.steps = 500
 
 
 def get_config(arg: str | None = None):
     c = embedded_pipeline.default_config()
     if arg == "quick":
-        c.benchmark.train_size, c.benchmark.test_size = 64, 16
+        c.pretrained.dir = ""
+        c.benchmark.train_size, c.benchmark.validation_size, c.benchmark.test_size = 64, 8, 16
         c.vae.train.steps, c.vae.data.batch_size, c.vae.data.stats_clips, c.vae.data.eval_clips = 4, 8, 16, 8
-        c.vae.model.width, c.vae.model.conv_width = 32, 8
+        c.vae.model.width, c.vae.model.conv_width, c.vae.model.depth = 32, 8, 1
         c.text_encoder.dim, c.text_encoder.num_layers = 32, 1
-        c.base.model.dim, c.base.model.num_layers, c.base.model.num_heads, c.base.model.ffn_dim = 32, 1, 2, 64
-        c.base.model.text_dim, c.base.model.freq_dim = 32, 16
+        _dit(c, 32, 1, 2, 64)
+        for m in (c.base.model, c.reward.model, c.sample.model):
+            m.text_dim, m.freq_dim = 32, 16
         c.base.train.steps, c.base.data.batch_size = 4, 8
+        c.classifier.steps, c.classifier.batch_size = 4, 8
         c.manifold.manifold.num_anchors, c.manifold.manifold.hidden_dim = 8, 16
         c.manifold.stage1.steps, c.manifold.stage2.steps = 4, 4
         c.manifold.stage1.batch_size = c.manifold.stage2.batch_size = 256
         c.manifold.manifold.init_patches = 1024
-        c.reward.train.steps, c.reward.data.batch_size = 2, 8
-        c.sample.sampler.steps = 2
+        c.reward.train.steps, c.reward.data.batch_size = 4, 4
+        c.reward.train.log_every = 2
+        c.run_variants = ("control", "shell_norm", "shell_band")
+        c.variants.shell_band.tau = "shell_norm@2"
+        c.validation.prompts, c.validation.every = 4, 2
+        c.sample.sampler.steps, c.sample.sampler.batch_size = 2, 8
         c.evaluate.num_prompts, c.evaluate.montage_prompts, c.evaluate.comparison_prompts = 8, 2, 2
-        c.evaluate.classifier.steps = 4
-        for section in (c.vae.train, c.base.train, c.reward.train):
+        c.evaluate.n_boot = 200
+        for section in (c.vae.train, c.base.train):
             section.log_every, section.checkpoint_every = 2, 1000
         c.manifold.log_every = 2
-        for m in (c.reward.model, c.sample.model):
-            for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim"):
-                m[k] = c.base.model[k]
+    elif arg == "pretrain":
+        _train_everything(c)
+        c.stop_after = "classifier"
+        c.pretrained.export_to = "pretrained"      # relative to the workdir
+    elif arg == "from_scratch":
+        _train_everything(c)
     elif arg == "long":
-        c.vae.train.steps, c.vae.data.batch_size, c.vae.train.log_every = 3000, 32, 250
-        for m in (c.base.model, c.reward.model, c.sample.model):
-            m.dim, m.num_layers, m.num_heads, m.ffn_dim = 256, 6, 4, 1024
-        c.base.train.steps, c.base.data.batch_size, c.base.train.log_every = 15000, 32, 500
-        c.base.train.checkpoint_every = 5000
-        c.reward.train.steps, c.reward.data.batch_size, c.reward.optim.learning_rate = 300, 32, 3e-5
-        c.reward.train.log_every = 50
+        _train_everything(c)
+        c.benchmark.num_frames, c.benchmark.validation_size, c.benchmark.test_size = 17, 64, 128
+        _dit(c, 384, 8, 6, 1536)
+        c.base.train.steps, c.base.data.batch_size = 8000, 64
+        c.seeds = (0, 1, 2)
+        c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_norm_sft",
+                          "shell_norm_drift")
+        # width 384: between lr x sqrt(1536/384) and muP's lr x 1536/384 from the authors' 1e-5 at 1536
+        c.reward.optim.learning_rate = 3e-5
+        c.reward.train.steps = 200
+        c.validation.prompts, c.validation.every = 48, 10
+        c.evaluate.num_prompts = 128
+        c.sample.sampler.batch_size = 64
+    elif arg == "authors":
+        # ../shared/AUTHORS_RECIPE.md: their choices where the project's defaults depart from them
+        for m in (c.reward.model,):
+            m.param_dtype, m.dtype = "bfloat16", "bfloat16"   # bf16 weights and Adam state, no float32 master
+        c.reward.optim.weight_decay = 0.01
+        c.manifold.manifold.anchor_init = "random"
+        c.manifold.stage1.locality = 1.0
+        for s in (c.manifold.stage1, c.manifold.stage2):
+            s.learning_rate, s.warmup_steps, s.grad_clip = 1e-3, 0, 0.0
+        c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell")
+        c.validation.every = 5                     # they checkpoint every 5-10 steps
     elif arg:
-        raise ValueError(f"unknown demo config arg {arg!r}; expected nothing, 'quick' or 'long'")
+        raise ValueError(f"unknown demo config arg {arg!r}; expected nothing or one of {ARGS}")
     return c

@@ -1,24 +1,27 @@
-"""The embedded pipeline's evaluation stage: every metric of every variant, plots, montages, report.
+"""The embedded pipeline's evaluation stage: every metric of every model with a 95% interval, plots, report.
 
-Inputs (all from the pipeline's workdir): the test clips (real pixels and their cached latents, with
-attribute labels), the VAE, the manifold, and each model's sampled latents for the first
-``num_prompts`` test prompts (the same prompts and noise for every model).
+Inputs (all from the pipeline's workdir): the test clips (real pixels and cached latents, with attribute
+labels), the VAE, the classifier, the manifold, each variant's validation trajectory and picked
+checkpoint, and the latents each model sampled for the first ``num_prompts`` test prompts, once per seed
+(the same prompts and, per seed, the same noise for every model).
 
-Metrics (``shelllcc.evaluation``):
+Per clip (:func:`score_clips`): Laplacian variance and high-frequency energy of the luma (above 1/4
+Nyquist), radially averaged power spectrum, which attributes the classifier reads as the prompt names
+them, the classifier's features, and the manifold distances of the latents. Per model, from the arrays
+``[seeds, prompts]`` (:mod:`shelllcc.evaluation.intervals`, a two-way percentile bootstrap):
 
-* detail, per model against the base on the same prompts: Laplacian-variance ratio
-  ``mean_i lapvar(x_i) / mean_i lapvar(base_i)``, high-frequency energy ratio (luma energy above 1/4
-  Nyquist, likewise; the share of energy above it is reported too, as ``hf_fraction``), content change
-  ``mean |x - base|`` (pixels in [0, 1]);
-* distribution, against real test clips: radially averaged power-spectrum distance
-  ``mean_r |log10 P(r) - log10 P_real(r)|``; manifold distances (``lcc`` and ``shell``) per clip in the
-  DiT's normalised latent space; Frechet distance on the features of a video classifier trained on
-  the real training clips;
-* text alignment: accuracy of that classifier's attribute heads on generated clips, against the
-  attributes named in their prompts.
+* ``laplacian_ratio``, ``hf_ratio``: ``mean(model) / mean(base)`` on the same prompts and noise;
+* ``content_change``: ``mean |x - base|`` (pixels in [0, 1]);
+* ``spectrum_distance``: ``mean_r |log10 P(r) - log10 P_real(r)|`` of the mean spectra, and its change
+  against the base's (``spectrum_distance_change``);
+* ``frechet_distance``: on the classifier's features, against the real training clips;
+* ``attribute_accuracy`` (mean over the six attributes) and ``accuracy_change`` against the base;
+* manifold distances ``lcc``, ``shell_norm``, ``shell`` of the sampled latents.
 
-Reference rows: ``real`` (the test clips) and ``real_vae`` (the same clips through the VAE: the
-detail any generator here can reach at best).
+The claim, per Shell-LCC variant, holds only when the interval excludes the null: a detail ratio above 1,
+a spectrum distance below the base's, an accuracy change above ``-max_accuracy_drop``; for ``lcc``, detail
+ratios below 1. Reference rows: ``real`` (the test clips) and ``real_vae`` (through the VAE: the most
+detail any generator here can reach).
 """
 
 from __future__ import annotations
@@ -33,25 +36,31 @@ import ml_collections
 import numpy as np
 
 from shelllcc.evaluation import detail
+from shelllcc.evaluation import intervals as iv
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 SHELL_KINDS = ("shell_norm", "shell", "shell_band")
+DISTANCE_KINDS = ("lcc", "shell_norm", "shell")
+TRAJECTORY_METRICS = ("laplacian_ratio", "hf_ratio", "spectrum_distance", "attribute_accuracy", "acc_shape",
+                      "shell_norm")
 
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         num_prompts=64,              # test prompts sampled from every model (the first N of the test split)
-        classifier=dict(steps=300, batch_size=32, learning_rate=2e-3, seed=0),
-        distance_kinds=("lcc", "shell"),
+        n_boot=2000,                 # bootstrap resamples per interval
+        level=0.95,
         montage_prompts=6,
         comparison_prompts=4,
+        comparison_video=True,       # comparison.mp4/.gif (the mp4 needs imageio-ffmpeg's ffmpeg)
         fps=8,
         zoom=4,
-        # the claim's margins: a detail ratio counts as raised above 1 + eps, lowered below 1 - eps;
-        # attribute accuracy counts as kept within max_accuracy_drop of the base's
-        ratio_eps=0.02,
+        # the claim's null for accuracy: a variant keeps the prompts when its accuracy change against the
+        # base stays above -max_accuracy_drop (the whole interval)
         max_accuracy_drop=0.05,
+        # the authors' warning sign of noise (reward hacking): hf ratio far above the Laplacian ratio
+        noise_gap=0.3,
     ))
 
 
@@ -101,7 +110,7 @@ def decode_latents(vae, latents: np.ndarray, mean, std, batch_size: int = 16) ->
     return np.concatenate(out)
 
 
-# ------------------------------------------------------------------------------------------ metrics
+# ------------------------------------------------------------------------------------------ per clip
 
 def per_clip_detail(videos: np.ndarray) -> dict[str, np.ndarray]:
     return {"laplacian_variance": np.asarray(detail.laplacian_variance(videos), np.float64),
@@ -111,6 +120,26 @@ def per_clip_detail(videos: np.ndarray) -> dict[str, np.ndarray]:
 
 def mean_spectrum(videos: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.mean(detail.radial_power_spectrum(videos), axis=0), np.float64)
+
+
+def spectrum_distance_of(spectra: np.ndarray, real_mean: np.ndarray) -> float:
+    """``mean_r |log10 mean(spectra)(r) - log10 real_mean(r)|`` over the bins both have power in."""
+    s = np.asarray(spectra, np.float64).reshape(-1, np.shape(spectra)[-1]).mean(0)
+    return float(np.mean(np.abs(np.log10(np.maximum(s, 1e-20)) - np.log10(np.maximum(real_mean, 1e-20)))))
+
+
+def score_clips(videos: np.ndarray, labels: dict[str, np.ndarray], classifier) -> dict:
+    """Per-clip values of ``videos`` uint8 ``[n, T, H, W, 3]``: detail (``laplacian_variance``,
+    ``hf_energy``, ``hf_fraction``), ``spectra [n, R]`` (each clip's radial power spectrum, frames
+    averaged), ``correct`` (attribute -> bool ``[n]``: the classifier reads the prompt's value) and the
+    classifier's ``features [n, F]``."""
+    from shelllcc.evaluation import classifier as clf_lib
+    out = per_clip_detail(videos)
+    out["spectra"] = np.asarray(detail.radial_power_spectrum(videos), np.float64)
+    pred = clf_lib.predict(classifier, videos)
+    out["correct"] = {a: np.asarray(pred[a]) == np.asarray(labels[a]) for a in pred}
+    out["features"] = np.asarray(clf_lib.features(classifier, videos), np.float64)
+    return out
 
 
 def manifold_distances(manifold, mcfg, latents: np.ndarray, kinds, target) -> dict[str, np.ndarray]:
@@ -124,31 +153,111 @@ def manifold_distances(manifold, mcfg, latents: np.ndarray, kinds, target) -> di
     return out
 
 
-def claim_checks(results: dict, cfg) -> list[dict]:
-    """The issue's claim, item by item, from ``results['models']`` (each a dict of metrics)."""
-    m = results["models"]
-    base = m["base"]
-    eps = cfg.ratio_eps
+# ------------------------------------------------------------------------------------------ intervals
+
+def model_arrays(scores: list[dict], base: list[dict] | None, videos: list[np.ndarray],
+                 base_videos: list[np.ndarray] | None, distances: list[dict]) -> dict[str, np.ndarray]:
+    """The ``[seeds, prompts, ...]`` arrays of one model (and its base, paired, under ``base_*`` keys)."""
+    stack = lambda key, src: np.stack([s[key] for s in src])   # noqa: E731
+    a = {k: stack(k, scores) for k in ("laplacian_variance", "hf_energy", "spectra", "features")}
+    a["accuracy"] = np.stack([np.mean([c for c in s["correct"].values()], axis=0) for s in scores])
+    for attr in scores[0]["correct"]:
+        a[f"acc_{attr}"] = np.stack([s["correct"][attr].astype(np.float64) for s in scores])
+    for k in distances[0]:
+        a[f"d_{k}"] = np.stack([d[k] for d in distances])
+    if base is not None:
+        for k in ("laplacian_variance", "hf_energy", "spectra"):
+            a[f"base_{k}"] = stack(k, base)
+        a["base_accuracy"] = np.stack([np.mean([c for c in s["correct"].values()], axis=0) for s in base])
+        a["change"] = np.stack([np.mean(np.abs(v.astype(np.float64) - b) / 255.0, axis=(1, 2, 3, 4))
+                                for v, b in zip(videos, base_videos)])
+    return a
+
+
+def model_intervals(a: dict[str, np.ndarray], real_spectrum: np.ndarray, feats_train: np.ndarray, cfg,
+                    seed: int = 0) -> dict:
+    """Every metric of one model, each ``{value, lo, hi, ...}`` (module docstring)."""
+    from shelllcc.evaluation import frechet
+    kw = dict(n_boot=cfg.n_boot, level=cfg.level, seed=seed)
+    boot = lambda stat, keys, **k: iv.bootstrap({x: a[x] for x in keys}, stat, **{**kw, **k})  # noqa: E731
+    mu_t, sig_t = frechet.gaussian_stats(feats_train)
+    out = {
+        "laplacian_variance": boot(iv.mean_of("laplacian_variance"), ["laplacian_variance"]),
+        "spectrum_distance": boot(lambda d: spectrum_distance_of(d["spectra"], real_spectrum), ["spectra"]),
+        "frechet_distance": iv.jackknife({"features": a["features"]}, lambda d: frechet.frechet_distance(
+            *frechet.gaussian_stats(d["features"].reshape(-1, d["features"].shape[-1])), mu_t, sig_t),
+            level=cfg.level),
+        "attribute_accuracy": boot(iv.mean_of("accuracy"), ["accuracy"]),
+        "accuracy": {k[4:]: boot(iv.mean_of(k), [k]) for k in a if k.startswith("acc_")},
+        "manifold_distance": {k[2:]: boot(iv.mean_of(k), [k]) for k in a if k.startswith("d_")},
+    }
+    if "base_laplacian_variance" in a:
+        out["laplacian_ratio"] = boot(iv.ratio_of_means("laplacian_variance", "base_laplacian_variance"),
+                                      ["laplacian_variance", "base_laplacian_variance"])
+        out["hf_ratio"] = boot(iv.ratio_of_means("hf_energy", "base_hf_energy"), ["hf_energy", "base_hf_energy"])
+        out["content_change"] = boot(iv.mean_of("change"), ["change"])
+        out["spectrum_distance_change"] = boot(
+            lambda d: spectrum_distance_of(d["spectra"], real_spectrum)
+            - spectrum_distance_of(d["base_spectra"], real_spectrum), ["spectra", "base_spectra"])
+        out["accuracy_change"] = boot(iv.difference_of_means("accuracy", "base_accuracy"),
+                                      ["accuracy", "base_accuracy"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the claim
+
+def _reward(config, name: str) -> str:
+    return config.variants[name].reward if name in config.variants else ""
+
+
+def claim_checks(results: dict, config) -> list[dict]:
+    """The claim, item by item, each holding only when its interval excludes the null."""
+    cfg = config.evaluate
     checks = []
 
-    def add(what, model, holds, value):
-        checks.append({"claim": what, "model": model, "holds": bool(holds), "value": value})
+    def add(model, what, interval, null, side):
+        checks.append({"model": model, "claim": what, "value": interval["value"], "lo": interval["lo"],
+                       "hi": interval["hi"], "null": null, "holds": iv.excludes(interval, null, side)})
 
-    for name in m:
-        if name in SHELL_KINDS:
-            r = m[name]
-            add("raises high-frequency detail (hf ratio > 1)", name, r["hf_ratio"] > 1 + eps, r["hf_ratio"])
-            add("raises Laplacian variance (ratio > 1)", name, r["laplacian_ratio"] > 1 + eps, r["laplacian_ratio"])
-            add("moves the power spectrum toward real (distance below the base's)", name,
-                r["spectrum_distance"] < base["spectrum_distance"], r["spectrum_distance"])
-            add("keeps attribute accuracy (drop <= max_accuracy_drop)", name,
-                r["attribute_accuracy"]["mean"] >= base["attribute_accuracy"]["mean"] - cfg.max_accuracy_drop,
-                r["attribute_accuracy"]["mean"])
-        if name == "lcc":
-            r = m[name]
-            add("lcc lowers high-frequency detail (hf ratio < 1)", name, r["hf_ratio"] < 1 - eps, r["hf_ratio"])
-            add("lcc lowers Laplacian variance (ratio < 1)", name, r["laplacian_ratio"] < 1 - eps, r["laplacian_ratio"])
+    for name, r in results["models"].items():
+        kind = _reward(config, name)
+        if kind in SHELL_KINDS:
+            add(name, "raises Laplacian variance (ratio > 1)", r["laplacian_ratio"], 1.0, "above")
+            add(name, "raises high-frequency energy (ratio > 1)", r["hf_ratio"], 1.0, "above")
+            add(name, "moves the power spectrum toward the real clips' (distance change < 0)",
+                r["spectrum_distance_change"], 0.0, "below")
+            add(name, f"keeps attribute accuracy (change > -{cfg.max_accuracy_drop})", r["accuracy_change"],
+                -cfg.max_accuracy_drop, "above")
+        elif kind == "lcc":
+            add(name, "lcc lowers Laplacian variance (ratio < 1)", r["laplacian_ratio"], 1.0, "below")
+            add(name, "lcc lowers high-frequency energy (ratio < 1)", r["hf_ratio"], 1.0, "below")
     return checks
+
+
+def verdict(results: dict, config) -> list[str]:
+    """Plain sentences: which variants show the claim, which do not and why."""
+    checks = results["claim"]
+    by_model: dict[str, list[dict]] = {}
+    for c in checks:
+        by_model.setdefault(c["model"], []).append(c)
+    shows = [m for m, cs in by_model.items() if _reward(config, m) in SHELL_KINDS and all(c["holds"] for c in cs)]
+    lines = []
+    if shows:
+        lines.append("The claim holds (every interval excludes the null) for: " + ", ".join(f"`{m}`" for m in shows)
+                     + ": more detail than the base, a spectrum nearer the real clips', the prompts kept.")
+    else:
+        lines.append("No Shell-LCC variant shows the whole claim (more detail, a spectrum nearer the real clips', "
+                     "the prompts kept) with intervals that exclude the null.")
+    for m, cs in by_model.items():
+        if m in shows:
+            continue
+        failed = [c["claim"] for c in cs if not c["holds"]]
+        if failed:
+            lines.append(f"`{m}` does not; not established: " + "; ".join(failed) + ".")
+        elif _reward(config, m) == "lcc":
+            lines.append(f"`{m}` blurs, as the paper predicts for the skeleton distance: both detail ratios are "
+                         "below 1.")
+    return lines
 
 
 def chance_accuracy(attributes) -> float:
@@ -157,28 +266,29 @@ def chance_accuracy(attributes) -> float:
     return float(np.mean([1.0 / len(mt.ATTRIBUTES[a]) for a in attributes]))
 
 
-def diagnostics(results: dict, cfg) -> list[str]:
+def diagnostics(results: dict, config) -> list[str]:
     """Plain-language warnings about what the numbers can and cannot show (written into the report)."""
+    cfg = config.evaluate
     m = results["models"]
     base = m["base"]
-    attrs = [a for a in base["attribute_accuracy"] if a != "mean"]
+    attrs = list(base["accuracy"])
     chance = chance_accuracy(attrs)
     notes = []
-    b_acc = base["attribute_accuracy"]["mean"]
+    b_acc = base["attribute_accuracy"]["value"]
     if b_acc < chance + 0.1:
-        notes.append(f"The base model's attribute accuracy ({b_acc:.3f}) is at chance ({chance:.3f}): it has not learned "
-                     "to draw the prompts, so the detail ratios compare noise with noise and cannot test the claim. "
-                     "Train the base longer (`configs/demo.py:long`).")
-    control = m.get("control", {}).get("content_change", 0.0)
+        notes.append(f"The base model's attribute accuracy ({b_acc:.3f}) is near chance ({chance:.3f}): it does not "
+                     "draw the prompts, so the detail ratios compare noise with noise and cannot test the claim.")
     for name, r in m.items():
-        if name in ("base", "control"):
+        if name == "base":
             continue
-        acc = r["attribute_accuracy"]["mean"]
-        if acc < b_acc - cfg.max_accuracy_drop and b_acc >= chance + 0.1:
-            notes.append(f"`{name}` lost the prompts' content (attribute accuracy {acc:.3f} against the base's {b_acc:.3f}, "
-                         f"content change {r['content_change']:.3f}, control {control:.3f}): the generator lowered the "
-                         f"distance by collapsing its samples (reward hacking), so its detail ratios do not measure "
-                         "restored texture.")
+        gap = r["hf_ratio"]["value"] - r["laplacian_ratio"]["value"]
+        if gap > cfg.noise_gap:
+            notes.append(f"`{name}`: the hf ratio ({r['hf_ratio']['value']:.2f}) is far above the Laplacian ratio "
+                         f"({r['laplacian_ratio']['value']:.2f}), the authors' sign of added noise rather than detail.")
+        if r["accuracy_change"]["hi"] < -cfg.max_accuracy_drop:
+            notes.append(f"`{name}` lost the prompts even at its picked checkpoint (accuracy change "
+                         f"{iv.format_interval(r['accuracy_change'])}): it collapsed before the first validation "
+                         "step, so its detail ratios do not measure restored texture.")
     return notes
 
 
@@ -186,151 +296,196 @@ def diagnostics(results: dict, cfg) -> list[str]:
 
 def run(config: ml_collections.ConfigDict, paths) -> dict:
     from experiments import embedded_pipeline as pipeline
+    from experiments import embedded_validation as validation
     from experiments import train_vae
-    from shelllcc.data import embedded_benchmark
     from shelllcc.evaluation import classifier as clf_lib
-    from shelllcc.evaluation import frechet, report
+    from shelllcc.evaluation import report
     from shelllcc.manifold import io as manifold_io
 
     cfg = config.evaluate
     t0 = time.time()
     attrs = pipeline.ATTRIBUTE_FIELDS
-    builder = embedded_benchmark.build(paths.data, pipeline.benchmark_config(config.benchmark), verbose=False)
+    builder = pipeline._builder(config, paths)
     mean, std = pipeline.latent_stats(paths)
     vae = train_vae.load(paths.vae)
     n = cfg.num_prompts
+    seeds = tuple(config.seeds)
+    names = ("base",) + pipeline.variant_names(config)
 
-    real_test, test_labels, test_index = load_real(builder, "test", config.benchmark.test_size, attrs)
-    real_lat, idx = load_test_latents(paths.test_cache, config.benchmark.test_size, mean, std)
-    # prompts are the cache's first records; their clips must be the source's first examples
+    real_test, test_labels, test_index = load_real(builder, "test", n, attrs)
+    real_lat, idx = load_test_latents(paths.test_cache, n, mean, std)
     if not np.array_equal(idx, test_index):
         raise ValueError(f"the test cache {paths.test_cache!r} does not hold the test split's clips in source order; "
                          "cannot pair prompts with real clips (rebuild it: remove latents/ and stages/cache.DONE)")
     real_vae = decode_latents(vae, real_lat, mean, std)
-    prompt_labels = {a: v[:n] for a, v in test_labels.items()}
-
-    samples, latents = {}, {}
-    for name, _ in pipeline.model_dirs(config, paths).items():
-        path = os.path.join(paths.samples(name), "samples", "latents.npy")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no sampled latents for {name!r} at {path}; run the sample stage")
-        latents[name] = np.load(path)
-        if len(latents[name]) != n:
-            raise ValueError(f"{path} holds {len(latents[name])} samples, evaluate.num_prompts is {n}")
-        samples[name] = decode_latents(vae, latents[name], mean, std)
-    print(f"evaluate: decoded {len(samples)} models x {n} prompts; real test clips {real_test.shape}", flush=True)
-
-    # the classifier (and the Frechet feature space) learn from real training clips only
-    real_train, train_labels, _ = load_real(builder, "train", config.benchmark.train_size, attrs)
-    ccfg = clf_lib.ClassifierConfig(steps=cfg.classifier.steps, batch_size=cfg.classifier.batch_size,
-                                    learning_rate=cfg.classifier.learning_rate)
-    classifier, _ = clf_lib.train_classifier(real_train, train_labels, config=ccfg, seed=cfg.classifier.seed)
-    feats_train = clf_lib.features(classifier, real_train)
-
+    classifier = clf_lib.load_classifier(paths.classifier)
+    real_train, _, _ = load_real(builder, "train", config.benchmark.train_size, attrs)
+    feats_train = np.asarray(clf_lib.features(classifier, real_train), np.float64)
     manifold, mcfg, extra = manifold_io.load_manifold(os.path.join(paths.manifold, "manifold"))
-    kinds = tuple(cfg.distance_kinds)
     target = extra.get("shell_band_target")
-    spectra = {"real": mean_spectrum(real_test), "real_vae": mean_spectrum(real_vae)}
-    distances = {"real": manifold_distances(manifold, mcfg, real_lat, kinds, target)}
+    real_spectrum = mean_spectrum(real_test)
 
-    def describe(videos, labels, reference=None):
-        d = per_clip_detail(videos)
-        pred = clf_lib.predict(classifier, videos)
-        out = {
-            "laplacian_variance": float(d["laplacian_variance"].mean()),
-            "hf_energy": float(d["hf_energy"].mean()),
-            "hf_fraction": float(d["hf_fraction"].mean()),
-            "spectrum_distance": float(np.mean(np.abs(np.log10(np.maximum(mean_spectrum(videos), 1e-20))
-                                                      - np.log10(np.maximum(spectra["real"], 1e-20))))),
-            "frechet_distance": float(frechet.frechet_distance_from_features(
-                clf_lib.features(classifier, videos), feats_train)),
-            "attribute_accuracy": clf_lib.accuracy(pred, labels),
-        }
-        if reference is not None:
-            out["laplacian_ratio"] = out["laplacian_variance"] / max(reference["laplacian_variance"], 1e-20)
-            out["hf_ratio"] = out["hf_energy"] / max(reference["hf_energy"], 1e-20)
-        return out
+    videos = {m: [] for m in names}
+    scores = {m: [] for m in names}
+    dists = {m: [] for m in names}
+    for seed in seeds:
+        for m in names:
+            path = os.path.join(paths.samples(m, seed), "samples", "latents.npy")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no sampled latents for {m!r} seed {seed} at {path}; run the sample stage")
+            lat = np.load(path)
+            if len(lat) != n:
+                raise ValueError(f"{path} holds {len(lat)} samples, evaluate.num_prompts is {n}")
+            v = decode_latents(vae, lat, mean, std)
+            videos[m].append(v)
+            scores[m].append(score_clips(v, test_labels, classifier))
+            dists[m].append(manifold_distances(manifold, mcfg, lat, DISTANCE_KINDS, target))
+    print(f"evaluate: decoded and scored {len(names)} models x {len(seeds)} seed(s) x {n} prompts "
+          f"({time.time() - t0:.0f}s)", flush=True)
 
-    results = {"num_prompts": n, "references": {}, "models": {}}
-    results["references"]["real"] = describe(real_test[:n], prompt_labels)
-    results["references"]["real_vae"] = describe(real_vae[:n], prompt_labels)
-    base = describe(samples["base"], prompt_labels)
-    base.update(laplacian_ratio=1.0, hf_ratio=1.0)
-    for name, videos in samples.items():
-        r = base if name == "base" else describe(videos, prompt_labels, base)
-        r["content_change"] = float(np.mean(np.abs(videos.astype(np.float64) - samples["base"]) / 255.0))
-        dist = manifold_distances(manifold, mcfg, latents[name], kinds, target)
-        distances[name] = dist
-        r["manifold_distance"] = {k: float(v.mean()) for k, v in dist.items()}
-        spectra[name] = mean_spectrum(videos)
-        results["models"][name] = r
-    for ref in ("real",):
-        results["references"][ref]["manifold_distance"] = {k: float(v[:n].mean()) for k, v in distances[ref].items()}
-    results["claim"] = claim_checks(results, cfg)
-    results["diagnostics"] = diagnostics(results, cfg)
-    results["vae_reconstruction"] = json.load(open(os.path.join(paths.vae, train_vae.RECONSTRUCTION_JSON)))
-    results["vae_reconstruction"].pop("latents_mean", None)
-    results["vae_reconstruction"].pop("latents_std", None)
+    results = {"num_prompts": n, "seeds": list(seeds), "references": {}, "models": {},
+               "interval_method": None, "checkpoint_rule": dict(config.validation)}
+    for ref, v, lat in (("real", real_test, real_lat), ("real_vae", real_vae, None)):
+        s = score_clips(v, test_labels, classifier)
+        d = [manifold_distances(manifold, mcfg, lat, DISTANCE_KINDS, target)] if lat is not None else [{}]
+        results["references"][ref] = model_intervals(model_arrays([s], None, [v], None, d), real_spectrum,
+                                                     feats_train, cfg)
+    results["references"]["real"].pop("spectrum_distance")     # the reference itself: 0 by definition
+    for m in names:
+        base = None if m == "base" else scores["base"]
+        a = model_arrays(scores[m], base, videos[m], None if m == "base" else videos["base"], dists[m])
+        results["models"][m] = model_intervals(a, real_spectrum, feats_train, cfg)
+    results["interval_method"] = (f"{results['models']['base']['attribute_accuracy']['method']} with "
+                                  f"{cfg.n_boot} resamples, {cfg.level:.0%} intervals; the Frechet distance: "
+                                  "leave-one-prompt-out jackknife (a resample's repeated clips bias it)")
 
+    runs, picks = {}, {}
+    for m in names[1:]:
+        runs[m], picks[m] = {}, {}
+        for seed in seeds:
+            d = paths.variant(m, seed)
+            runs[m][seed] = validation.read_trajectory(d)
+            picks[m][seed] = json.load(open(os.path.join(d, validation.PICK_JSON)))
+        results["models"][m]["picked"] = {str(s): {k: p[k] for k in ("step", "collapse_step", "reason")}
+                                          for s, p in picks[m].items()}
+    results["claim"] = claim_checks(results, config)
+    results["verdict"] = verdict(results, config)
+    results["diagnostics"] = diagnostics(results, config)
+    results["vae_reconstruction"] = {k: v for k, v in json.load(open(os.path.join(
+        paths.vae, train_vae.RECONSTRUCTION_JSON))).items() if k not in ("latents_mean", "latents_std")}
+    results["classifier_real_test_accuracy"] = json.load(open(os.path.join(paths.classifier,
+                                                                           "real_test_accuracy.json")))
     root = paths.root
     with open(os.path.join(root, RESULTS_JSON), "w") as f:
         json.dump(results, f, indent=1)
 
-    # pictures
+    # pictures (the first seed's samples)
     k = min(cfg.montage_prompts, n)
-    rows = {"real": real_test[:k], "real_vae": real_vae[:k], **{name: v[:k] for name, v in samples.items()}}
-    report.montage_png(os.path.join(root, "montage.png"), rows, title="test prompts: real, VAE reconstruction, base, variants")
+    rows = {"real": real_test[:k], "real_vae": real_vae[:k], **{m: videos[m][0][:k] for m in names}}
+    report.montage_png(os.path.join(root, "montage.png"), rows,
+                       title=f"test prompts: real, VAE reconstruction, base, variants at their picked checkpoints "
+                             f"(seed {seeds[0]})")
     c = min(cfg.comparison_prompts, n)
-    report.comparison_video(os.path.join(root, "comparison"), {name: v[:c] for name, v in samples.items()},
-                            fps=cfg.fps)
-    runs = {name: os.path.join(paths.variant(name), "metrics.jsonl") for name in config.variants}
-    report.training_curves_png(os.path.join(root, "training_curves.png"), runs, title="reward fine-tuning")
-    report.training_curves_png(os.path.join(root, "base_training_curve.png"),
-                               {"base": os.path.join(paths.base, "metrics.jsonl")}, ["loss"], title="base DiT (flow matching)")
-    for kind in kinds:
+    if cfg.comparison_video:
+        report.comparison_video(os.path.join(root, "comparison"), {m: videos[m][0][:c] for m in names}, fps=cfg.fps)
+    base_acc = float(np.mean([r[0]["attribute_accuracy"] for by in runs.values() for r in by.values()]))
+    report.trajectories_png(os.path.join(root, "trajectories.png"), runs, TRAJECTORY_METRICS,
+                            picks={m: {s: p["step"] for s, p in by.items()} for m, by in picks.items()},
+                            references={"laplacian_ratio": 1.0, "hf_ratio": 1.0,
+                                        "attribute_accuracy": base_acc - config.validation.max_accuracy_drop},
+                            title="validation during fine-tuning (star: the picked checkpoint)")
+    report.training_curves_png(os.path.join(root, "training_curves.png"),
+                               {m: os.path.join(paths.variant(m, seeds[0]), "metrics.jsonl") for m in names[1:]},
+                               ["loss", "reward", "grad_norm"], title=f"reward fine-tuning (seed {seeds[0]})")
+    base_curve = os.path.join(paths.base, "metrics.jsonl")
+    if os.path.exists(base_curve):
+        report.training_curves_png(os.path.join(root, "base_training_curve.png"), {"base": base_curve}, ["loss"],
+                                   title="base DiT (flow matching)")
+    for kind in DISTANCE_KINDS:
         report.histograms_png(os.path.join(root, f"distance_{kind}.png"),
-                              {name: d[kind] for name, d in distances.items()},
+                              {"real": manifold_distances(manifold, mcfg, real_lat, (kind,), target)[kind],
+                               **{m: dists[m][0][kind] for m in names}},
                               xlabel=f"{kind} distance per clip", title=f"manifold distance ({kind})")
-    freqs = np.arange(len(spectra["real"])) / min(real_test.shape[2:4])
+    spectra = {"real": real_spectrum, "real_vae": mean_spectrum(real_vae),
+               **{m: scores[m][0]["spectra"].mean(0) for m in names}}
+    freqs = np.arange(len(real_spectrum)) / min(real_test.shape[2:4])
     report.spectra_png(os.path.join(root, "spectra.png"), spectra, freqs)
-    write_report(os.path.join(root, REPORT_MD), results, config)
+    write_report(os.path.join(root, REPORT_MD), results, config, runs, picks)
     print(f"evaluate: done in {time.time() - t0:.0f}s -> {os.path.join(root, REPORT_MD)}", flush=True)
     return results
 
 
-def write_report(path: str, results: dict, config) -> str:
+def _iv(x, fmt=".3f"):
+    return None if x is None else iv.format_interval(x, fmt)
+
+
+def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> str:
+    from experiments import embedded_pipeline as pipeline
     from shelllcc.evaluation import report
+    seeds = results["seeds"]
     rows = []
     for name, r in {**results["references"], **results["models"]}.items():
-        acc = r["attribute_accuracy"]
-        rows.append({"model": name, **{k: r.get(k) for k in ("laplacian_ratio", "hf_ratio", "content_change",
-                                                              "spectrum_distance", "frechet_distance")},
-                     "lcc": r.get("manifold_distance", {}).get("lcc"),
-                     "shell": r.get("manifold_distance", {}).get("shell"),
-                     "acc": acc["mean"], **{f"acc_{a}": acc.get(a) for a in ("shape", "colour", "texture", "direction")}})
-    cols = [("model", "model", None), ("laplacian_ratio", "Laplacian ratio", ".3f"), ("hf_ratio", "hf ratio", ".3f"),
-            ("content_change", "change", ".4f"), ("spectrum_distance", "spectrum dist.", ".3f"),
-            ("frechet_distance", "Frechet", ".2f"), ("lcc", "lcc", ".3f"), ("shell", "shell", ".3f"),
-            ("acc", "attr. acc.", ".3f"), ("acc_shape", "shape", ".2f"), ("acc_colour", "colour", ".2f"),
-            ("acc_texture", "texture", ".2f"), ("acc_direction", "direction", ".2f")]
-    table = report.markdown_table(rows, cols)
-    claim = report.markdown_table(results["claim"], [("model", "model", None), ("claim", "claim", None),
-                                                     ("value", "value", ".3f"),
-                                                     ("holds", "holds", lambda h: "yes" if h else "**no**")])
+        rows.append({"model": name, **{k: _iv(r.get(k)) for k in ("laplacian_ratio", "hf_ratio",
+                                                                  "spectrum_distance", "attribute_accuracy",
+                                                                  "accuracy_change")},
+                     "change": _iv(r.get("content_change"), ".4f"), "frechet": _iv(r.get("frechet_distance"), ".1f"),
+                     "shell_norm": _iv(r["manifold_distance"].get("shell_norm")),
+                     "picked": ", ".join(str(p["step"]) for p in r["picked"].values()) if "picked" in r else None})
+    cols = [("model", "model", None), ("picked", "picked step", None), ("laplacian_ratio", "Laplacian ratio", None),
+            ("hf_ratio", "hf ratio", None), ("change", "change", None),
+            ("spectrum_distance", "spectrum dist.", None), ("frechet", "Frechet", None),
+            ("shell_norm", "shell_norm dist.", None), ("attribute_accuracy", "attr. acc.", None),
+            ("accuracy_change", "acc. change", None)]
+    attrs = list(results["models"]["base"]["accuracy"])
+    acc_rows = [{"model": name, **{a: _iv(r["accuracy"][a], ".2f") for a in attrs}}
+                for name, r in {**results["references"], **results["models"]}.items()]
+    claim = report.markdown_table(results["claim"], [
+        ("model", "model", None), ("claim", "claim", None), ("value", "value", ".3f"),
+        ("lo", "95% lo", ".3f"), ("hi", "95% hi", ".3f"), ("null", "null", ".2f"),
+        ("holds", "holds", lambda h: "yes" if h else "**no**")])
+    traj_rows = []
+    for name, by_seed in picks.items():
+        for seed, p in by_seed.items():
+            traj_rows.append({"model": name, "seed": seed, "picked": p["step"], "collapse": p["collapse_step"],
+                              "reason": p["reason"], "val_lap": p["validation"]["laplacian_ratio"],
+                              "val_acc": p["validation"]["attribute_accuracy"]})
+    window = [p["collapse_step"] for p in picks.get("shell_norm", {}).values()]
     v = results["vae_reconstruction"]
-    vae = (f"VAE on {v.get('clips', 0)} held-out clips: L1 {v.get('l1', float('nan')):.4f}, PSNR "
-           f"{v.get('psnr_db', float('nan')):.2f} dB, Laplacian ratio {v.get('laplacian_ratio', float('nan')):.3f}, "
-           f"hf ratio {v.get('hf_ratio', float('nan')):.3f} (reconstruction over real).")
+    vcfg = config.validation
+    setup = (
+        f"{results['num_prompts']} test prompts x {len(seeds)} seed(s) {seeds} of fine-tuning and sampling; per seed "
+        f"the same noise for every model. Sampler: {config.sample.sampler.solver} x {config.sample.sampler.steps} "
+        f"steps, shift {config.sample.sampler.shift}, guidance {config.sample.sampler.guidance_scale}. Variants: "
+        + "; ".join(f"`{n}` ({config.variants[n].label})" for n in pipeline.variant_names(config))
+        + f". Fine-tuning: {config.reward.train.steps} steps, batch {config.reward.data.batch_size}, AdamW lr "
+          f"{config.reward.optim.learning_rate:g}, weight decay {config.reward.optim.weight_decay:g}.\n\n"
+        f"**Checkpoint rule (fixed before the runs, validation only):** every {vcfg.every} steps the model samples "
+        f"{vcfg.prompts} validation prompts (a split disjoint from the test prompts); a run has collapsed at the first "
+        f"of {vcfg.patience} consecutive evaluations whose attribute accuracy is more than {vcfg.max_accuracy_drop} "
+        f"below the base's; the picked checkpoint is the `{vcfg.rule}` one"
+        + (f" (highest validation {vcfg.score} before the collapse)" if vcfg.rule == "peak" else "") + ".\n\n"
+        f"**Intervals:** {results['interval_method']}. A claim holds only when its whole interval excludes the null.\n\n"
+        f"VAE on {v.get('clips', 0)} held-out clips: PSNR {v.get('psnr_db', float('nan')):.2f} dB, Laplacian ratio "
+        f"{v.get('laplacian_ratio', float('nan')):.3f}. Classifier on the real test clips: accuracy "
+        f"{results['classifier_real_test_accuracy']['mean']:.3f}.")
     sections = [
-        ("Setup", f"{results['num_prompts']} test prompts, the same noise for every model. Ratios and content "
-                  f"change are against the base model's clips for the same prompts; `real` is the test clips, "
-                  f"`real_vae` the same clips through the VAE. Variants: {', '.join(config.variants)}.\n\n{vae}"),
-        ("Metrics", table),
+        ("Verdict", "\n".join(f"- {line}" for line in results["verdict"])),
+        ("Setup", setup),
+        ("Metrics (value [95% interval])", report.markdown_table(rows, cols)),
+        ("Attribute accuracy per attribute", report.markdown_table(acc_rows, [("model", "model", None)]
+                                                                   + [(a, a, None) for a in attrs])),
         ("The claim, item by item", claim),
+        ("Trajectories and picked checkpoints",
+         "![trajectories](trajectories.png)\n\n" + report.markdown_table(traj_rows, [
+             ("model", "model", None), ("seed", "seed", None), ("picked", "picked step", None),
+             ("collapse", "collapse step", None), ("val_lap", "val. Laplacian ratio", ".3f"),
+             ("val_acc", "val. accuracy", ".3f"), ("reason", "why", None)])
+         + (f"\n\nThe authors' window here: `shell_norm` collapses at step(s) {window} (None: not within "
+            f"{config.reward.train.steps} steps)." if window else "")),
         ("Reading the numbers", "\n".join(f"- {n}" for n in results.get("diagnostics", []))
-         or "- No warnings: the base draws the prompts and no variant lost them."),
+         or "- No warnings: the base draws the prompts and no picked checkpoint lost them."),
         ("Pictures", "![montage](montage.png)\n\n![spectra](spectra.png)\n\n![training](training_curves.png)\n\n"
-                     + "\n\n".join(f"![{k}](distance_{k}.png)" for k in config.evaluate.distance_kinds)
+                     + "\n\n".join(f"![{k}](distance_{k}.png)" for k in DISTANCE_KINDS)
                      + "\n\nSide by side: `comparison.mp4`, `comparison.gif`."),
     ]
     return report.write_report(path, sections, title="Embedded benchmark: Shell-LCC reward fine-tuning")

@@ -1,25 +1,39 @@
 """Experiment ``embedded_pipeline``: the whole method on the embedded benchmark, stage by stage, in one run.
 
-Stages (each in its own directory of ``workdir``; a finished stage leaves a ``DONE`` file and a rerun
-skips it, an interrupted one resumes from its checkpoints):
+Stages (each in its own directory of ``workdir``; a finished stage leaves ``stages/<stage>.DONE`` and a
+rerun skips it; an interrupted stage resumes from its checkpoints, an interrupted variant run restarts):
 
-1. ``dataset``       the Moving Textures TFDS dataset (``data/``);
-2. ``vae``           the video VAE, trained here (``vae/``, experiment ``train_vae``);
-3. ``text_encoder``  the small text encoder, seeded random weights (``text_encoder/``): the closed
-                     vocabulary needs no pretraining, the DiT's cross-attention learns to read it;
-4. ``cache``         latents + text embeddings of the train and test splits (``latents/{train,test}``);
-5. ``base``          the base DiT, flow matching on the train latents (``base/``, experiment ``sft``);
-6. ``manifold``      Shell-LCC fitted on the train latents (``manifold/``, experiment ``fit_manifold``);
-7. ``variants``      reward fine-tuning of copies of the base (``variants/<name>/``): ``control``
-                     (continued flow matching, no reward) and one run per manifold distance;
-8. ``sample``        the first ``evaluate.num_prompts`` test prompts with fixed seeds from the base and
-                     every variant (``samples/<name>/``);
-9. ``evaluate``      metrics, plots, montages and ``report.md`` (:mod:`experiments.embedded_evaluation`).
+1. ``dataset``       Moving Textures (``data/``): train, validation and test splits, disjoint by seed;
+2. ``vae``           the video VAE (``vae/``): installed from ``pretrained.dir`` (checksums verified) or
+                     trained here (experiment ``train_vae``); either way its held-out reconstruction is
+                     measured here (``vae/reconstruction.json``);
+3. ``text_encoder``  the small text encoder (``text_encoder/``): installed, or seeded random weights;
+4. ``cache``         latents + text embeddings of the three splits (``latents/{train,validation,test}``);
+5. ``base``          the base DiT (``base/``): installed, or flow matching here (experiment ``sft``);
+6. ``classifier``    the attribute classifier of the evaluation, trained on the real train clips;
+7. ``manifold``      Shell-LCC fitted on the train latents (``manifold/``, experiment ``fit_manifold``);
+8. ``variants``      for every seed and every entry of ``run_variants``, fine-tuning of a copy of the base
+                     (``variants/<name>/seed<k>/``, experiment ``reward_finetune``) with validation every
+                     ``validation.every`` steps (:mod:`experiments.embedded_validation`) and the checkpoint
+                     rule applied to the validation rows (``picked/``, ``pick.json``);
+9. ``sample``        the first ``evaluate.num_prompts`` test prompts from the base and every picked
+                     checkpoint, noise seeded by the seed (``samples/<name>/seed<k>/``);
+10. ``evaluate``     metrics with 95% intervals, trajectories, montages and ``report.md``
+                     (:mod:`experiments.embedded_evaluation`).
 
-Every stage's settings are a full config of its experiment (``config.vae``, ``config.base``, ...), so
-any knob can be set from the command line (``--config.base.train.steps=500``); the paths between
-stages are filled in here. The latents the DiT and the manifold see are normalised with the per-channel
-statistics the VAE stage measured.
+Variants: ``config.variants`` holds one entry per row of the table, ``run_variants`` chooses and orders
+them. An entry is a method (``reward_finetune`` today), an objective, a reward and options::
+
+    objective   one_step | noised_data | sft           (reward_finetune's objective.name)
+    reward      lcc | shell_norm | shell | shell_band  ('' with objective sft: the no-reward control)
+    tau         shell_band's target: '' (the manifold's stored mean over real patches), a number, or
+                'NAME@STEP': the reward logged at STEP of variant NAME's run with the same seed (the
+                authors' way: the value of a good plain-reward run early on)
+    options     'key=value; key=value' overrides of that variant's reward_finetune config
+    label       what the row is, for the report
+
+Every variant starts from ``config.reward`` (shared optimizer, steps, batch, sampler of noise levels), so
+rows differ only by what their entry says. Later methods add entries, not stages.
 """
 
 from __future__ import annotations
@@ -27,36 +41,74 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
-from experiments import config_entry, fit_manifold, reward_finetune, sample, sft, train_vae
+from experiments import config_entry, embedded_validation, fit_manifold, reward_finetune, sample, sft, train_vae
 
-STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "manifold", "variants", "sample", "evaluate")
-CONTROL = "control"
-VARIANTS = (CONTROL,) + reward_finetune.KINDS
+STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "variants", "sample",
+          "evaluate")
+SPLITS = ("train", "validation", "test")
 ATTRIBUTE_FIELDS = ("shape", "colour", "texture", "scale", "direction", "speed")
 DONE = "DONE"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PRETRAINED = os.path.join("configs", "pretrained", "demo")
+OBJECTIVES = reward_finetune.OBJECTIVES
+METHODS = ("reward_finetune",)
+
+
+def entry(objective: str, reward: str = "", label: str = "", tau: str = "", options: str = "",
+          method: str = "reward_finetune") -> dict:
+    return dict(method=method, objective=objective, reward=reward, tau=tau, options=options, label=label)
+
+
+def catalogue() -> ml_collections.ConfigDict:
+    """Every variant the benchmark knows (``run_variants`` picks from these)."""
+    return ml_collections.ConfigDict(dict(
+        control=entry("sft", label="continued flow matching, no reward (same data, steps and optimizer)"),
+        lcc=entry("one_step", "lcc", label="distance to the LCC skeleton: expected to blur"),
+        shell_norm=entry("one_step", "shell_norm", label="the authors' reward, mean ||delta||"),
+        shell_band=entry("one_step", "shell_band", tau="shell_norm@10",
+                         label="the authors' band |mean ||delta|| - tau|, tau = shell_norm's logged reward early on"),
+        shell=entry("one_step", "shell", label="the project's distance to the shell, mean | ||delta|| - 1 |"),
+        # beyond the authors (issue 13 section 3): the flow-matching term on real clips keeps the model on
+        # the prompts while the reward acts, so no early stop should be needed
+        shell_norm_sft=entry("noised_data", "shell_norm", options="objective.sft_weight=1.0",
+                             label="shell_norm on noised real latents + flow matching on the same batch"),
+        shell_norm_drift=entry("one_step", "shell_norm",
+                               options="objective.drift_weight=10.0; objective.drift_margin=0.05",
+                               label="shell_norm + anti-drift relu(mse(z, z_ref) - 0.05) x 10 against the base"),
+    ))
 
 
 def default_config() -> ml_collections.ConfigDict:
     from configs import embedded
+    from experiments import embedded_evaluation
     c = ml_collections.ConfigDict()
     c.experiment = "embedded_pipeline"
     c.seed = 0
     c.stop_after = ""                # run the stages up to and including this one ('' : all)
-    # 9 frames (3 latent frames): a clip a CPU-sized DiT learns in minutes. The textured background
-    # stays: on a flat one the latents have no spread around the skeleton, the shell's premise fails
-    # there, and the shell reward paints noise over it (seen in an earlier run of this pipeline)
-    c.benchmark = dict(num_frames=9, height=64, width=64, train_size=1024, test_size=128, seed=0,
-                       background_texture=True)
+    c.fast_cpu_compile = True        # experiments.main.FAST_CPU_COMPILE (CPU only; no effect on a GPU)
+    # 9 frames (3 latent frames). The textured background stays: on a flat one the latents have no spread
+    # around the skeleton, the shell's premise fails there (seen in an earlier run of this pipeline)
+    c.benchmark = dict(num_frames=9, height=64, width=64, train_size=1024, validation_size=64, test_size=128,
+                       seed=0, background_texture=True)
+    # VAE, text encoder and base DiT made by configs/demo.py:pretrain on a GPU and shipped in the repository
+    # (checksums in its MANIFEST.json); '' trains all three here (configs/demo.py:from_scratch)
+    # export_to (configs/demo.py:pretrain): after the stages, check the base on the validation prompts at
+    # each guidance scale of guidance_grid and on the test prompts with check_seeds, then pack the three
+    # models with a manifest into this directory (relative: inside the workdir)
+    c.pretrained = dict(dir=DEFAULT_PRETRAINED, export_to="", guidance_grid=(1.0, 2.0, 4.0, 6.0),
+                        check_seeds=(0, 1, 2))
     c.vae = train_vae.default_config()
     c.vae.train.steps, c.vae.train.log_every = 400, 50
     # 4x spatial compression (latents [3, 16, 16, 16]): at 8x the 64 x 64 frames keep 8 x 8 latents and a
-    # CPU-trained VAE loses the shapes; whole 9-frame clips in 32 x 32 crops
-    c.vae.model.patch = 4
+    # small VAE loses the shapes; whole 9-frame clips in 32 x 32 crops
+    c.vae.model.patch, c.vae.model.depth = 4, 2
     c.vae.data.crop_frames, c.vae.data.crop_size, c.vae.data.batch_size = 0, 32, 16
     c.vae.loss.kl = 1e-4
     c.text_encoder = dict(max_len=16, dim=128, num_layers=2, num_heads=4, seed=0)
@@ -64,21 +116,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.base = embedded.get_config("sft")
     c.base.train.steps, c.base.data.batch_size, c.base.optim.warmup_steps = 1000, 16, 50
     c.base.optim.learning_rate = 1e-3
-    # 4 x 4 latent positions per token: 48 tokens per clip, as many as 8x latents with Wan's (1, 2, 2)
+    c.base.flow.text_dropout = 0.1   # classifier-free guidance needs the unconditional model too
+    # 4 x 4 latent positions per token: 48 tokens per clip
     c.base.model.patch_size = (1, 4, 4)
+    c.base.model.dim, c.base.model.num_layers, c.base.model.num_heads, c.base.model.ffn_dim = 192, 6, 4, 768
+    c.classifier = dict(steps=300, batch_size=32, learning_rate=2e-3, seed=0)
     c.manifold = fit_manifold.default_config()
     c.manifold.data.source = "cache"
     c.manifold.data.test_fraction = 0.1
     c.manifold.manifold.num_anchors, c.manifold.manifold.hidden_dim = 64, 128
-    c.reward = embedded.get_config("reward")     # the settings every variant starts from
-    c.reward.train.steps, c.reward.data.batch_size, c.reward.optim.learning_rate = 100, 16, 1e-4
-    c.reward.train.log_every = 25
-    c.variants = VARIANTS
+    c.manifold.stage1.locality = 1.0                # the authors' weight (0.1 before; see the report)
+    c.reward = embedded.get_config("reward")        # what every variant starts from
+    c.reward.flow.text_dropout = c.base.flow.text_dropout
+    # the authors: AdamW lr 1e-5 at width 1536 (Wan2.1-1.3B), effective batch 8, clip 1.0. Adam's update
+    # is ~lr per weight and hidden weights scale as 1/sqrt(width), so the same relative change per step
+    # at width 192 needs lr x sqrt(1536/192) = 2.8e-5, and muP's Adam rule (lr ~ 1/width) gives 8e-5;
+    # 5e-5 sits between the two
+    c.reward.optim.learning_rate = 5e-5
+    c.reward.optim.weight_decay = 0.01              # torch AdamW's default, as in the authors' runs
+    c.reward.train.steps, c.reward.data.batch_size = 100, 8
+    c.reward.train.log_every, c.reward.train.checkpoint_every = 5, 10_000
+    c.variants = catalogue()
+    c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_norm_sft")
+    c.seeds = (0,)                   # fine-tuning and sampling seeds (each variant runs once per seed)
+    c.validation = embedded_validation.default_config()
     c.sample = embedded.get_config("sample")
-    c.reward.model.patch_size = c.sample.model.patch_size = c.base.model.patch_size
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
-    c.sample.sampler.batch_size = 16
-    from experiments import embedded_evaluation
+    c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 4.0, 32
+    c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
+    for m in (c.reward.model, c.sample.model):
+        for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "scan_blocks"):
+            m[k] = c.base.model[k]
     c.evaluate = embedded_evaluation.default_config()
     return c
 
@@ -90,17 +158,19 @@ class Paths:
         j = lambda *p: os.path.join(workdir, *p)  # noqa: E731
         self.root = workdir
         self.data, self.vae, self.text_encoder = j("data"), j("vae"), j("text_encoder")
+        self.cache = lambda split: j("latents", split)
         self.train_cache, self.test_cache = j("latents", "train"), j("latents", "test")
-        self.base, self.manifold = j("base"), j("manifold")
-        self.variant = lambda name: j("variants", name)
-        self.samples = lambda name: j("samples", name)
+        self.base, self.manifold, self.classifier = j("base"), j("manifold"), j("classifier")
+        self.variant = lambda name, seed=0: j("variants", name, f"seed{seed}")
+        self.samples = lambda name, seed=0: j("samples", name, f"seed{seed}")
         self.stage_marker = lambda stage: j("stages", f"{stage}.{DONE}")
 
 
 def benchmark_config(b: ml_collections.ConfigDict):
     from shelllcc.data import embedded_benchmark
     return embedded_benchmark.BenchmarkConfig(num_frames=b.num_frames, height=b.height, width=b.width,
-                                              train_size=b.train_size, test_size=b.test_size, seed=b.seed,
+                                              train_size=b.train_size, validation_size=b.validation_size,
+                                              test_size=b.test_size, seed=b.seed,
                                               background_texture=b.background_texture)
 
 
@@ -109,48 +179,166 @@ def latent_stats(paths: Paths) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(info["latents_mean"]), tuple(info["latents_std"])
 
 
-def variant_config(config: ml_collections.ConfigDict, name: str, paths: Paths) -> ml_collections.ConfigDict:
-    """The reward_finetune config of variant ``name``: ``control`` trains with the flow-matching objective
-    alone; any other name is the manifold distance the generator minimises."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; expected some of {VARIANTS}")
-    c = copy.deepcopy(config.reward)
-    mean, std = latent_stats(paths)
-    c.data.cache_dir, c.data.latent_mean, c.data.latent_std = paths.train_cache, mean, std
-    c.model.init_from = paths.base
-    c.reward.manifold = paths.manifold
-    if name == CONTROL:
-        c.objective.name = "sft"
-    else:
-        c.reward.kind = name
-    return c
+def pretrained_dir(config) -> str:
+    d = config.pretrained.dir
+    return "" if not d else (d if os.path.isabs(d) else os.path.join(REPO, d))
 
 
-def check_variants(variants) -> None:
-    unknown = [v for v in variants if v not in VARIANTS]
+# ------------------------------------------------------------------------------------------ variants
+
+def variant_names(config) -> tuple[str, ...]:
+    return tuple(config.run_variants)
+
+
+def check_config(config) -> None:
+    """Every variant entry and the run's settings, before any stage runs; errors name the key."""
+    names = variant_names(config)
+    if not names:
+        raise ValueError("config.run_variants is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.run_variants repeats a name: {list(names)}")
+    unknown = [n for n in names if n not in config.variants]
     if unknown:
-        raise ValueError(f"config.variants has unknown names {unknown}; expected some of {VARIANTS}")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"config.variants repeats a name: {list(variants)}")
+        raise ValueError(f"config.run_variants names {unknown}, which config.variants does not define; it has "
+                         f"{sorted(config.variants)}")
+    for i, name in enumerate(names):
+        e = config.variants[name]
+        where = f"config.variants.{name}"
+        if e.method not in METHODS:
+            raise ValueError(f"{where}.method={e.method!r}; expected one of {METHODS}")
+        if e.objective not in OBJECTIVES:
+            raise ValueError(f"{where}.objective={e.objective!r}; expected one of {OBJECTIVES}")
+        if e.objective == "sft" and e.reward:
+            raise ValueError(f"{where}: objective 'sft' takes no reward (got reward={e.reward!r})")
+        if e.objective != "sft" and e.reward not in reward_finetune.KINDS:
+            raise ValueError(f"{where}.reward={e.reward!r}; expected one of {reward_finetune.KINDS}")
+        if e.tau and e.reward != "shell_band":
+            raise ValueError(f"{where}.tau is set but the reward is {e.reward!r}, not shell_band")
+        if "@" in e.tau:
+            source, step = e.tau.split("@", 1)
+            if source not in names[:i]:
+                raise ValueError(f"{where}.tau={e.tau!r}: variant {source!r} must run before {name!r} "
+                                 f"(run_variants: {list(names)})")
+            if not step.isdigit() or int(step) % config.reward.train.log_every:
+                raise ValueError(f"{where}.tau={e.tau!r}: the step must be a multiple of reward.train.log_every "
+                                 f"({config.reward.train.log_every}), where the reward is logged")
+        elif e.tau:
+            try:
+                float(e.tau)
+            except ValueError:
+                raise ValueError(f"{where}.tau={e.tau!r} is neither a number nor 'VARIANT@STEP'") from None
+        variant_config(config, name, None, 0)        # options: every key must exist
+    seeds = tuple(config.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds must be distinct and non-empty, got {seeds}")
+    embedded_validation.check_config(config.validation)
+    if config.validation.prompts > config.benchmark.validation_size:
+        raise ValueError(f"validation.prompts={config.validation.prompts} exceeds benchmark.validation_size="
+                         f"{config.benchmark.validation_size}")
+    if config.evaluate.num_prompts > config.benchmark.test_size:
+        raise ValueError(f"evaluate.num_prompts={config.evaluate.num_prompts} exceeds benchmark.test_size="
+                         f"{config.benchmark.test_size}")
+
+
+def read_logged(metrics_path: str, key: str, step: int) -> float:
+    """The value of ``key`` logged at ``step`` in a run's ``metrics.jsonl``."""
+    from shelllcc.evaluation.report import load_metrics
+    if not os.path.exists(metrics_path):
+        raise ValueError(f"{metrics_path} does not exist: the run it belongs to has not run")
+    for r in load_metrics(metrics_path):
+        if int(r.get("step", -1)) == step and key in r:
+            return float(r[key])
+    raise ValueError(f"{metrics_path} has no {key!r} logged at step {step}")
+
+
+def resolve_tau(config, name: str, paths: Paths | None, seed: int) -> float | None:
+    """shell_band's tau of variant ``name`` (``None``: the manifold's stored value)."""
+    tau = config.variants[name].tau
+    if not tau:
+        return None
+    if "@" not in tau:
+        return float(tau)
+    source, step = tau.split("@", 1)
+    if paths is None:
+        return None
+    return read_logged(os.path.join(paths.variant(source, seed), "metrics.jsonl"), "reward", int(step))
+
+
+def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_collections.ConfigDict:
+    """The reward_finetune config of variant ``name`` and ``seed``: ``config.reward`` with the entry applied."""
+    from experiments.overrides import apply_overrides, parse_overrides
+    e = config.variants[name]
+    c = copy.deepcopy(config.reward)
+    c.seed = int(seed)
+    c.objective.name = e.objective
+    if e.reward:
+        c.reward.kind = e.reward
+    where = f"config.variants.{name}.options"
+    apply_overrides(c, parse_overrides(e.options, where), where)
+    c.train.eval_every = config.validation.every
+    if paths is not None:
+        mean, std = latent_stats(paths)
+        c.data.cache_dir, c.data.latent_mean, c.data.latent_std = paths.train_cache, mean, std
+        c.model.init_from = paths.base
+        c.reward.manifold = paths.manifold
+        tau = resolve_tau(config, name, paths, seed)
+        if tau is not None:
+            c.reward.shell_band_target = tau
+    return c
 
 
 # ------------------------------------------------------------------------------------------ stages
 
+def _builder(config, paths: Paths, verbose: bool = False):
+    from shelllcc.data import embedded_benchmark
+    return embedded_benchmark.build(paths.data, benchmark_config(config.benchmark), verbose=verbose)
+
+
 def stage_dataset(config, paths: Paths) -> None:
-    from shelllcc.data import embedded_benchmark
-    embedded_benchmark.build(paths.data, benchmark_config(config.benchmark))
+    _builder(config, paths, verbose=True)
 
 
-def _builder(config, paths: Paths):
-    from shelllcc.data import embedded_benchmark
-    return embedded_benchmark.build(paths.data, benchmark_config(config.benchmark), verbose=False)
+def _pretrained(config, name: str):
+    """``(model, manifest entry)`` of ``name`` from ``pretrained.dir``, checked against this benchmark."""
+    from shelllcc.models import packed
+    d = pretrained_dir(config)
+    if not os.path.isdir(d):
+        raise ValueError(f"pretrained.dir {d!r} does not exist (set --config.pretrained.dir='' to train every "
+                         "model here)")
+    manifest = packed.read_manifest(d)
+    made_for = manifest.get("provenance", {}).get("benchmark", {})
+    b = config.benchmark
+    for k in ("num_frames", "height", "width", "seed", "background_texture"):
+        if k in made_for and made_for[k] != b[k]:
+            raise ValueError(f"the pretrained models in {d!r} were trained on benchmark.{k}={made_for[k]!r}, this "
+                             f"run has {b[k]!r}; use --config.pretrained.dir='' to train them for this benchmark")
+    model, e = packed.unpack_from_manifest(d, name)
+    print(f"{name}: {e['file']} ({e['bytes'] / 1e6:.1f} MB, SHA-256 verified) from {d}", flush=True)
+    return model, e
 
 
 def stage_vae(config, paths: Paths) -> None:
-    c = copy.deepcopy(config.vae)
-    c.data.dataset = _builder(config, paths).data_dir
+    from shelllcc.models import saving
     os.makedirs(paths.vae, exist_ok=True)
-    train_vae.run(c, paths.vae)
+    builder = _builder(config, paths)
+    if pretrained_dir(config):
+        vae, e = _pretrained(config, "vae")
+        print("vae: installed (config.vae's training settings are not used)", flush=True)
+        saving.save_model(os.path.join(paths.vae, train_vae.MODEL_DIR), vae, extra={"installed_from": e})
+    else:
+        c = copy.deepcopy(config.vae)
+        c.data.dataset = builder.data_dir
+        c.data.eval_clips = 0          # measured below, the same way for a trained and an installed VAE
+        train_vae.run(c, paths.vae)
+        vae = train_vae.load(paths.vae)
+    test = train_vae._videos(builder.as_data_source("test"), config.vae.data.eval_clips or 64)
+    _, recon = train_vae.encode_decode(vae, test)
+    report = {"latents_mean": list(vae.config.latents_mean), "latents_std": list(vae.config.latents_std),
+              **train_vae.reconstruction_report(test, recon)}
+    with open(os.path.join(paths.vae, train_vae.RECONSTRUCTION_JSON), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"vae: held-out reconstruction of {report['clips']} test clips: PSNR {report['psnr_db']:.2f} dB, "
+          f"Laplacian ratio {report['laplacian_ratio']:.3f}", flush=True)
 
 
 def stage_text_encoder(config, paths: Paths) -> None:
@@ -158,6 +346,10 @@ def stage_text_encoder(config, paths: Paths) -> None:
     from shelllcc.data import moving_textures
     from shelllcc.models import saving
     from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
+    if pretrained_dir(config):
+        enc, e = _pretrained(config, "text_encoder")
+        saving.save_model(paths.text_encoder, enc, extra={"installed_from": e})
+        return
     t = config.text_encoder
     # the tokenizer's units: hyphenated directions ("down-left") are three tokens
     vocab = tuple(sorted({w for word in moving_textures.VOCABULARY for w in split_words(word)}))
@@ -186,20 +378,53 @@ def stage_cache(config, paths: Paths) -> None:
     vae = train_vae.load(paths.vae)
     encode_video = latent_cache.vae_video_encoder(vae)
     encode_text = latent_cache.text_encoder_fn(saving.load_model(paths.text_encoder))
-    for split, out in (("train", paths.train_cache), ("test", paths.test_cache)):
-        source = builder.as_data_source(split)
-        latent_cache.encode_to_cache(source, out, encode_video=encode_video, encode_text=encode_text,
-                                     batch_size=config.cache.batch_size, shard_size=config.cache.shard_size,
-                                     keep_fields=("index",) + ATTRIBUTE_FIELDS,
+    for split in SPLITS:
+        if split == "validation" and not config.benchmark.validation_size:
+            continue
+        latent_cache.encode_to_cache(builder.as_data_source(split), paths.cache(split), encode_video=encode_video,
+                                     encode_text=encode_text, batch_size=config.cache.batch_size,
+                                     shard_size=config.cache.shard_size, keep_fields=("index",) + ATTRIBUTE_FIELDS,
                                      source_description=f"{builder.info.full_name} {split}")
 
 
 def stage_base(config, paths: Paths) -> None:
+    from shelllcc.models import saving
+    os.makedirs(paths.base, exist_ok=True)
+    if pretrained_dir(config):
+        from shelllcc.data.latent_cache import open_cache
+        dit, e = _pretrained(config, "base")
+        text_dim = open_cache(paths.train_cache).info["fields"]["text_embeddings"]["shape"][-1]
+        if dit.config.text_dim != text_dim:
+            raise ValueError(f"the pretrained base reads text of dimension {dit.config.text_dim}; the cache's text "
+                             f"embeddings have {text_dim}")
+        saving.save_model(os.path.join(paths.base, "model"), dit, extra={"installed_from": e})
+        return
     c = copy.deepcopy(config.base)
     mean, std = latent_stats(paths)
     c.data.cache_dir, c.data.latent_mean, c.data.latent_std = paths.train_cache, mean, std
-    os.makedirs(paths.base, exist_ok=True)
     sft.run(c, paths.base)
+
+
+def load_real(builder, split: str, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The first ``n`` clips of ``split`` in source order: ``(videos uint8, labels)``."""
+    from experiments.embedded_evaluation import load_real as _load
+    videos, labels, _ = _load(builder, split, n, ATTRIBUTE_FIELDS)
+    return videos, labels
+
+
+def stage_classifier(config, paths: Paths) -> None:
+    from shelllcc.evaluation import classifier as clf_lib
+    c = config.classifier
+    videos, labels = load_real(_builder(config, paths), "train", config.benchmark.train_size)
+    ccfg = clf_lib.ClassifierConfig(steps=c.steps, batch_size=c.batch_size, learning_rate=c.learning_rate)
+    model, _ = clf_lib.train_classifier(videos, labels, config=ccfg, seed=c.seed)
+    clf_lib.save_classifier(paths.classifier, model)
+    test, test_labels = load_real(_builder(config, paths), "test", config.benchmark.test_size)
+    acc = clf_lib.accuracy(clf_lib.predict(model, test), test_labels)
+    with open(os.path.join(paths.classifier, "real_test_accuracy.json"), "w") as f:
+        json.dump(acc, f, indent=1)
+    print(f"classifier: accuracy on the real test clips {acc['mean']:.3f} ("
+          + ", ".join(f"{a} {v:.2f}" for a, v in acc.items() if a != "mean") + ")", flush=True)
 
 
 def stage_manifold(config, paths: Paths) -> None:
@@ -211,21 +436,105 @@ def stage_manifold(config, paths: Paths) -> None:
     fit_manifold.run(c, paths.manifold)
 
 
+class _Evaluators:
+    """One validation :class:`~experiments.embedded_validation.Evaluator` per seed, built on first use."""
+
+    def __init__(self, config, paths: Paths):
+        self.config, self.paths = config, paths
+        self._shared = None
+        self._by_seed: dict[int, tuple] = {}
+
+    def _build_shared(self):
+        from shelllcc.data.latent_cache import open_cache
+        from shelllcc.evaluation import classifier as clf_lib
+        from shelllcc.manifold import io as manifold_io
+        from experiments import dit_setup
+        config, paths = self.config, self.paths
+        n = config.validation.prompts
+        cache = open_cache(paths.cache("validation"), latent_dtype=np.float32)
+        recs = cache.__getitems__(list(range(n)))
+        contexts = np.stack([np.asarray(r["text_embeddings"], np.float32) for r in recs])
+        labels = {a: np.asarray([int(r[a]) for r in recs]) for a in ATTRIBUTE_FIELDS}
+        real, real_labels = load_real(_builder(config, paths), "validation", n)
+        if any(not np.array_equal(real_labels[a], labels[a]) for a in ATTRIBUTE_FIELDS):
+            raise ValueError(f"the validation cache {paths.cache('validation')!r} does not hold the validation split "
+                             "in source order (remove it and stages/cache.DONE to rebuild it)")
+        mean, std = latent_stats(paths)
+        mesh = dit_setup.make_mesh(config.sample.mesh)
+        vae = train_vae.load(paths.vae)
+        decoder = sample.LatentDecoder(vae, mesh, mean, std)
+        manifold = None
+        if os.path.exists(os.path.join(paths.manifold, "manifold")):
+            params, mcfg, extra = manifold_io.load_manifold(os.path.join(paths.manifold, "manifold"))
+            manifold = (params, mcfg, extra.get("shell_band_target"))
+        base = dit_setup.build_model(sample_config(config, paths, paths.base).model, mesh,
+                                     dit_setup.sharding_rules(config.sample)).model
+        self._shared = dict(contexts=contexts, labels=labels, real=real, mesh=mesh, decoder=decoder,
+                            classifier=clf_lib.load_classifier(paths.classifier),
+                            manifold=manifold, base=base,
+                            shape=tuple(cache.info["fields"]["latents"]["shape"]))
+
+    def get(self, seed: int):
+        """``(evaluator, base_row)`` of ``seed``."""
+        if seed not in self._by_seed:
+            if self._shared is None:
+                self._build_shared()
+            s = self._shared
+            ev = embedded_validation.Evaluator(
+                base_model=s["base"], mesh=s["mesh"], contexts=s["contexts"], labels=s["labels"],
+                real_videos=s["real"], latent_shape=s["shape"], sampler_cfg=self.config.sample.sampler, seed=seed,
+                decoder=s["decoder"], classifier=s["classifier"], manifold=s["manifold"])
+            row = ev.set_reference(s["base"])
+            print(f"validation reference (base, seed {seed}): attribute accuracy {row['attribute_accuracy']:.3f} on "
+                  f"{len(s['contexts'])} validation prompts [{row['seconds']:.1f}s]", flush=True)
+            self._by_seed[seed] = (ev, row)
+        return self._by_seed[seed]
+
+
+def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluators) -> dict:
+    """Fine-tune variant ``name`` with ``seed`` (validation every few steps), pick and export its checkpoint."""
+    from shelllcc.models import saving
+    out = paths.variant(name, seed)
+    if os.path.exists(os.path.join(out, DONE)):
+        return json.load(open(os.path.join(out, embedded_validation.PICK_JSON)))
+    if os.path.exists(out):
+        print(f"variant {name} seed {seed}: an unfinished run is in {out}; starting it again", flush=True)
+        shutil.rmtree(out)
+    os.makedirs(out)
+    c = variant_config(config, name, paths, seed)
+    if c.reward.kind == "shell_band" and c.objective.name != "sft":
+        tau = c.reward.shell_band_target
+        print(f"variant {name} seed {seed}: shell_band tau = "
+              + (f"{tau:.4f} ({config.variants[name].tau})" if tau >= 0 else "the manifold's stored value"), flush=True)
+    evaluator, base_row = evaluators.get(seed)
+    traj = embedded_validation.Trajectory(out, evaluator, base_row, config.validation)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=1))
+    reward_finetune.run(c, out, on_eval=traj)
+    choice = traj.export(saving.load_model(os.path.join(out, "model")))
+    print(f"variant {name} seed {seed}: picked step {choice['step']} ({choice['reason']})", flush=True)
+    open(os.path.join(out, DONE), "w").close()
+    return choice
+
+
 def stage_variants(config, paths: Paths) -> None:
-    for i, name in enumerate(config.variants):
-        out = paths.variant(name)
-        if os.path.exists(os.path.join(out, DONE)):
-            print(f"variant {name}: done earlier ({out})", flush=True)
-            continue
-        print(f"--- variant {i + 1}/{len(config.variants)}: {name} ---", flush=True)
-        os.makedirs(out, exist_ok=True)
-        reward_finetune.run(variant_config(config, name, paths), out)
-        open(os.path.join(out, DONE), "w").close()
+    evaluators = _Evaluators(config, paths)
+    names = variant_names(config)
+    total = len(names) * len(config.seeds)
+    k = 0
+    for seed in config.seeds:
+        for name in names:
+            k += 1
+            done = os.path.exists(os.path.join(paths.variant(name, seed), DONE))
+            print(f"--- variant {k}/{total}: {name}, seed {seed}" + (" (done earlier)" if done else "") + " ---",
+                  flush=True)
+            run_variant(config, paths, name, seed, evaluators)
 
 
-def sample_config(config, paths: Paths, model_dir: str) -> ml_collections.ConfigDict:
+def sample_config(config, paths: Paths, model_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
     c = copy.deepcopy(config.sample)
     mean, std = latent_stats(paths)
+    c.seed = int(seed)
     c.model.init_from = model_dir
     c.prompts.source, c.prompts.cache_dir, c.prompts.count = "cache", paths.test_cache, config.evaluate.num_prompts
     c.latents.latent_mean, c.latents.latent_std = mean, std
@@ -233,14 +542,23 @@ def sample_config(config, paths: Paths, model_dir: str) -> ml_collections.Config
     return c
 
 
-def model_dirs(config, paths: Paths) -> dict[str, str]:
-    return {"base": paths.base, **{name: paths.variant(name) for name in config.variants}}
+def model_dirs(config, paths: Paths, seed: int) -> dict[str, str]:
+    """``{model: weights to sample}`` for ``seed``: the base and every variant's picked checkpoint."""
+    out = {"base": paths.base}
+    for name in variant_names(config):
+        out[name] = os.path.join(paths.variant(name, seed), embedded_validation.PICKED_DIR)
+    return out
 
 
 def stage_sample(config, paths: Paths) -> None:
-    for name, model_dir in model_dirs(config, paths).items():
-        print(f"--- samples of {name} ---", flush=True)
-        sample.run(sample_config(config, paths, model_dir), paths.samples(name))
+    for seed in config.seeds:
+        for name, model_dir in model_dirs(config, paths, seed).items():
+            out = paths.samples(name, seed)
+            if os.path.exists(os.path.join(out, DONE)):
+                continue
+            print(f"--- samples of {name}, seed {seed} ---", flush=True)
+            sample.run(sample_config(config, paths, model_dir, seed), out)
+            open(os.path.join(out, DONE), "w").close()
 
 
 def stage_evaluate(config, paths: Paths) -> None:
@@ -248,14 +566,80 @@ def stage_evaluate(config, paths: Paths) -> None:
     embedded_evaluation.run(config, paths)
 
 
+def base_check(config, paths: Paths) -> dict:
+    """The base's attribute accuracy on the validation prompts at every ``pretrained.guidance_grid`` scale,
+    and on the test prompts at the best of them with every ``pretrained.check_seeds`` seed."""
+    from experiments import embedded_evaluation as ev
+    from shelllcc.evaluation import classifier as clf_lib
+    out = {"validation": {}, "test": {}}
+    for g in config.pretrained.guidance_grid:
+        c = copy.deepcopy(config)
+        c.sample.sampler.guidance_scale = float(g)
+        row = _Evaluators(c, paths).get(0)[1]
+        out["validation"][str(float(g))] = {k: v for k, v in row.items() if k.startswith("acc") or k == "attribute_accuracy"}
+    best = max(out["validation"], key=lambda g: out["validation"][g]["attribute_accuracy"])
+    out["best_guidance"] = float(best)
+    builder = _builder(config, paths)
+    n = config.evaluate.num_prompts
+    _, labels, _ = ev.load_real(builder, "test", n, ATTRIBUTE_FIELDS)
+    classifier = clf_lib.load_classifier(paths.classifier)
+    mean, std = latent_stats(paths)
+    vae = train_vae.load(paths.vae)
+    for seed in config.pretrained.check_seeds:
+        c = sample_config(config, paths, paths.base, seed)
+        c.sampler.guidance_scale = float(best)
+        lat = sample.run(c, os.path.join(paths.base, "check", f"seed{seed}"))["latents"]
+        acc = clf_lib.accuracy(clf_lib.predict(classifier, ev.decode_latents(vae, lat, mean, std)), labels)
+        out["test"][str(seed)] = acc
+    with open(os.path.join(paths.base, "base_check.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print("base check: validation accuracy by guidance scale "
+          + ", ".join(f"{g}: {r['attribute_accuracy']:.3f}" for g, r in out["validation"].items())
+          + f"; test accuracy at {best} by seed "
+          + ", ".join(f"{s}: {r['mean']:.3f}" for s, r in out["test"].items()), flush=True)
+    return out
+
+
+def export_pretrained(config, paths: Paths) -> str:
+    """Pack the VAE, the text encoder and the base into ``pretrained.export_to`` with a manifest."""
+    import datetime
+    import sys
+    from shelllcc.models import packed, saving
+    out = config.pretrained.export_to
+    out = out if os.path.isabs(out) else os.path.join(paths.root, out)
+    os.makedirs(out, exist_ok=True)
+    check = base_check(config, paths)
+    files = {}
+    for name, src in (("vae", os.path.join(paths.vae, train_vae.MODEL_DIR)), ("text_encoder", paths.text_encoder),
+                      ("base", os.path.join(paths.base, "model"))):
+        files[name] = {"file": f"{name}.npz", "kind": saving.read_model_json(src)["kind"],
+                       "sha256": packed.pack_model(os.path.join(out, f"{name}.npz"), saving.load_model(src))}
+    provenance = {
+        "made_by": "configs/demo.py:pretrain (experiments/embedded_pipeline.py, export_pretrained)",
+        "command": " ".join(sys.argv), "commit": os.environ.get("SHELLLCC_COMMIT", "unknown"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+        "benchmark": dict(config.benchmark), "config": json.loads(config.to_json_best_effort()),
+        "vae_reconstruction": {k: v for k, v in json.load(open(os.path.join(
+            paths.vae, train_vae.RECONSTRUCTION_JSON))).items() if k not in ("latents_mean", "latents_std")},
+        "base_check": check,
+        "note": "parameters stored as float16 and read back as float32; the numbers above were measured with the "
+                "float32 weights before packing",
+    }
+    path = packed.write_manifest(out, files, provenance)
+    total = sum(os.path.getsize(os.path.join(out, e["file"])) for e in files.values())
+    print(f"packed {', '.join(files)} into {out} ({total / 1e6:.1f} MB); manifest {path}", flush=True)
+    return out
+
+
 RUNNERS = {"dataset": stage_dataset, "vae": stage_vae, "text_encoder": stage_text_encoder, "cache": stage_cache,
-           "base": stage_base, "manifold": stage_manifold, "variants": stage_variants, "sample": stage_sample,
-           "evaluate": stage_evaluate}
+           "base": stage_base, "classifier": stage_classifier, "manifold": stage_manifold,
+           "variants": stage_variants, "sample": stage_sample, "evaluate": stage_evaluate}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or finish) every stage; returns ``{stage: seconds}`` of the stages run now."""
-    check_variants(config.variants)
+    check_config(config)
     if config.stop_after and config.stop_after not in STAGES:
         raise ValueError(f"config.stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
     if jax.process_count() > 1:
@@ -263,6 +647,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          "experiments separately for multi-process training")
     paths = Paths(os.path.abspath(workdir))
     os.makedirs(os.path.dirname(paths.stage_marker("x")), exist_ok=True)
+    # the variants and seeds compile the same few programs again and again: keep them on disk
+    jax.config.update("jax_compilation_cache_dir", os.path.join(paths.root, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     stages = STAGES[:STAGES.index(config.stop_after) + 1] if config.stop_after else STAGES
     timings_path = os.path.join(paths.root, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
@@ -281,6 +668,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(timings_path, "w") as f:
             json.dump(timings, f, indent=1)
         print(f"{head} finished in {timings[stage]:.0f}s", flush=True)
+    if config.pretrained.export_to and "classifier" in stages:     # the base check needs the classifier
+        export_pretrained(config, paths)
     total = time.time() - t_run
     print(f"\nembedded_pipeline: {len(stages)} stages in {total:.0f}s this run; per stage (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)

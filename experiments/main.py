@@ -21,6 +21,8 @@ import os
 import sys
 
 from absl import app, flags, logging
+
+from experiments.overrides import apply_overrides
 from ml_collections import config_flags
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
@@ -46,18 +48,30 @@ def expand_variants(config) -> list[tuple[str, object]]:
             raise ValueError(f"ablation variant names must be unique, non-empty and without '/': {name!r}")
         seen.add(name)
         variant = copy.deepcopy(config.ablation.base)
-        for key, value in dict(overrides).items():
-            parent = variant
-            parts = key.split(".")
-            for part in parts[:-1]:
-                if part not in parent:
-                    raise KeyError(f"ablation variant {name!r}: no config key {key!r} (at {part!r})")
-                parent = parent[part]
-            if parts[-1] not in parent:
-                raise KeyError(f"ablation variant {name!r}: no config key {key!r}")
-            parent[parts[-1]] = value
+        apply_overrides(variant, dict(overrides), f"ablation variant {name!r}")
         out.append((name, variant))
     return out
+
+
+# XLA:CPU spends most of a small model's compile in LLVM's optimisation passes; these two flags halve the
+# compile time of the embedded benchmark's training steps at the same step time (measured on 2 cores)
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+
+
+def apply_cpu_compile_flags(config) -> None:
+    """With ``config.fast_cpu_compile`` (where the config has it), add :data:`FAST_CPU_COMPILE` to
+    ``XLA_FLAGS``; it must happen before JAX starts its CPU backend, which is why it lives here."""
+    if not config.get("fast_cpu_compile", False):
+        return
+    import importlib.util
+    if any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                            "libtpu")):
+        return          # an accelerator's plugin is installed: its compiler keeps its defaults
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        print("note: fast_cpu_compile is set but JAX's backends are already running; XLA_FLAGS unchanged", flush=True)
+        return
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_CPU_COMPILE).strip()
 
 
 def run_one(config, workdir: str) -> None:
@@ -76,11 +90,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    config = _CONFIG.value
+    apply_cpu_compile_flags(config)
     from shelllcc.training import distributed
     distributed.maybe_initialize(_DISTRIBUTED.value)
     from shelllcc.training.checkpoints import Preempted
 
-    config = _CONFIG.value
     try:
         run_variants(config, os.path.abspath(_WORKDIR.value))
     except Preempted as e:

@@ -108,7 +108,7 @@ def make_loss(config: ml_collections.ConfigDict):
         drift = o.name == "one_step" and o.drift_weight > 0
         compute_dtype = jnp.dtype(r.compute_dtype)
 
-        def distance(manifold_params, z):
+        def distance(manifold_params, target, z):
             d = manifold_distance(manifold_params, z.astype(jnp.float32), r.kind, target,
                                   patch_size=mcfg.patch_size, coder=r.coder, chunk_size=r.chunk_size,
                                   compute_dtype=compute_dtype, mesh=mesh, data_axis=parallel.BATCH_AXES,
@@ -118,7 +118,7 @@ def make_loss(config: ml_collections.ConfigDict):
 
         def loss_fn(params, frozen, batch, key):
             model = nnx.merge(setup.graphdef, params, frozen["model"])
-            reward_fn = functools.partial(distance, frozen["manifold"])
+            reward_fn = functools.partial(distance, frozen["manifold"], frozen.get("reward_target"))
             k_eps, k_s = jax.random.split(key)
             x0, ctx = batch["latents"], batch["context"]
             eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
@@ -130,6 +130,8 @@ def make_loss(config: ml_collections.ConfigDict):
                 return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
                                                       ref_velocity_fn=ref, drift_margin=o.drift_margin,
                                                       drift_weight=o.drift_weight)
+            # the flow-matching objectives keep the base's null-prompt training (classifier-free guidance)
+            ctx = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
             if o.name == "noised_data":
                 return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
                                               sft_weight=o.sft_weight)
@@ -138,6 +140,10 @@ def make_loss(config: ml_collections.ConfigDict):
         rep = parallel.replicated(mesh)
         extra_frozen = {"manifold": manifold}
         extra_sh = {"manifold": jax.tree.map(lambda _: rep, manifold)}
+        if target is not None:
+            # an input, not a constant of the program: runs that differ only in tau share one compilation
+            extra_frozen["reward_target"] = jnp.asarray(target, jnp.float32)
+            extra_sh["reward_target"] = rep
         if drift and not lora:
             # a frozen copy of the starting weights, sharded like the trained ones
             extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
@@ -147,8 +153,9 @@ def make_loss(config: ml_collections.ConfigDict):
     return build
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-    return dit_setup.run_training(config, workdir, make_loss(config))
+def run(config: ml_collections.ConfigDict, workdir: str, on_eval=None):
+    """Train; ``on_eval(step, model)`` every ``train.eval_every`` steps (see ``dit_setup.run_training``)."""
+    return dit_setup.run_training(config, workdir, make_loss(config), on_eval=on_eval)
 
 
 get_config = config_entry.defaults_entry(default_config)

@@ -365,6 +365,55 @@ def training_curves_png(path: str, runs: Mapping[str, str | Sequence[Mapping]], 
     return _save(fig, path)
 
 
+def trajectories_png(path: str, runs: Mapping[str, Mapping[int, Sequence[Mapping]]], metrics: Sequence[str], *,
+                     picks: Mapping[str, Mapping[int, int]] | None = None,
+                     references: Mapping[str, float] | None = None, title: str | None = None) -> str:
+    """Validation metrics against fine-tuning step: one subplot per metric, one colour per variant.
+
+    ``runs``: variant -> seed -> rows (dicts with ``step`` and the metrics; step 0 is the base). Each seed
+    is a thin line; with several seeds their mean is a thick one. ``picks``: variant -> seed -> the picked
+    step, drawn as a marker on that seed's line. ``references``: metric -> a horizontal dashed line (e.g.
+    1 for a ratio, the collapse threshold for the accuracy).
+    """
+    colours = _colours(list(runs))
+    ncols = min(3, max(1, len(metrics)))
+    nrows = max(1, math.ceil(len(metrics) / ncols))
+    fig = _figure(nrows, ncols, (4.6, 3.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics):
+        for name, by_seed in runs.items():
+            lines = []
+            for seed, rows in sorted(by_seed.items()):
+                pts = sorted((float(r["step"]), float(r[metric])) for r in rows if metric in r)
+                if not pts:
+                    continue
+                x, y = np.array(pts).T
+                lines.append((x, y))
+                many = len(by_seed) > 1
+                ax.plot(x, y, color=colours[name], lw=0.8 if many else 1.4, alpha=0.45 if many else 1.0,
+                        marker="." if x.size < 30 and not many else None, label=None if many else name)
+                step = (picks or {}).get(name, {}).get(seed)
+                if step is not None and step in x:
+                    ax.plot([step], [y[list(x).index(step)]], marker="*", ms=11, color=colours[name],
+                            markeredgecolor="black", lw=0)
+            if len(lines) > 1 and all(np.array_equal(lines[0][0], lx) for lx, _ in lines):
+                ax.plot(lines[0][0], np.mean([ly for _, ly in lines], axis=0), color=colours[name], lw=1.8,
+                        label=f"{name} (mean of {len(lines)} seeds)")
+        if references and metric in references:
+            ax.axhline(references[metric], color="black", ls="--", lw=0.8)
+        ax.set_title(metric)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def histograms_png(path: str, samples: Mapping[str, np.ndarray], *, xlabel: str, bins: int = 40,
                    title: str | None = None) -> str:
     """Overlaid step histograms (density) of per-clip values, one per set, on bins shared by all sets
@@ -467,5 +516,5 @@ def write_report(path: str, sections: Sequence[tuple[str, str]], *, title: str |
 
 
 __all__ = ["MontageLayout", "montage_layout", "auto_crop", "default_crop_size", "montage_png", "comparison_frames",
-           "comparison_video", "COMPARISON_HEADER", "load_metrics", "training_curves_png", "histograms_png",
+           "comparison_video", "COMPARISON_HEADER", "load_metrics", "training_curves_png", "trajectories_png", "histograms_png",
            "spectra_png", "markdown_table", "write_report", "MISSING"]
