@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 job() {  # job NAME ARGS...: one experiments.main run, its log in WORK/NAME.log, its exit code in status.txt
   local name=$1; shift
   local t0=$SECONDS
-  python -m experiments.main "$@" > "$WORK/$name.log" 2>&1
+  "${PYTHON:-python3}" -m experiments.main "$@" > "$WORK/$name.log" 2>&1
   echo "$name rc=$? seconds=$((SECONDS - t0))" >> "$WORK/status.txt"
 }
 
