@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
         c.manifold.stage1.steps, c.manifold.stage2.steps = 4, 4
         c.manifold.stage1.batch_size = c.manifold.stage2.batch_size = 256
         c.manifold.manifold.init_patches = 1024
-        c.reward.train.steps, c.reward.data.batch_size = 4, 4
+        c.reward.train.steps, c.reward.data.batch_size = 4, 8
         c.reward.train.log_every = 2
         c.run_variants = ("control", "shell_norm", "shell_band")
         c.variants.shell_band.tau = "shell_norm@2"
@@ -84,8 +84,9 @@ def get_config(arg: str | None = None):
         _dit(c, 384, 8, 6, 1536)
         c.base.train.steps, c.base.data.batch_size = 8000, 64
         c.seeds = (0, 1, 2)
-        c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_norm_sft",
-                          "shell_norm_drift")
+        c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_band_data", "shell_sft",
+                          "shell_drift")
+        c.variants.shell_band_data.options = "train.steps=400; train.eval_every=20"
         # width 384: between lr x sqrt(1536/384) and muP's lr x 1536/384 from the authors' 1e-5 at 1536
         c.reward.optim.learning_rate = 3e-5
         c.reward.train.steps = 200

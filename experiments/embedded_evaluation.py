@@ -415,6 +415,20 @@ def run(config: ml_collections.ConfigDict, paths) -> dict:
     return results
 
 
+def detail_window(rows: list[dict], base_accuracy: float, max_accuracy_drop: float) -> int:
+    """The last step of the run of evaluations, from the first on, whose validation Laplacian ratio is above 1
+    with the accuracy within ``max_accuracy_drop`` of the base's (0: none): how long a reward keeps its gain."""
+    last = 0
+    for r in rows:
+        if r["step"] == 0:
+            continue
+        if r["laplacian_ratio"] > 1.0 and r["attribute_accuracy"] >= base_accuracy - max_accuracy_drop:
+            last = r["step"]
+        else:
+            break
+    return last
+
+
 def _iv(x, fmt=".3f"):
     return None if x is None else iv.format_interval(x, fmt)
 
@@ -444,12 +458,15 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         ("lo", "95% lo", ".3f"), ("hi", "95% hi", ".3f"), ("null", "null", ".2f"),
         ("holds", "holds", lambda h: "yes" if h else "**no**")])
     traj_rows = []
+    drop = config.validation.max_accuracy_drop
     for name, by_seed in picks.items():
         for seed, p in by_seed.items():
+            rows_ = runs[name][seed]
             traj_rows.append({"model": name, "seed": seed, "picked": p["step"], "collapse": p["collapse_step"],
-                              "reason": p["reason"], "val_lap": p["validation"]["laplacian_ratio"],
+                              "window": detail_window(rows_, rows_[0]["attribute_accuracy"], drop),
+                              "steps": rows_[-1]["step"], "reason": p["reason"],
+                              "val_lap": p["validation"]["laplacian_ratio"],
                               "val_acc": p["validation"]["attribute_accuracy"]})
-    window = [p["collapse_step"] for p in picks.get("shell_norm", {}).values()]
     v = results["vae_reconstruction"]
     vcfg = config.validation
     setup = (
@@ -463,7 +480,9 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         f"{vcfg.prompts} validation prompts (a split disjoint from the test prompts); a run has collapsed at the first "
         f"of {vcfg.patience} consecutive evaluations whose attribute accuracy is more than {vcfg.max_accuracy_drop} "
         f"below the base's; the picked checkpoint is the `{vcfg.rule}` one"
-        + (f" (highest validation {vcfg.score} before the collapse)" if vcfg.rule == "peak" else "") + ".\n\n"
+        + (f" (highest validation {vcfg.score} before the collapse)" if vcfg.rule == "peak" else "")
+        + "".join(f"; `{n}` is judged by its own rule, `{config.variants[n].rule}`" for n in pipeline.variant_names(config)
+                  if config.variants[n].rule) + ".\n\n"
         f"**Intervals:** {results['interval_method']}. A claim holds only when its whole interval excludes the null.\n\n"
         f"VAE on {v.get('clips', 0)} held-out clips: PSNR {v.get('psnr_db', float('nan')):.2f} dB, Laplacian ratio "
         f"{v.get('laplacian_ratio', float('nan')):.3f}. Classifier on the real test clips: accuracy "
@@ -477,11 +496,13 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         ("The claim, item by item", claim),
         ("Trajectories and picked checkpoints",
          "![trajectories](trajectories.png)\n\n" + report.markdown_table(traj_rows, [
-             ("model", "model", None), ("seed", "seed", None), ("picked", "picked step", None),
-             ("collapse", "collapse step", None), ("val_lap", "val. Laplacian ratio", ".3f"),
+             ("model", "model", None), ("seed", "seed", None), ("steps", "steps run", None),
+             ("picked", "picked step", None), ("collapse", "collapse step", None),
+             ("window", "detail window", None), ("val_lap", "val. Laplacian ratio", ".3f"),
              ("val_acc", "val. accuracy", ".3f"), ("reason", "why", None)])
-         + (f"\n\nThe authors' window here: `shell_norm` collapses at step(s) {window} (None: not within "
-            f"{config.reward.train.steps} steps)." if window else "")),
+         + "\n\n*Detail window*: the last step of the unbroken run of evaluations, from the first, with a validation "
+           "Laplacian ratio above 1 and the accuracy kept (0: the reward never added detail); how long a reward can "
+           "be used before it has to be stopped."),
         ("Reading the numbers", "\n".join(f"- {n}" for n in results.get("diagnostics", []))
          or "- No warnings: the base draws the prompts and no picked checkpoint lost them."),
         ("Pictures", "![montage](montage.png)\n\n![spectra](spectra.png)\n\n![training](training_curves.png)\n\n"

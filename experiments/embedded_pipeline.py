@@ -29,7 +29,10 @@ them. An entry is a method (``reward_finetune`` today), an objective, a reward a
     tau         shell_band's target: '' (the manifold's stored mean over real patches), a number, or
                 'NAME@STEP': the reward logged at STEP of variant NAME's run with the same seed (the
                 authors' way: the value of a good plain-reward run early on)
-    options     'key=value; key=value' overrides of that variant's reward_finetune config
+    options     'key=value; key=value' overrides of that variant's reward_finetune config (its run length
+                ``train.steps``, its evaluation spacing ``train.eval_every``, its objective's weights ...)
+    rule        the checkpoint rule of this row ('': ``validation.rule``); 'final' for a variant whose
+                point is that it needs no early stopping
     label       what the row is, for the report
 
 Every variant starts from ``config.reward`` (shared optimizer, steps, batch, sampler of noise levels), so
@@ -49,6 +52,7 @@ import ml_collections
 import numpy as np
 
 from experiments import config_entry, embedded_validation, fit_manifold, reward_finetune, sample, sft, train_vae
+from shelllcc.evaluation import checkpoint_rule
 
 STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "variants", "sample",
           "evaluate")
@@ -61,9 +65,9 @@ OBJECTIVES = reward_finetune.OBJECTIVES
 METHODS = ("reward_finetune",)
 
 
-def entry(objective: str, reward: str = "", label: str = "", tau: str = "", options: str = "",
+def entry(objective: str, reward: str = "", label: str = "", tau: str = "", options: str = "", rule: str = "",
           method: str = "reward_finetune") -> dict:
-    return dict(method=method, objective=objective, reward=reward, tau=tau, options=options, label=label)
+    return dict(method=method, objective=objective, reward=reward, tau=tau, options=options, rule=rule, label=label)
 
 
 def catalogue() -> ml_collections.ConfigDict:
@@ -75,8 +79,17 @@ def catalogue() -> ml_collections.ConfigDict:
         shell_band=entry("one_step", "shell_band", tau="shell_norm@10",
                          label="the authors' band |mean ||delta|| - tau|, tau = shell_norm's logged reward early on"),
         shell=entry("one_step", "shell", label="the project's distance to the shell, mean | ||delta|| - 1 |"),
-        # beyond the authors (issue 13 section 3): the flow-matching term on real clips keeps the model on
-        # the prompts while the reward acts, so no early stop should be needed
+        # beyond the authors (issue 13 section 3): keep the model on the prompts while the reward acts, so
+        # that no early stop is needed: a flow-matching term on real clips of the same batch, an anti-drift
+        # term against the base, or the band at the real data's mean ||delta||
+        shell_sft=entry("noised_data", "shell", options="objective.sft_weight=1.0",
+                        label="shell on noised real latents + flow matching on the same batch"),
+        shell_drift=entry("one_step", "shell", options="objective.drift_weight=10.0; objective.drift_margin=0.05",
+                          label="shell + anti-drift relu(mse(z, z_ref) - 0.05) x 10 against the base"),
+        # the band at the real patches' mean ||delta||: run twice as long and judged at its last step
+        shell_band_data=entry("one_step", "shell_band", options="train.steps=200; train.eval_every=20", rule="final",
+                              label="the band at tau = mean ||delta|| of the real training patches, 200 steps, "
+                                    "no early stopping (the final checkpoint)"),
         shell_norm_sft=entry("noised_data", "shell_norm", options="objective.sft_weight=1.0",
                              label="shell_norm on noised real latents + flow matching on the same batch"),
         shell_norm_drift=entry("one_step", "shell_norm",
@@ -137,12 +150,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.train.steps, c.reward.data.batch_size = 100, 8
     c.reward.train.log_every, c.reward.train.checkpoint_every = 5, 10_000
     c.variants = catalogue()
-    c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_norm_sft")
+    c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_band_data")
     c.seeds = (0,)                   # fine-tuning and sampling seeds (each variant runs once per seed)
     c.validation = embedded_validation.default_config()
     c.sample = embedded.get_config("sample")
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
-    c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 4.0, 32
+    c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
     c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
     for m in (c.reward.model, c.sample.model):
         for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "scan_blocks"):
@@ -212,6 +225,8 @@ def check_config(config) -> None:
             raise ValueError(f"{where}: objective 'sft' takes no reward (got reward={e.reward!r})")
         if e.objective != "sft" and e.reward not in reward_finetune.KINDS:
             raise ValueError(f"{where}.reward={e.reward!r}; expected one of {reward_finetune.KINDS}")
+        if e.rule and e.rule not in checkpoint_rule.RULES:
+            raise ValueError(f"{where}.rule={e.rule!r}; expected '' or one of {checkpoint_rule.RULES}")
         if e.tau and e.reward != "shell_band":
             raise ValueError(f"{where}.tau is set but the reward is {e.reward!r}, not shell_band")
         if "@" in e.tau:
@@ -273,9 +288,9 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
     c.objective.name = e.objective
     if e.reward:
         c.reward.kind = e.reward
+    c.train.eval_every = config.validation.every
     where = f"config.variants.{name}.options"
     apply_overrides(c, parse_overrides(e.options, where), where)
-    c.train.eval_every = config.validation.every
     if paths is not None:
         mean, std = latent_stats(paths)
         c.data.cache_dir, c.data.latent_mean, c.data.latent_std = paths.train_cache, mean, std
@@ -507,7 +522,10 @@ def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluat
         print(f"variant {name} seed {seed}: shell_band tau = "
               + (f"{tau:.4f} ({config.variants[name].tau})" if tau >= 0 else "the manifold's stored value"), flush=True)
     evaluator, base_row = evaluators.get(seed)
-    traj = embedded_validation.Trajectory(out, evaluator, base_row, config.validation)
+    vcfg = copy.deepcopy(config.validation)
+    if config.variants[name].rule:
+        vcfg.rule = config.variants[name].rule
+    traj = embedded_validation.Trajectory(out, evaluator, base_row, vcfg)
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=1))
     reward_finetune.run(c, out, on_eval=traj)

@@ -10,14 +10,19 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from experiments import embedded_evaluation, embedded_pipeline
+from experiments import embedded_evaluation, embedded_pipeline, embedded_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1)
 
 
 def _main(workdir, *flags):
-    cmd = [sys.executable, "-m", "experiments.main", "--config=configs/demo.py:quick", f"--workdir={workdir}", *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "experiments.main", "--config=configs/demo.py:quick", f"--workdir={workdir}",
+           f"--config.seeds={SEEDS}", *flags]
+    # one CPU device, as the README's command runs (the 8 forced devices of the test process would make
+    # every stage compile for an 8-way mesh; sharding has tests of its own)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -30,38 +35,68 @@ def quick_run(tmp_path_factory):
 
 def test_every_stage_runs_and_reports(quick_run):
     workdir, out = quick_run
+    c = demo.get_config("quick")
+    names = list(c.run_variants)
     for i, stage in enumerate(embedded_pipeline.STAGES):
         assert f"[stage {i + 1}/{len(embedded_pipeline.STAGES)}: {stage}] finished" in out
         assert os.path.exists(os.path.join(workdir, "stages", f"{stage}.DONE"))
     results = json.load(open(os.path.join(workdir, "results.json")))
-    models = results["models"]
-    assert list(models) == ["base", *embedded_pipeline.VARIANTS]
-    for name, r in {**models, **results["references"]}.items():
-        for key in ("laplacian_variance", "hf_energy", "hf_fraction", "spectrum_distance", "frechet_distance"):
-            assert np.isfinite(r[key]), (name, key)
-        acc = r["attribute_accuracy"]
-        assert set(acc) >= {"shape", "colour", "texture", "direction", "mean"}
-        assert all(0.0 <= v <= 1.0 for v in acc.values())
-    assert models["base"]["laplacian_ratio"] == 1.0 and models["base"]["content_change"] == 0.0
-    for name in embedded_pipeline.VARIANTS:
-        r = models[name]
-        assert r["laplacian_ratio"] == pytest.approx(r["laplacian_variance"] / models["base"]["laplacian_variance"])
-        assert set(r["manifold_distance"]) == {"lcc", "shell"}
-    kinds = {c["model"] for c in results["claim"]}
-    assert kinds == {"lcc", "shell_norm", "shell", "shell_band"}
+    assert list(results["models"]) == ["base", *names] and results["seeds"] == list(SEEDS)
+    assert "two-way" in results["interval_method"]
+    for name, r in {**results["models"], **results["references"]}.items():
+        for key in ("attribute_accuracy", "frechet_distance", "laplacian_variance"):
+            iv = r[key]
+            assert iv["lo"] <= iv["hi"] and np.isfinite(iv["value"]), (name, key)
+        assert 0.0 <= r["attribute_accuracy"]["value"] <= 1.0
+    for name in names:
+        r = results["models"][name]
+        for key in ("laplacian_ratio", "hf_ratio", "accuracy_change", "spectrum_distance_change", "content_change"):
+            assert r[key]["lo"] <= r[key]["value"] + 1e-9 or key == "content_change", (name, key)
+        assert set(r["picked"]) == {str(s) for s in SEEDS}
+    assert {c_["model"] for c_ in results["claim"]} == {"shell_norm", "shell_band"}
+    assert results["verdict"]
     report = open(os.path.join(workdir, "report.md")).read()
-    assert "| shell_band |" in report and "The claim, item by item" in report
-    for png in ("montage.png", "spectra.png", "training_curves.png", "base_training_curve.png",
-                "distance_lcc.png", "distance_shell.png"):
+    for section in ("## Verdict", "Checkpoint rule", "The claim, item by item", "Trajectories and picked checkpoints"):
+        assert section in report
+    for png in ("montage.png", "spectra.png", "trajectories.png", "training_curves.png", "distance_shell_norm.png"):
         with Image.open(os.path.join(workdir, png)) as im:
             assert im.size[0] > 100 and im.size[1] > 100, png
-    for media in ("comparison.mp4", "comparison.gif"):
-        assert os.path.getsize(os.path.join(workdir, media)) > 1000
-    # every model sampled the same prompts with the same noise: the samples differ only by the weights
-    lat = {n: np.load(os.path.join(workdir, "samples", n, "samples", "latents.npy")) for n in models}
-    assert all(v.shape == lat["base"].shape for v in lat.values())
-    prompts = {n: json.load(open(os.path.join(workdir, "samples", n, "samples", "prompts.json"))) for n in models}
-    assert all(p == prompts["base"] for p in prompts.values())
+
+
+def test_trajectories_and_picks(quick_run):
+    workdir, _ = quick_run
+    c = demo.get_config("quick")
+    paths = embedded_pipeline.Paths(str(workdir))
+    for name in c.run_variants:
+        for seed in SEEDS:
+            d = paths.variant(name, seed)
+            rows = embedded_validation.read_trajectory(d)
+            # the base's row first, then every validation.every steps up to the last step
+            assert [r["step"] for r in rows] == [0] + list(range(c.validation.every, c.reward.train.steps + 1,
+                                                                 c.validation.every))
+            assert rows[0]["laplacian_ratio"] == 1.0 and rows[0]["hf_ratio"] == 1.0
+            pick = json.load(open(os.path.join(d, embedded_validation.PICK_JSON)))
+            assert pick["step"] in [r["step"] for r in rows[1:]] and pick["rule"] == c.validation.rule
+            assert os.path.exists(os.path.join(d, embedded_validation.PICKED_DIR, "model.json"))
+    # shell_band's tau is shell_norm's reward logged at the step its entry names, per seed
+    for seed in SEEDS:
+        logged = embedded_pipeline.read_logged(os.path.join(paths.variant("shell_norm", seed), "metrics.jsonl"),
+                                               "reward", 2)
+        run_cfg = json.load(open(os.path.join(paths.variant("shell_band", seed), "config.json")))
+        assert run_cfg["reward"]["shell_band_target"] == pytest.approx(logged)
+
+
+def test_paired_sampling(quick_run):
+    # within a seed every model sampled the same prompts from the same noise: only the weights differ
+    workdir, _ = quick_run
+    paths = embedded_pipeline.Paths(str(workdir))
+    for seed in SEEDS:
+        models = ["base", *demo.get_config("quick").run_variants]
+        prompts = [json.load(open(os.path.join(paths.samples(m, seed), "samples", "prompts.json"))) for m in models]
+        assert all(p == prompts[0] for p in prompts) and all(e["seed"] == seed for e in prompts[0])
+    a = np.load(os.path.join(paths.samples("base", 0), "samples", "latents.npy"))
+    b = np.load(os.path.join(paths.samples("base", 1), "samples", "latents.npy"))
+    assert not np.allclose(a, b)            # seeds draw different noise
 
 
 def test_rerun_skips_finished_stages(quick_run):
@@ -74,61 +109,73 @@ def test_rerun_skips_finished_stages(quick_run):
 
 
 def test_config_errors(tmp_path):
-    c = demo.get_config("quick")
-    c.variants = ("control", "shel")
-    with pytest.raises(ValueError, match="shel"):
-        embedded_pipeline.run(c, str(tmp_path))
-    c = demo.get_config("quick")
-    c.stop_after = "sampling"
-    with pytest.raises(ValueError, match="stop_after"):
-        embedded_pipeline.run(c, str(tmp_path))
+    def bad(match, **edits):
+        c = demo.get_config("quick")
+        for k, v in edits.items():
+            parent = c
+            *head, last = k.split("__")
+            for h in head:
+                parent = parent[h]
+            parent[last] = v
+        with pytest.raises((ValueError, KeyError), match=match):
+            embedded_pipeline.run(c, str(tmp_path))
+
+    bad("shel", run_variants=("control", "shel"))
+    bad("repeats", run_variants=("control", "control"))
+    bad("must run before", run_variants=("control", "shell_band", "shell_norm"))
+    bad("multiple of reward.train.log_every", variants__shell_band__tau="shell_norm@3")
+    bad("no config key 'objective.drift_wait'", variants__shell_norm__options="objective.drift_wait=1.0")
+    bad("takes no reward", variants__control__reward="shell")
+    bad("stop_after", stop_after="sampling")
+    bad("validation.prompts", validation__prompts=100)
     with pytest.raises(ValueError, match="unknown demo config arg"):
         demo.get_config("fast")
 
 
-def test_variant_configs_differ_only_where_they_should(tmp_path):
-    c = demo.get_config("quick")
+def test_variant_configs_differ_only_where_their_entries_say(tmp_path):
+    c = demo.get_config()
     paths = embedded_pipeline.Paths(str(tmp_path))
     os.makedirs(paths.vae)
     with open(os.path.join(paths.vae, "reconstruction.json"), "w") as f:
         json.dump({"latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}, f)
-    control = embedded_pipeline.variant_config(c, "control", paths)
-    assert control.objective.name == "sft" and control.model.init_from == paths.base
-    for kind in ("lcc", "shell_norm", "shell", "shell_band"):
-        v = embedded_pipeline.variant_config(c, kind, paths)
-        assert v.reward.kind == kind and v.objective.name == c.reward.objective.name
+    control = embedded_pipeline.variant_config(c, "control", paths, 3)
+    assert control.objective.name == "sft" and control.model.init_from == paths.base and control.seed == 3
+    assert control.train.eval_every == c.validation.every
+    for name in ("lcc", "shell_norm", "shell", "shell_norm_drift", "shell_norm_sft"):
+        v = embedded_pipeline.variant_config(c, name, paths, 3)
+        e = c.variants[name]
+        assert v.reward.kind == e.reward and v.objective.name == e.objective
         assert v.reward.manifold == paths.manifold and v.data.cache_dir == paths.train_cache
         assert v.optim.learning_rate == control.optim.learning_rate and v.train.steps == control.train.steps
+    drift = embedded_pipeline.variant_config(c, "shell_norm_drift", paths, 0)
+    assert drift.objective.drift_weight == 10.0 and drift.objective.drift_margin == 0.05
+    assert embedded_pipeline.variant_config(c, "shell_norm", paths, 0).objective.drift_weight == 0.0
 
 
-def test_claim_checks():
-    cfg = embedded_evaluation.default_config()
+def _iv(v, lo, hi):
+    return {"value": v, "lo": lo, "hi": hi}
 
-    def model(hf, lap, spec, acc):
-        return {"hf_ratio": hf, "laplacian_ratio": lap, "spectrum_distance": spec, "attribute_accuracy": {"mean": acc}}
-    results = {"models": {"base": model(1.0, 1.0, 0.5, 0.8), "lcc": model(0.9, 0.8, 0.6, 0.8),
-                          "shell": model(1.2, 1.3, 0.4, 0.78), "shell_norm": model(1.01, 0.9, 0.6, 0.6)}}
-    checks = {(c["model"], c["claim"].split(" (")[0]): c["holds"] for c in embedded_evaluation.claim_checks(results, cfg)}
-    assert checks[("lcc", "lcc lowers high-frequency detail")] and checks[("lcc", "lcc lowers Laplacian variance")]
-    assert checks[("shell", "raises high-frequency detail")] and checks[("shell", "raises Laplacian variance")]
-    assert checks[("shell", "moves the power spectrum toward real")] and checks[("shell", "keeps attribute accuracy")]
-    # within ratio_eps of 1 is not "raised"; an accuracy drop beyond the margin is flagged
-    assert not checks[("shell_norm", "raises high-frequency detail")]
+
+def test_claim_checks_need_the_whole_interval():
+    c = demo.get_config()
+
+    def model(lap, hf, spec, acc):
+        return {"laplacian_ratio": _iv(*lap), "hf_ratio": _iv(*hf), "spectrum_distance_change": _iv(*spec),
+                "accuracy_change": _iv(*acc)}
+    results = {"models": {
+        "base": {},
+        "lcc": model((0.8, 0.7, 0.9), (0.85, 0.8, 0.95), (0.1, 0.0, 0.2), (0.0, -0.1, 0.1)),
+        "shell_band": model((1.2, 1.1, 1.3), (1.3, 1.1, 1.5), (-0.05, -0.08, -0.01), (-0.01, -0.04, 0.02)),
+        # a point estimate above 1 whose interval reaches below it does not count; nor does an accuracy
+        # interval reaching past -0.05
+        "shell_norm": model((1.1, 0.98, 1.2), (1.2, 1.01, 1.4), (-0.05, -0.1, -0.01), (-0.02, -0.07, 0.03)),
+    }}
+    checks = {(x["model"], x["claim"].split(" (")[0]): x["holds"] for x in embedded_evaluation.claim_checks(results, c)}
+    assert checks[("lcc", "lcc lowers Laplacian variance")] and checks[("lcc", "lcc lowers high-frequency energy")]
+    assert all(v for (m, _), v in checks.items() if m == "shell_band")
+    assert not checks[("shell_norm", "raises Laplacian variance")]
+    assert checks[("shell_norm", "raises high-frequency energy")]
     assert not checks[("shell_norm", "keeps attribute accuracy")]
-
-
-def test_diagnostics_flag_an_untrained_base_and_collapsed_variants():
-    cfg = embedded_evaluation.default_config()
-    attrs = ("shape", "colour", "texture", "scale", "direction", "speed")
-    chance = embedded_evaluation.chance_accuracy(attrs)
-    assert chance == pytest.approx(np.mean([1 / 6, 1 / 8, 1 / 4, 1 / 2, 1 / 8, 1 / 2]))
-
-    def model(acc, change=0.0):
-        return {"attribute_accuracy": {**{a: acc for a in attrs}, "mean": acc}, "content_change": change}
-    untrained = {"models": {"base": model(chance), "control": model(chance, 0.01), "shell": model(chance, 0.2)}}
-    notes = embedded_evaluation.diagnostics(untrained, cfg)
-    assert len(notes) == 1 and "at chance" in notes[0]
-    trained = {"models": {"base": model(0.6), "control": model(0.6, 0.01), "shell": model(0.3, 0.2),
-                          "shell_band": model(0.59, 0.05)}}
-    notes = embedded_evaluation.diagnostics(trained, cfg)
-    assert len(notes) == 1 and notes[0].startswith("`shell` lost the prompts' content")
+    results["claim"] = embedded_evaluation.claim_checks(results, c)
+    lines = embedded_evaluation.verdict(results, c)
+    assert "`shell_band`" in lines[0] and any(line.startswith("`shell_norm` does not") for line in lines)

@@ -76,7 +76,6 @@ def test_corrupt_truncated_and_mismatched_files_are_refused(tmp_path):
         packed.unpack_model(str(tmp_path / "mixed.npz"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="no shipped models in this checkout")
 def test_shipped_models_verify_and_a_corrupt_copy_is_refused(tmp_path):
     from configs import demo
     from experiments import embedded_pipeline
