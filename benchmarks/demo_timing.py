@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     record = {"bench": "demo_timing", "device": a.device, "date": datetime.date.today().isoformat(),
               "command": " ".join(["python", "benchmarks/demo_timing.py", "--config", a.config]),
               "stages_s": stages, "total_s": round(wall, 1),
-              "claim": results.get("claim"), "workdir": workdir}
+              "base_attribute_accuracy": results["models"]["base"]["attribute_accuracy"],
+              "vae_psnr_db": results.get("vae_reconstruction", {}).get("psnr_db"),
+              "verdict": results.get("verdict"), "claim": results.get("claim"), "workdir": workdir}
     with open(a.out_jsonl, "a") as f:
         f.write(json.dumps(record) + "\n")
     return 0

@@ -1,0 +1,75 @@
+"""The base's attribute accuracy on the validation prompts for several sampler settings (validation only).
+
+    python benchmarks/demo_guidance_sweep.py --workdir DIR [--prompts 64] [--seeds 0 1]
+
+``DIR`` is a run of ``configs/demo.py`` that finished its ``classifier`` stage. For each setting (solver,
+steps, guidance scale, shift) the installed base samples the first ``--prompts`` validation prompts with
+every seed's noise; the table gives the mean accuracy over seeds per attribute, and one record goes to
+``benchmarks/results.jsonl``. This is how the demo's sampler (``configs/demo.py``: UniPC, 10 steps,
+guidance 3.0) was chosen; the test prompts are not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SETTINGS = (("unipc", 10, 2.0, 3.0), ("unipc", 10, 3.0, 3.0), ("unipc", 10, 4.0, 3.0), ("unipc", 25, 2.0, 3.0),
+            ("unipc", 10, 2.0, 1.0), ("unipc", 25, 3.0, 1.0), ("euler", 25, 2.0, 3.0), ("unipc", 50, 2.0, 3.0))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    a = p.parse_args(argv)
+    import ml_collections
+    from configs import demo
+    from experiments import embedded_pipeline as ep, embedded_validation as ev
+    c = demo.get_config()
+    c.validation.prompts = a.prompts
+    paths = ep.Paths(os.path.abspath(a.workdir))
+    if not os.path.exists(paths.stage_marker("classifier")):
+        raise SystemExit(f"{a.workdir}: the classifier stage has not finished; run configs/demo.py there first")
+    evs = ep._Evaluators(c, paths)
+    evs._build_shared()
+    s = evs._shared
+    rows = []
+    for solver, steps, g, shift in SETTINGS:
+        cfg = ml_collections.ConfigDict(dict(solver=solver, steps=steps, guidance_scale=g, shift=shift))
+        t0 = time.time()
+        per_seed = []
+        for seed in a.seeds:
+            e = ev.Evaluator(base_model=s["base"], mesh=s["mesh"], contexts=s["contexts"], labels=s["labels"],
+                             real_videos=s["real"], latent_shape=s["shape"], sampler_cfg=cfg, seed=seed,
+                             decoder=s["decoder"], classifier=s["classifier"], manifold=None)
+            per_seed.append(e.set_reference(s["base"]))
+        acc = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0] if k.startswith("acc") or
+               k == "attribute_accuracy"}
+        rows.append({"solver": solver, "steps": steps, "guidance": g, "shift": shift, **acc,
+                     "seconds_per_seed": round((time.time() - t0) / len(a.seeds), 1)})
+        print(f"{solver:>6} {steps:>3} steps guidance {g:<4} shift {shift:<4} accuracy {acc['attribute_accuracy']:.3f} ("
+              + ", ".join(f"{k[4:]} {v:.2f}" for k, v in acc.items() if k.startswith("acc_")) + ")", flush=True)
+    record = {"bench": "demo_guidance_sweep", "date": datetime.date.today().isoformat(),
+              "device": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
+              "command": "python benchmarks/demo_guidance_sweep.py " + " ".join(argv or sys.argv[1:]),
+              "split": "validation", "prompts": a.prompts, "seeds": a.seeds, "rows": rows}
+    with open(a.out_jsonl, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
