@@ -61,6 +61,7 @@ ATTRIBUTE_FIELDS = ("shape", "colour", "texture", "scale", "direction", "speed")
 DONE = "DONE"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRETRAINED = os.path.join("configs", "pretrained", "demo")
+PRETRAINED_MODELS = ("vae", "text_encoder", "base")
 OBJECTIVES = reward_finetune.OBJECTIVES
 METHODS = ("reward_finetune",)
 
@@ -115,8 +116,10 @@ def default_config() -> ml_collections.ConfigDict:
     # export_to (configs/demo.py:pretrain): after the stages, check the base on the validation prompts at
     # each guidance scale of guidance_grid and on the test prompts with check_seeds, then pack the three
     # models with a manifest into this directory (relative: inside the workdir)
-    c.pretrained = dict(dir=DEFAULT_PRETRAINED, export_to="", guidance_grid=(1.0, 2.0, 4.0, 6.0),
-                        check_seeds=(0, 1, 2))
+    # install: which of the three come from dir (the others are trained here), e.g. ('vae', 'text_encoder')
+    # to train a new base on the shipped VAE and text encoder
+    c.pretrained = dict(dir=DEFAULT_PRETRAINED, install=PRETRAINED_MODELS, export_to="",
+                        guidance_grid=(1.0, 2.0, 4.0, 6.0), check_seeds=(0, 1, 2))
     c.vae = train_vae.default_config()
     c.vae.train.steps, c.vae.train.log_every = 400, 50
     # 4x spatial compression (latents [3, 16, 16, 16]): at 8x the 64 x 64 frames keep 8 x 8 latents and a
@@ -197,6 +200,11 @@ def pretrained_dir(config) -> str:
     return "" if not d else (d if os.path.isabs(d) else os.path.join(REPO, d))
 
 
+def installs(config, name: str) -> bool:
+    """Whether model ``name`` is installed from ``pretrained.dir`` rather than trained in this run."""
+    return bool(pretrained_dir(config)) and name in tuple(config.pretrained.install)
+
+
 # ------------------------------------------------------------------------------------------ variants
 
 def variant_names(config) -> tuple[str, ...]:
@@ -205,6 +213,9 @@ def variant_names(config) -> tuple[str, ...]:
 
 def check_config(config) -> None:
     """Every variant entry and the run's settings, before any stage runs; errors name the key."""
+    bad = [m for m in config.pretrained.install if m not in PRETRAINED_MODELS]
+    if bad:
+        raise ValueError(f"config.pretrained.install names {bad}; expected a subset of {PRETRAINED_MODELS}")
     names = variant_names(config)
     if not names:
         raise ValueError("config.run_variants is empty")
@@ -336,7 +347,7 @@ def stage_vae(config, paths: Paths) -> None:
     from shelllcc.models import saving
     os.makedirs(paths.vae, exist_ok=True)
     builder = _builder(config, paths)
-    if pretrained_dir(config):
+    if installs(config, "vae"):
         vae, e = _pretrained(config, "vae")
         print("vae: installed (config.vae's training settings are not used)", flush=True)
         saving.save_model(os.path.join(paths.vae, train_vae.MODEL_DIR), vae, extra={"installed_from": e})
@@ -361,7 +372,7 @@ def stage_text_encoder(config, paths: Paths) -> None:
     from shelllcc.data import moving_textures
     from shelllcc.models import saving
     from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
-    if pretrained_dir(config):
+    if installs(config, "text_encoder"):
         enc, e = _pretrained(config, "text_encoder")
         saving.save_model(paths.text_encoder, enc, extra={"installed_from": e})
         return
@@ -405,7 +416,7 @@ def stage_cache(config, paths: Paths) -> None:
 def stage_base(config, paths: Paths) -> None:
     from shelllcc.models import saving
     os.makedirs(paths.base, exist_ok=True)
-    if pretrained_dir(config):
+    if installs(config, "base"):
         from shelllcc.data.latent_cache import open_cache
         dit, e = _pretrained(config, "base")
         text_dim = open_cache(paths.train_cache).info["fields"]["text_embeddings"]["shape"][-1]
