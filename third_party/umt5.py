@@ -11,9 +11,8 @@ float32 and ``lengths [N]``.
 ``text_encoder/`` and ``tokenizer/`` subfolders. ``torch`` and ``transformers`` are imported
 lazily, inside the functions, so importing this module costs nothing.
 
-Cache file (``.npz``, no pickles): ``captions`` (unicode array ``[N]``), ``embeddings``
-(``[N, L, D]``; ``L = max_length`` or, with ``trim=True``, the longest caption's length, to be
-zero-padded back by the reader), ``lengths`` (int32 ``[N]``), ``max_length`` (int).
+The cache file's format belongs to the library (:mod:`shelllcc.data.text_cache`, which reads it for
+training); this module only writes it.
 
 CLI::
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import re
 import sys
@@ -32,6 +30,8 @@ import time
 from typing import Sequence
 
 import numpy as np
+
+from shelllcc.data.text_cache import read_captions, read_text_cache, write_text_cache  # noqa: F401 (CLI and callers)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -131,72 +131,6 @@ def encode_captions(captions: Sequence[str], model_path: str | None = None, max_
             rate = done / max(time.time() - t0, 1e-9)
             print(f"[umt5] {done}/{len(texts)} captions ({rate:.1f}/s)", file=sys.stderr, flush=True)
     return out, lengths
-
-
-def write_text_cache(captions: Sequence[str], embeddings, lengths, out_path: str,
-                     trim: bool = False, store_dtype: str = "float32") -> str:
-    """Write the ``.npz`` cache (module doc); returns the path written.
-
-    ``trim=True`` stores only the first ``max(lengths)`` positions (the rest are zero by
-    construction); ``store_dtype="float16"`` halves the file. :func:`read_text_cache` restores
-    ``[N, max_length, D]`` float32 either way.
-    """
-    emb = np.asarray(embeddings)
-    lengths = np.asarray(lengths, np.int32)
-    captions = np.asarray(list(captions), dtype=np.str_)
-    if emb.ndim != 3 or emb.shape[0] != len(captions) or lengths.shape != (len(captions),):
-        raise ValueError(f"inconsistent shapes: {len(captions)} captions, embeddings {emb.shape}, "
-                         f"lengths {lengths.shape}")
-    if store_dtype not in ("float32", "float16"):
-        raise ValueError("store_dtype must be float32 or float16")
-    max_length = emb.shape[1]
-    if trim:
-        emb = emb[:, : max(int(lengths.max(initial=0)), 1)]
-    if not out_path.endswith(".npz"):
-        out_path = out_path + ".npz"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path[:-4] + ".tmp.npz"
-    np.savez(tmp, captions=captions, embeddings=emb.astype(store_dtype), lengths=lengths,
-             max_length=np.int64(max_length))
-    os.replace(tmp, out_path)  # no half-written cache on interruption
-    return out_path
-
-
-def read_text_cache(path: str):
-    """``(captions list[str], embeddings float32 [N, max_length, D], lengths int32 [N])``."""
-    with np.load(path, allow_pickle=False) as f:
-        captions = [str(c) for c in f["captions"]]
-        emb = f["embeddings"].astype(np.float32)
-        lengths = f["lengths"].astype(np.int32)
-        max_length = int(f["max_length"])
-    if emb.shape[1] < max_length:
-        emb = np.concatenate([emb, np.zeros((emb.shape[0], max_length - emb.shape[1], emb.shape[2]),
-                                            np.float32)], axis=1)
-    return captions, emb, lengths
-
-
-def read_captions(path: str, field: str | None = None) -> list[str]:
-    """Captions from ``.txt`` (one per non-empty line) or ``.jsonl`` (a string, or an object with
-    ``field``, default the first of ``caption``, ``text``, ``prompt`` present)."""
-    caps = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                obj = json.loads(line)
-                if isinstance(obj, str):
-                    caps.append(obj)
-                    continue
-                keys = [field] if field else ["caption", "text", "prompt"]
-                key = next((k for k in keys if k in obj), None)
-                if key is None or not isinstance(obj[key], str):
-                    raise ValueError(f"{path}:{lineno}: no string field among {keys}")
-                caps.append(obj[key])
-            else:
-                caps.append(line)
-    return caps
 
 
 def main(argv=None) -> int:

@@ -68,6 +68,8 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from shelllcc.data import text_cache
+
 FORMAT = "shelllcc_latent_cache"
 FORMAT_VERSION = 1
 CACHE_JSON = "cache.json"
@@ -215,14 +217,12 @@ def text_encoder_fn(encoder: Any, tokenizer: Any = None) -> TextEncoderFn:
 
 
 def precomputed_text(npz_path: str) -> TextEncoderFn:
-    """Text embeddings looked up by caption in a umT5 cache written by :mod:`third_party.umt5`.
+    """Text embeddings looked up by caption in a cache of :mod:`shelllcc.data.text_cache` (e.g. umT5's).
 
     Captions must match the cache's entries exactly (the strings the cache was computed from); a
     missing one raises ``KeyError`` naming it, so a stale cache cannot silently give wrong context.
     """
-    from third_party.umt5 import read_text_cache
-
-    captions, emb, lengths = read_text_cache(npz_path)
+    captions, emb, lengths = text_cache.read_text_cache(npz_path)
     where = {c: i for i, c in enumerate(captions)}
     with open(npz_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
