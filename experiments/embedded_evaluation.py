@@ -34,9 +34,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from shelllcc.evaluation import detail
+from experiments import embedded_workdir as workdir
+from experiments import train_vae
+from shelllcc.data import moving_textures as mt
+from shelllcc.data.latent_cache import open_cache
+from shelllcc.evaluation import classifier as clf_lib
+from shelllcc.evaluation import detail, frechet, report
 from shelllcc.evaluation import intervals as iv
+from shelllcc.manifold import io as manifold_io
+from shelllcc.rewards.manifold_distance import manifold_distance
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
@@ -81,7 +89,6 @@ def load_real(builder, split: str, n: int, attributes) -> tuple[np.ndarray, dict
 
 def load_test_latents(cache_dir: str, n: int, mean, std) -> tuple[np.ndarray, np.ndarray]:
     """Normalised latents ``[n, ...]`` and source indices of the first ``n`` test cache records."""
-    from shelllcc.data.latent_cache import open_cache
     cache = open_cache(cache_dir, latent_dtype=np.float32)
     recs = [cache[i] for i in range(min(n, len(cache)))]
     lat = np.stack([r["latents"] for r in recs]).astype(np.float32)
@@ -91,7 +98,6 @@ def load_test_latents(cache_dir: str, n: int, mean, std) -> tuple[np.ndarray, np
 
 def decode_latents(vae, latents: np.ndarray, mean, std, batch_size: int = 16) -> np.ndarray:
     """Normalised latents -> uint8 videos, decoded losslessly on the host's default device."""
-    from flax import nnx
     graphdef, state = nnx.split(vae)
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
@@ -133,7 +139,6 @@ def score_clips(videos: np.ndarray, labels: dict[str, np.ndarray], classifier) -
     ``hf_energy``, ``hf_fraction``), ``spectra [n, R]`` (each clip's radial power spectrum, frames
     averaged), ``correct`` (attribute -> bool ``[n]``: the classifier reads the prompt's value) and the
     classifier's ``features [n, F]``."""
-    from shelllcc.evaluation import classifier as clf_lib
     out = per_clip_detail(videos)
     out["spectra"] = np.asarray(detail.radial_power_spectrum(videos), np.float64)
     pred = clf_lib.predict(classifier, videos)
@@ -143,7 +148,6 @@ def score_clips(videos: np.ndarray, labels: dict[str, np.ndarray], classifier) -
 
 
 def manifold_distances(manifold, mcfg, latents: np.ndarray, kinds, target) -> dict[str, np.ndarray]:
-    from shelllcc.rewards.manifold_distance import manifold_distance
     out = {}
     for kind in kinds:
         fn = jax.jit(lambda z, kind=kind: manifold_distance(
@@ -177,7 +181,6 @@ def model_arrays(scores: list[dict], base: list[dict] | None, videos: list[np.nd
 def model_intervals(a: dict[str, np.ndarray], real_spectrum: np.ndarray, feats_train: np.ndarray, cfg,
                     seed: int = 0) -> dict:
     """Every metric of one model, each ``{value, lo, hi, ...}`` (module docstring)."""
-    from shelllcc.evaluation import frechet
     kw = dict(n_boot=cfg.n_boot, level=cfg.level, seed=seed)
     boot = lambda stat, keys, **k: iv.bootstrap({x: a[x] for x in keys}, stat, **{**kw, **k})  # noqa: E731
     mu_t, sig_t = frechet.gaussian_stats(feats_train)
@@ -262,7 +265,6 @@ def verdict(results: dict, config) -> list[str]:
 
 def chance_accuracy(attributes) -> float:
     """Mean over ``attributes`` of ``1 / classes``: the attribute accuracy of guessing."""
-    from shelllcc.data import moving_textures as mt
     return float(np.mean([1.0 / len(mt.ATTRIBUTES[a]) for a in attributes]))
 
 
@@ -295,22 +297,16 @@ def diagnostics(results: dict, config) -> list[str]:
 # ------------------------------------------------------------------------------------------ the stage
 
 def run(config: ml_collections.ConfigDict, paths) -> dict:
-    from experiments import embedded_pipeline as pipeline
-    from experiments import embedded_validation as validation
-    from experiments import train_vae
-    from shelllcc.evaluation import classifier as clf_lib
-    from shelllcc.evaluation import report
-    from shelllcc.manifold import io as manifold_io
 
     cfg = config.evaluate
     t0 = time.time()
-    attrs = pipeline.ATTRIBUTE_FIELDS
-    builder = pipeline._builder(config, paths)
-    mean, std = pipeline.latent_stats(paths)
+    attrs = workdir.ATTRIBUTE_FIELDS
+    builder = workdir.builder(config, paths)
+    mean, std = workdir.latent_stats(paths)
     vae = train_vae.load(paths.vae)
     n = cfg.num_prompts
     seeds = tuple(config.seeds)
-    names = ("base",) + pipeline.variant_names(config)
+    names = ("base",) + workdir.variant_names(config)
 
     real_test, test_labels, test_index = load_real(builder, "test", n, attrs)
     real_lat, idx = load_test_latents(paths.test_cache, n, mean, std)
@@ -364,8 +360,8 @@ def run(config: ml_collections.ConfigDict, paths) -> dict:
         runs[m], picks[m] = {}, {}
         for seed in seeds:
             d = paths.variant(m, seed)
-            runs[m][seed] = validation.read_trajectory(d)
-            picks[m][seed] = json.load(open(os.path.join(d, validation.PICK_JSON)))
+            runs[m][seed] = workdir.read_trajectory(d)
+            picks[m][seed] = json.load(open(os.path.join(d, workdir.PICK_JSON)))
         results["models"][m]["picked"] = {str(s): {k: p[k] for k in ("step", "collapse_step", "reason")}
                                           for s, p in picks[m].items()}
     results["claim"] = claim_checks(results, config)
@@ -434,8 +430,6 @@ def _iv(x, fmt=".3f"):
 
 
 def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> str:
-    from experiments import embedded_pipeline as pipeline
-    from shelllcc.evaluation import report
     seeds = results["seeds"]
     rows = []
     for name, r in {**results["references"], **results["models"]}.items():
@@ -473,7 +467,7 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         f"{results['num_prompts']} test prompts x {len(seeds)} seed(s) {seeds} of fine-tuning and sampling; per seed "
         f"the same noise for every model. Sampler: {config.sample.sampler.solver} x {config.sample.sampler.steps} "
         f"steps, shift {config.sample.sampler.shift}, guidance {config.sample.sampler.guidance_scale}. Variants: "
-        + "; ".join(f"`{n}` ({config.variants[n].label})" for n in pipeline.variant_names(config))
+        + "; ".join(f"`{n}` ({config.variants[n].label})" for n in workdir.variant_names(config))
         + f". Fine-tuning: {config.reward.train.steps} steps, batch {config.reward.data.batch_size}, AdamW lr "
           f"{config.reward.optim.learning_rate:g}, weight decay {config.reward.optim.weight_decay:g}.\n\n"
         f"**Checkpoint rule (fixed before the runs, validation only):** every {vcfg.every} steps the model samples "
@@ -481,7 +475,7 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         f"of {vcfg.patience} consecutive evaluations whose attribute accuracy is more than {vcfg.max_accuracy_drop} "
         f"below the base's; the picked checkpoint is the `{vcfg.rule}` one"
         + (f" (highest validation {vcfg.score} before the collapse)" if vcfg.rule == "peak" else "")
-        + "".join(f"; `{n}` is judged by its own rule, `{config.variants[n].rule}`" for n in pipeline.variant_names(config)
+        + "".join(f"; `{n}` is judged by its own rule, `{config.variants[n].rule}`" for n in workdir.variant_names(config)
                   if config.variants[n].rule) + ".\n\n"
         f"**Intervals:** {results['interval_method']}. A claim holds only when its whole interval excludes the null.\n\n"
         f"VAE on {v.get('clips', 0)} held-out clips: PSNR {v.get('psnr_db', float('nan')):.2f} dB, Laplacian ratio "

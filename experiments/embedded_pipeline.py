@@ -42,28 +42,86 @@ rows differ only by what their entry says. Later methods add entries, not stages
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from experiments import config_entry, embedded_validation, fit_manifold, reward_finetune, sample, sft, train_vae
+from experiments import (
+    config_entry,
+    dit_setup,
+    embedded_evaluation,
+    embedded_validation,
+    fit_manifold,
+    reward_finetune,
+    sample,
+    sft,
+    train_vae,
+)
+from experiments.embedded_workdir import (
+    ATTRIBUTE_FIELDS,
+    DONE,
+    SPLITS,
+    Paths,
+    latent_stats,
+    variant_names,
+)
+from experiments.embedded_workdir import builder as _builder
+from experiments.overrides import apply_overrides, parse_overrides
+from shelllcc.data import latent_cache, moving_textures
 from shelllcc.evaluation import checkpoint_rule
+from shelllcc.evaluation import classifier as clf_lib
+from shelllcc.evaluation.report import load_metrics
+from shelllcc.manifold import io as manifold_io
+from shelllcc.models import packed, saving
+from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
 
 STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "variants", "sample",
           "evaluate")
-SPLITS = ("train", "validation", "test")
-ATTRIBUTE_FIELDS = ("shape", "colour", "texture", "scale", "direction", "speed")
-DONE = "DONE"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRETRAINED = os.path.join("configs", "pretrained", "demo")
 PRETRAINED_MODELS = ("vae", "text_encoder", "base")
 OBJECTIVES = reward_finetune.OBJECTIVES
 METHODS = ("reward_finetune",)
+
+
+DIT_STAGES = ("sft", "reward", "sample")
+
+
+def dit_stage_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The embedded benchmark's DiT stages on their own (``configs/embedded.py:sft|reward|sample``): the
+    settings the pipeline starts from before it sizes the model and fills in the paths."""
+    arg = arg or "sft"
+    if arg not in DIT_STAGES:
+        raise ValueError(f"unknown embedded config arg {arg!r}; expected one of {DIT_STAGES}")
+    if arg == "sample":
+        c = sample.default_config()
+    elif arg == "sft":
+        c = sft.default_config()
+        c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = 3e-4, "cosine", 100
+        c.optim.end_lr_fraction = 0.1
+        c.train.steps = 3000
+    else:
+        c = reward_finetune.default_config()
+        c.optim.learning_rate = 3e-5
+        c.train.steps = 300
+        c.objective.name, c.objective.s_lo, c.objective.s_hi = "one_step", 0.7, 1.0
+        c.reward.kind = "shell"
+    c.model.preset = "tiny"
+    c.model.dim, c.model.num_layers, c.model.num_heads, c.model.ffn_dim = 128, 4, 4, 256
+    c.model.text_dim, c.model.freq_dim = 128, 64
+    if arg != "sample":
+        c.data.source = "cache"
+        c.data.batch_size = 32
+        c.train.log_every, c.train.checkpoint_every = 50, 500
+    return c
 
 
 def entry(objective: str, reward: str = "", label: str = "", tau: str = "", options: str = "", rule: str = "",
@@ -100,8 +158,6 @@ def catalogue() -> ml_collections.ConfigDict:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    from configs import embedded
-    from experiments import embedded_evaluation
     c = ml_collections.ConfigDict()
     c.experiment = "embedded_pipeline"
     c.seed = 0
@@ -129,7 +185,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.vae.loss.kl = 1e-4
     c.text_encoder = dict(max_len=16, dim=128, num_layers=2, num_heads=4, seed=0)
     c.cache = dict(batch_size=16, shard_size=256)
-    c.base = embedded.get_config("sft")
+    c.base = dit_stage_config("sft")
     c.base.train.steps, c.base.data.batch_size, c.base.optim.warmup_steps = 1000, 16, 50
     c.base.optim.learning_rate = 1e-3
     c.base.flow.text_dropout = 0.1   # classifier-free guidance needs the unconditional model too
@@ -142,7 +198,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.manifold.data.test_fraction = 0.1
     c.manifold.manifold.num_anchors, c.manifold.manifold.hidden_dim = 64, 128
     c.manifold.stage1.locality = 1.0                # the authors' weight (0.1 before; see the report)
-    c.reward = embedded.get_config("reward")        # what every variant starts from
+    c.reward = dit_stage_config("reward")        # what every variant starts from
     c.reward.flow.text_dropout = c.base.flow.text_dropout
     # the authors: AdamW lr 1e-5 at width 1536 (Wan2.1-1.3B), effective batch 8, clip 1.0. Adam's update
     # is ~lr per weight and hidden weights scale as 1/sqrt(width), so the same relative change per step
@@ -156,7 +212,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell", "shell_band_data")
     c.seeds = (0,)                   # fine-tuning and sampling seeds (each variant runs once per seed)
     c.validation = embedded_validation.default_config()
-    c.sample = embedded.get_config("sample")
+    c.sample = dit_stage_config("sample")
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
     c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
@@ -169,32 +225,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------ paths
 
-class Paths:
-    def __init__(self, workdir: str):
-        j = lambda *p: os.path.join(workdir, *p)  # noqa: E731
-        self.root = workdir
-        self.data, self.vae, self.text_encoder = j("data"), j("vae"), j("text_encoder")
-        self.cache = lambda split: j("latents", split)
-        self.train_cache, self.test_cache = j("latents", "train"), j("latents", "test")
-        self.base, self.manifold, self.classifier = j("base"), j("manifold"), j("classifier")
-        self.variant = lambda name, seed=0: j("variants", name, f"seed{seed}")
-        self.samples = lambda name, seed=0: j("samples", name, f"seed{seed}")
-        self.stage_marker = lambda stage: j("stages", f"{stage}.{DONE}")
-
-
-def benchmark_config(b: ml_collections.ConfigDict):
-    from shelllcc.data import embedded_benchmark
-    return embedded_benchmark.BenchmarkConfig(num_frames=b.num_frames, height=b.height, width=b.width,
-                                              train_size=b.train_size, validation_size=b.validation_size,
-                                              test_size=b.test_size, seed=b.seed,
-                                              background_texture=b.background_texture)
-
-
-def latent_stats(paths: Paths) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    info = json.load(open(os.path.join(paths.vae, train_vae.RECONSTRUCTION_JSON)))
-    return tuple(info["latents_mean"]), tuple(info["latents_std"])
-
-
 def pretrained_dir(config) -> str:
     d = config.pretrained.dir
     return "" if not d else (d if os.path.isabs(d) else os.path.join(REPO, d))
@@ -206,10 +236,6 @@ def installs(config, name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ variants
-
-def variant_names(config) -> tuple[str, ...]:
-    return tuple(config.run_variants)
-
 
 def check_config(config) -> None:
     """Every variant entry and the run's settings, before any stage runs; errors name the key."""
@@ -268,7 +294,6 @@ def check_config(config) -> None:
 
 def read_logged(metrics_path: str, key: str, step: int) -> float:
     """The value of ``key`` logged at ``step`` in a run's ``metrics.jsonl``."""
-    from shelllcc.evaluation.report import load_metrics
     if not os.path.exists(metrics_path):
         raise ValueError(f"{metrics_path} does not exist: the run it belongs to has not run")
     for r in load_metrics(metrics_path):
@@ -292,7 +317,6 @@ def resolve_tau(config, name: str, paths: Paths | None, seed: int) -> float | No
 
 def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_collections.ConfigDict:
     """The reward_finetune config of variant ``name`` and ``seed``: ``config.reward`` with the entry applied."""
-    from experiments.overrides import apply_overrides, parse_overrides
     e = config.variants[name]
     c = copy.deepcopy(config.reward)
     c.seed = int(seed)
@@ -315,18 +339,12 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
 
 # ------------------------------------------------------------------------------------------ stages
 
-def _builder(config, paths: Paths, verbose: bool = False):
-    from shelllcc.data import embedded_benchmark
-    return embedded_benchmark.build(paths.data, benchmark_config(config.benchmark), verbose=verbose)
-
-
 def stage_dataset(config, paths: Paths) -> None:
     _builder(config, paths, verbose=True)
 
 
 def _pretrained(config, name: str):
     """``(model, manifest entry)`` of ``name`` from ``pretrained.dir``, checked against this benchmark."""
-    from shelllcc.models import packed
     d = pretrained_dir(config)
     if not os.path.isdir(d):
         raise ValueError(f"pretrained.dir {d!r} does not exist (set --config.pretrained.dir='' to train every "
@@ -344,7 +362,6 @@ def _pretrained(config, name: str):
 
 
 def stage_vae(config, paths: Paths) -> None:
-    from shelllcc.models import saving
     os.makedirs(paths.vae, exist_ok=True)
     builder = _builder(config, paths)
     if installs(config, "vae"):
@@ -368,10 +385,6 @@ def stage_vae(config, paths: Paths) -> None:
 
 
 def stage_text_encoder(config, paths: Paths) -> None:
-    from flax import nnx
-    from shelllcc.data import moving_textures
-    from shelllcc.models import saving
-    from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
     if installs(config, "text_encoder"):
         enc, e = _pretrained(config, "text_encoder")
         saving.save_model(paths.text_encoder, enc, extra={"installed_from": e})
@@ -392,14 +405,11 @@ def stage_text_encoder(config, paths: Paths) -> None:
 
 def _caption_probe():
     # the longest value of every attribute, in every caption template
-    from shelllcc.data import moving_textures as mt
-    longest = {k: max(v, key=len) for k, v in mt.ATTRIBUTES.items()}
-    return [(longest, v) for v in range(len(mt.CAPTION_TEMPLATES))]
+    longest = {k: max(v, key=len) for k, v in moving_textures.ATTRIBUTES.items()}
+    return [(longest, v) for v in range(len(moving_textures.CAPTION_TEMPLATES))]
 
 
 def stage_cache(config, paths: Paths) -> None:
-    from shelllcc.data import latent_cache
-    from shelllcc.models import saving
     builder = _builder(config, paths)
     vae = train_vae.load(paths.vae)
     encode_video = latent_cache.vae_video_encoder(vae)
@@ -414,12 +424,10 @@ def stage_cache(config, paths: Paths) -> None:
 
 
 def stage_base(config, paths: Paths) -> None:
-    from shelllcc.models import saving
     os.makedirs(paths.base, exist_ok=True)
     if installs(config, "base"):
-        from shelllcc.data.latent_cache import open_cache
         dit, e = _pretrained(config, "base")
-        text_dim = open_cache(paths.train_cache).info["fields"]["text_embeddings"]["shape"][-1]
+        text_dim = latent_cache.open_cache(paths.train_cache).info["fields"]["text_embeddings"]["shape"][-1]
         if dit.config.text_dim != text_dim:
             raise ValueError(f"the pretrained base reads text of dimension {dit.config.text_dim}; the cache's text "
                              f"embeddings have {text_dim}")
@@ -433,13 +441,11 @@ def stage_base(config, paths: Paths) -> None:
 
 def load_real(builder, split: str, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The first ``n`` clips of ``split`` in source order: ``(videos uint8, labels)``."""
-    from experiments.embedded_evaluation import load_real as _load
-    videos, labels, _ = _load(builder, split, n, ATTRIBUTE_FIELDS)
+    videos, labels, _ = embedded_evaluation.load_real(builder, split, n, ATTRIBUTE_FIELDS)
     return videos, labels
 
 
 def stage_classifier(config, paths: Paths) -> None:
-    from shelllcc.evaluation import classifier as clf_lib
     c = config.classifier
     videos, labels = load_real(_builder(config, paths), "train", config.benchmark.train_size)
     ccfg = clf_lib.ClassifierConfig(steps=c.steps, batch_size=c.batch_size, learning_rate=c.learning_rate)
@@ -471,13 +477,9 @@ class _Evaluators:
         self._by_seed: dict[int, tuple] = {}
 
     def _build_shared(self):
-        from shelllcc.data.latent_cache import open_cache
-        from shelllcc.evaluation import classifier as clf_lib
-        from shelllcc.manifold import io as manifold_io
-        from experiments import dit_setup
         config, paths = self.config, self.paths
         n = config.validation.prompts
-        cache = open_cache(paths.cache("validation"), latent_dtype=np.float32)
+        cache = latent_cache.open_cache(paths.cache("validation"), latent_dtype=np.float32)
         recs = cache.__getitems__(list(range(n)))
         contexts = np.stack([np.asarray(r["text_embeddings"], np.float32) for r in recs])
         labels = {a: np.asarray([int(r[a]) for r in recs]) for a in ATTRIBUTE_FIELDS}
@@ -519,7 +521,6 @@ class _Evaluators:
 
 def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluators) -> dict:
     """Fine-tune variant ``name`` with ``seed`` (validation every few steps), pick and export its checkpoint."""
-    from shelllcc.models import saving
     out = paths.variant(name, seed)
     if os.path.exists(os.path.join(out, DONE)):
         return json.load(open(os.path.join(out, embedded_validation.PICK_JSON)))
@@ -591,15 +592,12 @@ def stage_sample(config, paths: Paths) -> None:
 
 
 def stage_evaluate(config, paths: Paths) -> None:
-    from experiments import embedded_evaluation
     embedded_evaluation.run(config, paths)
 
 
 def base_check(config, paths: Paths) -> dict:
     """The base's attribute accuracy on the validation prompts at every ``pretrained.guidance_grid`` scale,
     and on the test prompts at the best of them with every ``pretrained.check_seeds`` seed."""
-    from experiments import embedded_evaluation as ev
-    from shelllcc.evaluation import classifier as clf_lib
     out = {"validation": {}, "test": {}}
     for g in config.pretrained.guidance_grid:
         c = copy.deepcopy(config)
@@ -610,7 +608,7 @@ def base_check(config, paths: Paths) -> dict:
     out["best_guidance"] = float(best)
     builder = _builder(config, paths)
     n = config.evaluate.num_prompts
-    _, labels, _ = ev.load_real(builder, "test", n, ATTRIBUTE_FIELDS)
+    _, labels, _ = embedded_evaluation.load_real(builder, "test", n, ATTRIBUTE_FIELDS)
     classifier = clf_lib.load_classifier(paths.classifier)
     mean, std = latent_stats(paths)
     vae = train_vae.load(paths.vae)
@@ -618,7 +616,7 @@ def base_check(config, paths: Paths) -> dict:
         c = sample_config(config, paths, paths.base, seed)
         c.sampler.guidance_scale = float(best)
         lat = sample.run(c, os.path.join(paths.base, "check", f"seed{seed}"))["latents"]
-        acc = clf_lib.accuracy(clf_lib.predict(classifier, ev.decode_latents(vae, lat, mean, std)), labels)
+        acc = clf_lib.accuracy(clf_lib.predict(classifier, embedded_evaluation.decode_latents(vae, lat, mean, std)), labels)
         out["test"][str(seed)] = acc
     with open(os.path.join(paths.base, "base_check.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -631,9 +629,6 @@ def base_check(config, paths: Paths) -> dict:
 
 def export_pretrained(config, paths: Paths) -> str:
     """Pack the VAE, the text encoder and the base into ``pretrained.export_to`` with a manifest."""
-    import datetime
-    import sys
-    from shelllcc.models import packed, saving
     out = config.pretrained.export_to
     out = out if os.path.isabs(out) else os.path.join(paths.root, out)
     os.makedirs(out, exist_ok=True)

@@ -28,11 +28,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import embedded_evaluation as ev
+from experiments import embedded_workdir as workdir
+from experiments import sample as sample_lib
 from shelllcc.evaluation import checkpoint_rule
+from shelllcc.models import saving
 
-TRAJECTORY = "trajectory.jsonl"
-PICK_JSON = "pick.json"
-PICKED_DIR = "picked"
+TRAJECTORY, PICK_JSON, PICKED_DIR = workdir.TRAJECTORY, workdir.PICK_JSON, workdir.PICKED_DIR
+read_trajectory = workdir.read_trajectory
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,7 +69,6 @@ class Evaluator:
 
     def __init__(self, *, base_model: nnx.Module, mesh, contexts: np.ndarray, labels: dict[str, np.ndarray],
                  real_videos: np.ndarray, latent_shape, sampler_cfg, seed: int, decoder, classifier, manifold):
-        from experiments import sample as sample_lib
         self.contexts = np.asarray(contexts, np.float32)
         self.labels = labels
         self.n = len(self.contexts)
@@ -75,13 +77,11 @@ class Evaluator:
             shift=sampler_cfg.shift, guidance_scale=sampler_cfg.guidance_scale, batch_size=self.n, seed=seed)
         self.negative = np.zeros(self.contexts.shape[1:], np.float32)
         self.decoder, self.classifier, self.manifold = decoder, classifier, manifold
-        from experiments import embedded_evaluation as ev
         self.real_spectrum = ev.mean_spectrum(real_videos)
         self.reference: dict[str, Any] | None = None
 
     def sample(self, model: nnx.Module) -> tuple[np.ndarray, np.ndarray]:
         """``(latents [n, ...] float32, videos uint8 [n, T, H, W, 3])`` of ``model`` on the prompts."""
-        from experiments import sample as sample_lib
         _, state = nnx.split(model)
         self.sampler.state = state
         lat = self.sampler.sample(list(range(self.n)), self.contexts, self.negative)
@@ -89,7 +89,6 @@ class Evaluator:
         return sample_lib._to_host(lat)[: self.n].astype(np.float32), videos[: self.n]
 
     def scores(self, model: nnx.Module) -> dict[str, Any]:
-        from experiments import embedded_evaluation as ev
         lat, videos = self.sample(model)
         s = ev.score_clips(videos, self.labels, self.classifier)
         s["latents"] = lat
@@ -102,7 +101,6 @@ class Evaluator:
         return row
 
     def row(self, step: int, s: dict[str, Any], seconds: float) -> dict[str, Any]:
-        from experiments import embedded_evaluation as ev
         ref = self.reference
         row = {"step": int(step),
                "laplacian_ratio": float(np.mean(s["laplacian_variance"]) / np.mean(ref["laplacian_variance"])),
@@ -156,7 +154,6 @@ class Trajectory:
 
     def export(self, model: nnx.Module) -> dict[str, Any]:
         """Write the picked step's weights (into ``model``'s structure) to ``picked/`` and ``pick.json``."""
-        from shelllcc.models import saving
         choice = self.pick()
         nnx.update(model, _as_state(model, self.weights[choice["step"]]))
         saving.save_model(os.path.join(self.run_dir, PICKED_DIR), model, extra={"picked": choice})
@@ -171,11 +168,6 @@ def _as_state(model: nnx.Module, pure: dict) -> nnx.State:
     state = nnx.state(model, nnx.Param)
     state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, pure))
     return state
-
-
-def read_trajectory(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, TRAJECTORY)) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 __all__ = ["default_config", "check_config", "Evaluator", "Trajectory", "read_trajectory", "TRAJECTORY", "PICK_JSON",
