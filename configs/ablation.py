@@ -14,8 +14,8 @@ import itertools
 import ml_collections
 
 from configs import embedded
+from shelllcc.rewards.manifold_distance import KINDS
 
-KINDS = ("lcc", "shell_norm", "shell", "shell_band")
 OBJECTIVES = ("one_step", "noised_data")
 RATES = (1e-5, 3e-5)
 

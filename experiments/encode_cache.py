@@ -44,7 +44,7 @@ import time
 import ml_collections
 import numpy as np
 
-from experiments import config_entry
+from experiments import config_entry, sample
 
 CAPTIONS_FILE = "captions.jsonl"
 SUMMARY_FILE = "encode_summary.json"
@@ -229,13 +229,8 @@ def check_video(shape: tuple, vae_cfg) -> tuple[int, ...]:
 
 
 def load_vae(v: ml_collections.ConfigDict):
-    import jax.numpy as jnp
-    dtype = jnp.dtype(v.dtype)
-    if v.pretrained:
-        from third_party.diffusers_wan import load_vae as load_diffusers_vae
-        return load_diffusers_vae(v.pretrained, dtype=dtype, param_dtype=jnp.float32), f"diffusers {v.pretrained}"
-    from shelllcc.models import saving
-    return saving.load_model(v.dir, dtype=dtype, param_dtype=jnp.float32), f"saved {v.dir}"
+    """``(vae, description)`` of the ``vae`` section (a diffusers checkpoint or a saved model)."""
+    return sample.load_vae(v), (f"diffusers {v.pretrained}" if v.pretrained else f"saved {v.dir}")
 
 
 def umt5_cache_info(path: str) -> tuple[list[str], tuple[int, int]]:

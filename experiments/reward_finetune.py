@@ -34,9 +34,9 @@ from shelllcc.flow import objectives
 from shelllcc.manifold import io as manifold_io
 from shelllcc.manifold.params import ManifoldConfig, init_params
 from shelllcc.rewards import manifold_distance
+from shelllcc.rewards.manifold_distance import KINDS
 
 OBJECTIVES = ("one_step", "noised_data", "sft")
-KINDS = ("lcc", "shell_norm", "shell", "shell_band")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -44,11 +44,14 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
 def _flat(tree: Any) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        out[name] = np.asarray(leaf)
+        out[_name(path)] = np.asarray(leaf)
     return out
 
 
@@ -132,7 +135,7 @@ def unpack_model(path: str, *, expected_sha256: str | None = None, expected_byte
                          f"expected): {dict(list(wrong.items())[:5])}")
 
     def fill(kp, leaf):
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+        name = _name(kp)
         return jnp.asarray(params[name].astype(target[name].dtype))
 
     filled = jax.tree_util.tree_map_with_path(fill, state.to_pure_dict())
