@@ -157,7 +157,7 @@ def _read_tfevents(path):
 
 
 def test_metric_writers_without_tensorflow(tmp_path):
-    """clu's writers import without TensorFlow; TensorBoard, jsonl and console all receive the scalars."""
+    """The writers import without TensorFlow; TensorBoard, jsonl and console all receive the scalars."""
     code = textwrap.dedent(f"""
         import json, os, sys
         from shelllcc.training import metric_writers
@@ -165,8 +165,6 @@ def test_metric_writers_without_tensorflow(tmp_path):
         w.write_scalars(5, {{"loss": 0.25, "steps_per_s": 3.0}})
         w.write_scalars(10, {{"loss": 0.125, "steps_per_s": 4.0}})
         w.flush(); w.close()
-        from clu import metric_writers as clu_writers
-        assert clu_writers.SummaryWriter is metric_writers.TensorBoardWriter
         print("TF", "tensorflow" in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -178,6 +176,34 @@ def test_metric_writers_without_tensorflow(tmp_path):
     assert scalars[("loss", 5)] == pytest.approx(0.25) and scalars[("loss", 10)] == pytest.approx(0.125)
     rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows == [{"step": 5, "loss": 0.25, "steps_per_s": 3.0}, {"step": 10, "loss": 0.125, "steps_per_s": 4.0}]
+
+
+def test_async_writer_keeps_order_and_raises_on_flush():
+    """The background thread writes in call order; an error inside it surfaces at the next flush."""
+    from shelllcc.training import metric_writers
+
+    class Recorder(metric_writers.MetricWriter):
+        def __init__(self):
+            self.rows = []
+
+        def write_scalars(self, step, scalars):
+            if scalars.get("boom"):
+                raise OSError("disk full")
+            self.rows.append((step, scalars["x"]))
+
+    rec = Recorder()
+    w = metric_writers.AsyncWriter(rec)
+    for i in range(200):
+        w.write_scalars(i, {"x": jnp.float32(i) * 0.5})
+    w.flush()
+    assert rec.rows == [(i, i * 0.5) for i in range(200)]
+    assert all(type(v) is float for _, v in rec.rows)     # host floats, not device arrays
+    w.write_scalars(200, {"x": 1.0, "boom": 1.0})
+    with pytest.raises(OSError, match="disk full"):
+        w.flush()
+    w.write_scalars(201, {"x": 2.0})
+    w.close()
+    assert rec.rows[-1] == (201, 2.0)
 
 
 def test_writer_is_silent_on_other_processes(tmp_path, capsys):
