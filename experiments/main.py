@@ -1,8 +1,9 @@
 """Run an experiment from a config file.
 
     python -m experiments.main --config=configs/demo.py --workdir=/tmp/demo
-    python -m experiments.main --config=configs/demo.py:quick --config.stage1.steps=200 --workdir=/tmp/d
-    python -m experiments.main --config=configs/wan21_1_3b_reward.py:lora --config.data.cache_dir=... --workdir=...
+    python -m experiments.main --config=configs/demo.py:quick --config.reward.train.steps=8 --workdir=/tmp/d
+    python -m experiments.main --config=configs/wan21_reward.py:1.3b-lora --config.data.cache_dir=... \
+        --config.reward.manifold=... --workdir=...
 
 ``config.experiment`` names the module in ``experiments/`` that runs it. Configs are locked: a
 misspelt ``--config.*`` key is an error, not a silently ignored setting.

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 
 def apply_overrides(config, overrides: dict, what: str) -> None:
-    """Set ``{dotted.key: value}`` in ``config``; a key that does not exist is a ``KeyError`` naming ``what``."""
-    for key, value in overrides.items():
-        parent = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if part not in parent:
-                raise KeyError(f"{what}: no config key {key!r} (at {part!r})")
-            parent = parent[part]
-        if parts[-1] not in parent:
-            raise KeyError(f"{what}: no config key {key!r}")
+    """Set ``{dotted.key: value}`` in ``config`` (ml_collections' flattened update); a key that does not
+    exist or a value of the wrong type is an error naming ``what`` and the key."""
+    for key, value in overrides.items():      # one at a time, so that an error names its key
         try:
-            parent[parts[-1]] = value
+            config.update_from_flattened_dict({key: value})
+        except KeyError:
+            raise KeyError(f"{what}: no config key {key!r}") from None
         except TypeError as e:
             raise TypeError(f"{what}: {key}={value!r}: {e}") from None
 
