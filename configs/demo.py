@@ -27,8 +27,8 @@ ARGS = ("quick", "pretrain", "from_scratch", "long", "authors")
 
 
 def _dit(c, dim, layers, heads, ffn):
-    for m in (c.base.model, c.reward.model, c.sample.model):
-        m.dim, m.num_layers, m.num_heads, m.ffn_dim = dim, layers, heads, ffn
+    m = c.base.model          # the fine-tuning and sampling runs take the base's architecture
+    m.dim, m.num_layers, m.num_heads, m.ffn_dim = dim, layers, heads, ffn
 
 
 def _train_everything(c):
@@ -53,8 +53,7 @@ def get_config(arg: str | None = None):
         c.vae.model.width, c.vae.model.conv_width, c.vae.model.depth = 32, 8, 1
         c.text_encoder.dim, c.text_encoder.num_layers = 32, 1
         _dit(c, 32, 1, 2, 64)
-        for m in (c.base.model, c.reward.model, c.sample.model):
-            m.text_dim, m.freq_dim = 32, 16
+        c.base.model.text_dim, c.base.model.freq_dim = 32, 16
         c.base.train.steps, c.base.data.batch_size = 4, 8
         c.classifier.steps, c.classifier.batch_size = 4, 8
         c.manifold.manifold.num_anchors, c.manifold.manifold.hidden_dim = 8, 16

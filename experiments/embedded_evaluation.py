@@ -501,6 +501,7 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
          or "- No warnings: the base draws the prompts and no picked checkpoint lost them."),
         ("Pictures", "![montage](montage.png)\n\n![spectra](spectra.png)\n\n![training](training_curves.png)\n\n"
                      + "\n\n".join(f"![{k}](distance_{k}.png)" for k in DISTANCE_KINDS)
-                     + "\n\nSide by side: `comparison.mp4`, `comparison.gif`."),
+                     + ("\n\nSide by side: `comparison.mp4`, `comparison.gif`." if config.evaluate.comparison_video
+                        else "")),
     ]
     return report.write_report(path, sections, title="Embedded benchmark: Shell-LCC reward fine-tuning")

@@ -216,9 +216,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
     c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
-    for m in (c.reward.model, c.sample.model):
-        for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "scan_blocks"):
-            m[k] = c.base.model[k]
     c.evaluate = embedded_evaluation.default_config()
     return c
 
@@ -319,6 +316,7 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
     """The reward_finetune config of variant ``name`` and ``seed``: ``config.reward`` with the entry applied."""
     e = config.variants[name]
     c = copy.deepcopy(config.reward)
+    _like_base(c.model, config)
     c.seed = int(seed)
     c.objective.name = e.objective
     if e.reward:
@@ -561,8 +559,20 @@ def stage_variants(config, paths: Paths) -> None:
             run_variant(config, paths, name, seed, evaluators)
 
 
+# The base's architecture is stated once, in config.base.model; the fine-tuning and sampling runs load
+# saved models (init_from), whose model.json carries it, and take the base's runtime knobs.
+ARCHITECTURE_KEYS = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size")
+RUNTIME_KEYS = ("scan_blocks",)
+
+
+def _like_base(model: ml_collections.ConfigDict, config) -> None:
+    for k in ARCHITECTURE_KEYS + RUNTIME_KEYS:
+        model[k] = config.base.model[k]
+
+
 def sample_config(config, paths: Paths, model_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
     c = copy.deepcopy(config.sample)
+    _like_base(c.model, config)
     mean, std = latent_stats(paths)
     c.seed = int(seed)
     c.model.init_from = model_dir

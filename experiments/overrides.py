@@ -4,13 +4,18 @@ from __future__ import annotations
 
 
 def apply_overrides(config, overrides: dict, what: str) -> None:
-    """Set ``{dotted.key: value}`` in ``config`` (ml_collections' flattened update); a key that does not
-    exist or a value of the wrong type is an error naming ``what`` and the key."""
-    for key, value in overrides.items():      # one at a time, so that an error names its key
+    """Set ``{dotted.key: value}`` in ``config`` with ml_collections' flattened update (which casts the value to
+    the field's type); a key that does not exist, locked config or not, or a value of the wrong type is an
+    error naming ``what`` and the key."""
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None or not hasattr(node, "keys") or last not in node:
+            raise KeyError(f"{what}: no config key {key!r}")
         try:
             config.update_from_flattened_dict({key: value})
-        except KeyError:
-            raise KeyError(f"{what}: no config key {key!r}") from None
         except TypeError as e:
             raise TypeError(f"{what}: {key}={value!r}: {e}") from None
 
