@@ -2,11 +2,19 @@
 
 Writes under ``workdir``: ``checkpoints/`` (resumable fit state), ``manifold/`` (the fitted manifold,
 loadable with ``shelllcc.manifold.io.load_manifold``), ``metrics.jsonl`` and ``distances.json``.
+
+The fit runs on the shared training stack: ``shelllcc.training.loop.train`` once per stage (stage 1
+over steps ``[0, n1)``, stage 2 over ``[n1, n1 + n2)``), the shared train state and guarded update
+(``shelllcc.manifold.fit``), ``Checkpointer`` (orbax: step, parameters, optimizer state, skipped
+count; the stage in the checkpoint's meta) and ``PreemptionGuard`` (SIGTERM: save, then exit). The
+stage-1 phase always ends with a checkpoint at ``n1``; a run resumed from it (or from any stage-1
+step) builds stage 2's start again from the stage-1 state, as the uninterrupted run does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,19 +24,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from experiments import config_entry
 from shelllcc import parallel
 from shelllcc.data import latent_files, synthetic_latents
 from shelllcc.manifold import fit, io
-from shelllcc.manifold.init import calibrate_shell, init_manifold
+from shelllcc.manifold.init import init_manifold
 from shelllcc.manifold.losses import Stage1Weights
 from shelllcc.manifold.params import ManifoldConfig
 from shelllcc.manifold.coders import amortized_code
 from shelllcc.manifold.patches import check_latents, patchify, unpatchify
 from shelllcc.rewards import manifold_distance
-from shelllcc.training import checkpoints, metric_writers
+from shelllcc.training import checkpoints, loop, metric_writers, optimizers
+from shelllcc.training import train_state as ts
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -129,32 +137,6 @@ def _batch(pool: np.ndarray, seed: int, stage: int, step: int, batch_size: int) 
     return pool[rng.integers(0, pool.shape[0], batch_size)]
 
 
-class _Progress:
-    """Buffers each step's device metrics and writes their means every ``every`` steps (console,
-    TensorBoard, ``metrics.jsonl``) with steps/s and ETA; the device is waited on only then."""
-
-    def __init__(self, writer, every: int, total: int):
-        self.writer, self.every, self.total = writer, every, total
-        self.pending, self.t0, self.s0 = [], time.time(), None
-
-    def add(self, step: int, stage: int, metrics) -> None:
-        if self.s0 is None:
-            self.s0, self.t0 = step, time.time()
-        if self.pending and self.pending[-1][0] != stage:
-            self.flush(step - 1, self.pending[-1][0])       # never average stage-1 and stage-2 metrics together
-        self.pending.append((stage, metrics))
-        if (step + 1) % self.every == 0 or step + 1 == self.total:
-            self.flush(step, stage)
-
-    def flush(self, step: int, stage: int) -> None:
-        fetched = jax.device_get([m for _, m in self.pending])
-        self.pending = []
-        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        rate = (step + 1 - self.s0) / max(time.time() - self.t0, 1e-9)
-        self.writer.write_scalars(step + 1, dict(mean, stage=stage, steps_per_s=rate,
-                                                 eta_s=(self.total - step - 1) / max(rate, 1e-9)))
-
-
 def _blur(latents: np.ndarray, radius: int) -> np.ndarray:
     """Box blur over (H, W): a stand-in for a generator's over-smoothed latents."""
     if radius <= 0:
@@ -200,11 +182,92 @@ def evaluate(params, mconfig: ManifoldConfig, splits: LatentSplits, config, tau:
     return results
 
 
-def _stage_steps(config):
-    s1, s2 = config.stage1, config.stage2
-    optim1 = fit.OptimConfig(s1.learning_rate, s1.warmup_steps, s1.steps, s1.weight_decay, s1.grad_clip)
-    optim2 = fit.OptimConfig(s2.learning_rate, s2.warmup_steps, s2.steps, s2.weight_decay, s2.grad_clip)
-    return fit.make_optimizer(optim1), fit.make_optimizer(optim2)
+def _init_sample(pool: np.ndarray, config) -> np.ndarray:
+    """The patches the anchors are initialised from and the shell is calibrated on (a function of the seed)."""
+    rng = np.random.default_rng(config.seed)
+    return pool[rng.choice(pool.shape[0], min(pool.shape[0], config.manifold.init_patches), replace=False)]
+
+
+def _stage_batches(pool: np.ndarray, config, stage: int, first: int, offset: int, batch_size: int, mesh):
+    """Batches of global steps ``first, first + 1, ...``; step ``s`` of the run is step ``s - offset`` of the stage."""
+    for step in itertools.count(first):
+        yield parallel.shard_batch(_batch(pool, config.seed, stage, step - offset, batch_size), mesh)
+
+
+def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, mconfig: ManifoldConfig,
+               mesh) -> ts.TrainState:
+    """Both stages on the shared loop, resumed from ``workdir/checkpoints`` when it holds a checkpoint.
+
+    Returns the final train state (replicated over ``mesh``). Raises ``checkpoints.Preempted`` after
+    saving a checkpoint when SIGTERM arrives.
+    """
+    n1, n2 = config.stage1.steps, config.stage2.steps
+    total = n1 + n2
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    optim = {1: fit.stage_optim_config(config.stage1), 2: fit.stage_optim_config(config.stage2)}
+    opt = {k: fit.make_optimizer(c) for k, c in optim.items()}
+    sched1 = optimizers.make_schedule(optim[1])
+    sched2_of_stage = optimizers.make_schedule(optim[2])
+    # the learning rate reported at run step s of stage 2 is the stage-2 schedule at s - n1
+    sched2 = lambda step: sched2_of_stage(step - n1)
+    weights = Stage1Weights(config.stage1.locality, config.stage1.usage, config.stage1.basis_to_patch)
+    step1 = fit.jit_step(lambda s, b: fit.stage1_step(s, b, optimizer=opt[1], weights=weights, config=mconfig,
+                                                      compute_dtype=compute_dtype, schedule=sched1), mesh)
+    step2 = fit.jit_step(lambda s, b: fit.stage2_step(s, b, optimizer=opt[2], config=mconfig,
+                                                      logvar_weight=config.stage2.logvar_weight,
+                                                      compute_dtype=compute_dtype, schedule=sched2), mesh)
+
+    rep = parallel.replicated(mesh)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        print(f"note: {ckpt_dir} holds checkpoints of the former layout (<step>/ directly under it); they are "
+              f"not resumed from (checkpoints now live in {ckpt_dir}/orbax)", flush=True)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+    # saved with every checkpoint, as the shared loop does; the fit's steps draw no random numbers
+    rng = parallel.place(jax.random.PRNGKey(config.seed), rep)
+    latest = ckpt.latest_step()
+    if latest is None:
+        t0 = time.time()
+        params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, config.manifold.anchor_init,
+                               config.manifold.kmeans_iters)
+        print(f"anchors: {mconfig.num_anchors} by {config.manifold.anchor_init} from {init_sample.shape[0]} "
+              f"patches in {time.time() - t0:.1f}s", flush=True)
+        state, stage = parallel.replicate_tree(fit.init_state(params, opt[1], 1), mesh), 1
+    else:
+        # the checkpoint's stage says which optimizer's state it holds; the restore target is built
+        # abstractly (re-running the anchor init, a k-means, would be wasted)
+        stage = ckpt.meta(latest)["stage"]
+        abstract = jax.eval_shape(lambda p: fit.init_state(p, opt[stage], stage), io.abstract_params(mconfig))
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                              ts.checkpoint_items(abstract))
+        items, rng, _, _ = ckpt.restore(latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        state = ts.from_checkpoint_items(items)
+        print(f"resumed from {ckpt.directory} at step {latest} (stage {stage})", flush=True)
+
+    writer = metric_writers.create_writer(workdir, prefix="fit_manifold", total_steps=total)
+
+    def phase(step_fn, state, stage, batch_size, offset, end, later, guard):
+        # one stage: the shared loop from the state's step to run step `end`; checkpoints carry the stage
+        start = int(jax.device_get(state.step))
+        settings = loop.LoopSettings(end, config.log_every, config.checkpoint_every, later_steps=later)
+        return loop.train(lambda s, b, _rng: step_fn(s, b), state, rng,
+                          _stage_batches(pool, config, stage, start, offset, batch_size, mesh),
+                          settings=settings, checkpointer=ckpt, writer=writer, guard=guard,
+                          meta={"experiment": config.experiment, "stage": stage})
+
+    try:
+        with checkpoints.PreemptionGuard() as guard:
+            if stage == 1:
+                state = phase(step1, state, 1, config.stage1.batch_size, 0, n1, n2, guard)
+                if n2 > 0:
+                    # stage 2 starts from the final stage-1 manifold with a calibrated shell and fresh optimizer
+                    state, stage = fit.start_stage2(state, opt[2], init_sample, mconfig, mesh), 2
+            if stage == 2:
+                state = phase(step2, state, 2, config.stage2.batch_size, n1, total, 0, guard)
+    finally:
+        ckpt.close()
+        writer.close()
+    return state
 
 
 get_config = config_entry.defaults_entry(default_config)
@@ -228,86 +291,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     m = config.manifold
     mconfig = ManifoldConfig(dim=pool.shape[1], num_anchors=m.num_anchors, hidden_dim=m.hidden_dim,
                              patch_size=tuple(m.patch_size))
-    compute_dtype = jnp.dtype(config.compute_dtype)
-    opt1, opt2 = _stage_steps(config)
-    weights = Stage1Weights(config.stage1.locality, config.stage1.usage, config.stage1.basis_to_patch)
-    step1 = fit.jit_step(lambda s, b: fit.stage1_step(s, b, optimizer=opt1, weights=weights, config=mconfig,
-                                                      compute_dtype=compute_dtype), mesh)
-    step2 = fit.jit_step(lambda s, b: fit.stage2_step(s, b, optimizer=opt2, config=mconfig,
-                                                      logvar_weight=config.stage2.logvar_weight,
-                                                      compute_dtype=compute_dtype), mesh)
-    n1, n2 = config.stage1.steps, config.stage2.steps
-    total = n1 + n2
-
-    rng = np.random.default_rng(config.seed)
-    init_sample = pool[rng.choice(pool.shape[0], min(pool.shape[0], m.init_patches), replace=False)]
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    manager = ocp.CheckpointManager(
-        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    start, stage = 0, 1
-    latest = manager.latest_step()
-    if latest is None:
-        t0 = time.time()
-        params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, m.anchor_init,
-                               m.kmeans_iters)
-        print(f"anchors: {m.num_anchors} by {m.anchor_init} from {init_sample.shape[0]} patches "
-              f"in {time.time() - t0:.1f}s", flush=True)
-        state = parallel.replicate_tree(fit.init_state(params, opt1, 1), mesh)
-    else:
-        # The restore target is built abstractly: re-running the anchor init (k-means) would be wasted.
-        meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        stage = meta["stage"]
-        abstract = jax.eval_shape(lambda p: fit.init_state(p, opt1 if stage == 1 else opt2, stage),
-                                  io.abstract_params(mconfig))
-        rep = parallel.replicated(mesh)
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
-        state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        start = latest
-        print(f"resumed from {ckpt_dir} at step {start} (stage {stage})", flush=True)
-
-    def save(step, stage, state, force=False):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave({"stage": stage, "step": step})),
-                     force=force)
-
-    writer = metric_writers.create_writer(workdir, prefix="fit_manifold", total_steps=total)
-    progress = _Progress(writer, config.log_every, total)
-    try:
-        with checkpoints.PreemptionGuard() as guard:
-            for step in range(start, total):
-                if guard.should_stop(step):
-                    save(step, stage, state, force=True)
-                    writer.write_texts(step, {"preempted": f"SIGTERM: saved a checkpoint at step {step}, exiting"})
-                    raise checkpoints.Preempted(f"stopped by SIGTERM at step {step} (checkpoint saved)")
-                if step == n1 and stage == 1:
-                    # Stage 2 starts from the final stage-1 manifold with a calibrated shell and fresh optimizer.
-                    params = calibrate_shell(jax.device_get(state.params), init_sample, mconfig.bn_eps)
-                    state = parallel.replicate_tree(fit.init_state(params, opt2, 2), mesh)
-                    stage = 2
-                if stage == 1:
-                    batch = _batch(pool, config.seed, 1, step, config.stage1.batch_size)
-                    state, metrics = step1(state, parallel.shard_batch(batch, mesh))
-                else:
-                    batch = _batch(pool, config.seed, 2, step - n1, config.stage2.batch_size)
-                    state, metrics = step2(state, parallel.shard_batch(batch, mesh))
-                progress.add(step, stage, metrics)
-                if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
-                    save(step + 1, stage, state)
-            if total > start:
-                save(total, stage, state, force=True)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+    init_sample = _init_sample(pool, config)
+    state = fit_stages(config, workdir, pool, init_sample, mconfig, mesh)
 
     params = jax.device_get(state.params)
-    skipped = int(state.skipped)
+    skipped = int(jax.device_get(state.skipped))
     tau = float(manifold_distance(params, jnp.asarray(init_sample), "shell_norm", chunk_size=config.eval.chunk_size,
                                   bn_eps=mconfig.bn_eps, shell_eps=mconfig.shell_eps))
     out = io.save_manifold(os.path.join(workdir, "manifold"), params, mconfig,
                            extra={"shell_band_target": tau, "data": splits.description})
     print(f"saved manifold to {out} (shell_band target tau = mean ||delta|| on train patches = {tau:.4f}); "
-          f"non-finite steps skipped in the last stage: {skipped}", flush=True)
+          f"non-finite steps skipped (both stages): {skipped}", flush=True)
 
     results = evaluate(params, mconfig, splits, config, tau)
     with open(os.path.join(workdir, "distances.json"), "w") as f:

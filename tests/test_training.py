@@ -103,6 +103,73 @@ def test_apply_gradients_skips_non_finite():
     assert float(m3["skipped"]) == 2.0 and float(m2["update_norm"]) == 0.0
 
 
+def test_optimizer_without_params_builds_the_same_decay_mask():
+    """``make_optimizer(cfg)`` (no parameter tree: the mask is computed from the tree optax is given)
+    makes the same updates as ``make_optimizer(cfg, params)``; freezing needs the paths."""
+    params = _params()
+    cfg = optimizers.OptimizerConfig(learning_rate=0.1, schedule="cosine", warmup_steps=2, total_steps=6,
+                                     weight_decay=0.5, grad_clip=1.0)
+    with_params, without = optimizers.make_optimizer(cfg, params), optimizers.make_optimizer(cfg)
+    s1, s2, p1, p2 = with_params.init(params), without.init(params), params, params
+    for i in range(4):
+        grads = jax.tree.map(lambda x: (i + 1.0) * jnp.cos(x + i), params)
+        u1, s1 = with_params.update(grads, s1, p1)
+        u2, s2 = without.update(grads, s2, p2)
+        jax.tree.map(np.testing.assert_array_equal, u1, u2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        optimizers.make_optimizer(optimizers.OptimizerConfig(freeze=("blocks.0.*",)))
+
+
+def test_checkpointer_meta_and_a_step_saved_twice(tmp_path):
+    """``meta(step)`` reads a checkpoint's meta alone; a second save at a saved step keeps the first."""
+    from shelllcc.training.checkpoints import Checkpointer
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=3, asynchronous=False)
+    items = {"w": jnp.arange(4.0)}
+    ckpt.save(3, items, jax.random.PRNGKey(1), meta={"stage": 1})
+    ckpt.save(3, {"w": jnp.zeros(4)}, jax.random.PRNGKey(2), meta={"stage": 2}, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [3] and ckpt.meta(3) == {"stage": 1, "step": 3}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), items)
+    key = jax.random.PRNGKey(1)
+    got, rng, data_state, meta = ckpt.restore(3, abstract, jax.ShapeDtypeStruct(key.shape, key.dtype))
+    np.testing.assert_array_equal(got["w"], np.arange(4.0))
+    np.testing.assert_array_equal(rng, key)
+    assert data_state is None and meta["stage"] == 1
+    ckpt.close()
+
+
+def test_loop_eta_counts_the_later_phase():
+    """``eta_s`` is the remaining steps of this phase plus ``later_steps``, at the measured rate."""
+    from shelllcc.training import loop
+
+    class Recorder:
+        def __init__(self):
+            self.scalars = {}
+
+        def write_scalars(self, step, scalars):
+            self.scalars[step] = dict(scalars)
+
+        def write_texts(self, step, texts):
+            pass
+
+        def flush(self):
+            pass
+
+    def step_fn(state, batch, rng):
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(batch)}
+
+    state = ts.create({"w": jnp.zeros(2)}, optax.sgd(0.1))
+    writer = Recorder()
+    loop.train(step_fn, state, jax.random.PRNGKey(0), iter(range(100)),
+               settings=loop.LoopSettings(total_steps=8, log_every=4, later_steps=30), checkpointer=None,
+               writer=writer)
+    row = writer.scalars[4]
+    assert row["loss"] == pytest.approx(np.mean([0, 1, 2, 3]))    # batches 0-3, averaged
+    assert row["eta_s"] * row["steps_per_s"] == pytest.approx(8 - 4 + 30, rel=1e-6)
+    assert writer.scalars[8]["eta_s"] * writer.scalars[8]["steps_per_s"] == pytest.approx(30, rel=1e-6)
+
+
 def test_microbatch_accumulation_equals_full_batch():
     """k microbatches of a mean loss give the full batch's loss and gradient (and one update)."""
     w = {"w": jnp.arange(6.0).reshape(3, 2) / 5}

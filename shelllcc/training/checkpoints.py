@@ -31,7 +31,8 @@ DATA_STATE_DIR = "data_state"
 
 
 class Checkpointer:
-    """``save(step, state_items, rng, data_state, meta)`` / ``restore(step, abstract_items, abstract_rng)``."""
+    """``save(step, state_items, rng, data_state, meta)`` / ``restore(step, abstract_items, abstract_rng)``;
+    ``meta(step)`` reads a checkpoint's JSON meta without its arrays."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
@@ -51,6 +52,14 @@ class Checkpointer:
 
     def save(self, step: int, state_items: Any, rng: jax.Array, *, data_state: Any = None,
              meta: dict | None = None, force: bool = False) -> None:
+        """Save checkpoint ``step``; a step that is already saved is left as it is.
+
+        A checkpoint at step ``n`` is the run's position after ``n`` updates, and the run resumed from
+        it reaches the same state, so a second save at ``n`` (SIGTERM right after resuming from ``n``,
+        or the first step of a later phase that starts at ``n``) has nothing to add; orbax would refuse it.
+        """
+        if step in self._manager.all_steps():
+            return
         path = self._data_path(step, jax.process_index())
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -71,6 +80,12 @@ class Checkpointer:
         for name in os.listdir(root) if os.path.isdir(root) else ():
             if name not in keep and (latest is None or not name.isdigit() or int(name) < latest):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+    def meta(self, step: int) -> dict:
+        """The JSON ``meta`` of checkpoint ``step`` alone: what a caller needs to know before it can build
+        the abstract restore target (e.g. which phase of a run, and so which optimizer, the state is of)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
 
     def restore(self, step: int, abstract_items: Any, abstract_rng: Any) -> tuple[Any, jax.Array, Any, dict]:
         """``(state_items, rng, data_state, meta)`` of checkpoint ``step``; arrays placed as the abstract

@@ -37,6 +37,9 @@ class LoopSettings:
     log_every: int = 50
     checkpoint_every: int = 500
     eval_every: int = 0              # 0: no evaluation during training
+    # steps a later phase of the same run takes after total_steps (another train() call, e.g. stage 2
+    # of the manifold fit): counted in the ETA, so eta_s is to the end of the run, not of this phase
+    later_steps: int = 0
 
 
 def _summarise(fetched: list[dict]) -> dict[str, float]:
@@ -95,7 +98,7 @@ def train(step_fn: Callable, state: ts.TrainState, rng: jax.Array, batches: Iter
             now = time.perf_counter()
             if done > s_mark:
                 rate = (done - s_mark) / max(now - t_mark, 1e-9)
-                summary.update(steps_per_s=rate, eta_s=(total - done) / max(rate, 1e-9))
+                summary.update(steps_per_s=rate, eta_s=(total - done + settings.later_steps) / max(rate, 1e-9))
             t_mark, s_mark = now, done
             writer.write_scalars(done, summary)
         if on_eval is not None and settings.eval_every and (done % settings.eval_every == 0 or done == total):

@@ -114,20 +114,26 @@ def decay_mask(params: Any, decay_vectors: bool = False) -> Any:
     return jax.tree.map(lambda x: decay_vectors or len(getattr(x, "shape", ())) >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTransformation:
     """``clip_by_global_norm -> adamw(schedule, decay mask)``; parameters matching ``cfg.freeze`` get
     ``set_to_zero`` instead (optax ``multi_transform``, so they carry no Adam moments).
 
-    ``params`` is used for its structure and shapes only (abstract arrays are fine).
+    ``params`` is used for its structure and shapes only (abstract arrays are fine). It may be left
+    out when ``cfg.freeze`` is empty: the decay mask is then computed from the tree the optimizer is
+    given (optax calls a callable mask on it), which gives the same mask.
     """
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    mask = (decay_mask(params, cfg.decay_vectors) if params is not None
+            else lambda tree: decay_mask(tree, cfg.decay_vectors))
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params, cfg.decay_vectors)))
+                             mask=mask))
     tx = optax.chain(*parts)
     if not cfg.freeze:
         return tx
+    if params is None:
+        raise ValueError(f"optim.freeze={list(cfg.freeze)} needs the parameters (their paths) to build the optimizer")
     check_patterns(params, cfg.freeze, "optim.freeze")
     labels = jax.tree.map(lambda frozen: "freeze" if frozen else "train", glob_mask(params, cfg.freeze))
     # clipping sees the gradients of the trainable parameters only
