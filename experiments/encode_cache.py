@@ -40,11 +40,16 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 
+import jax
 import ml_collections
 import numpy as np
 
 from experiments import config_entry, sample
+from shelllcc.data import latent_cache, readers
+from shelllcc.models import saving
+from shelllcc.models.wan_vae import ENCODE_CHUNK_FRAMES
 
 CAPTIONS_FILE = "captions.jsonl"
 SUMMARY_FILE = "encode_summary.json"
@@ -139,7 +144,7 @@ class Source:
 
     def captions(self, caption_key: str, video_key: str) -> list[str]:
         """Every caption of the split, in order, read without decoding the clips."""
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy; only this path needs it
 
         light = self.examples
         if dataclasses.is_dataclass(light) and hasattr(light, "decoders"):
@@ -159,7 +164,6 @@ def _text(x) -> str:
 
 def open_source(d: ml_collections.ConfigDict) -> Source:
     """The split as a random-access source, its clip shape and a description; errors name the dataset."""
-    from shelllcc.data import readers
 
     examples = readers.open_split(d.dataset, d.split, d.data_dir or None)
     info = examples.dataset_info
@@ -208,7 +212,6 @@ def write_captions(path: str, captions: list[str]) -> int:
 
 def planned_vae_config(v: ml_collections.ConfigDict):
     """The VAE's architecture, read without loading weights (``ValueError`` for a wrong folder)."""
-    from experiments import sample
     return sample.planned_vae_config(v)
 
 
@@ -220,7 +223,6 @@ def check_video(shape: tuple, vae_cfg) -> tuple[int, ...]:
         raise ValueError(f"the clips have {c} channels, the VAE takes {vae_cfg.in_channels}")
     if h % f or w % f:
         raise ValueError(f"the clips are {h}x{w}; the VAE needs height and width divisible by {f}")
-    from shelllcc.models.wan_vae import ENCODE_CHUNK_FRAMES
     tf = getattr(vae_cfg, "temporal_patch", ENCODE_CHUNK_FRAMES)
     if (t - 1) % tf:
         print(f"note: clips of {t} frames: the VAE codes 1 + {tf}k frames, the last {(t - 1) % tf} are dropped",
@@ -235,7 +237,6 @@ def load_vae(v: ml_collections.ConfigDict):
 
 def umt5_cache_info(path: str) -> tuple[list[str], tuple[int, int]]:
     """``(captions, (max_length, D))`` of a umT5 ``.npz`` text cache, without reading its embeddings."""
-    import zipfile
 
     with np.load(path, allow_pickle=False) as f:
         captions = [str(c) for c in f["captions"]]
@@ -251,8 +252,6 @@ def umt5_cache_info(path: str) -> tuple[list[str], tuple[int, int]]:
 def text_encoder(t: ml_collections.ConfigDict):
     """``(shape (L, D), known captions or None, make)`` for the ``text`` section, where ``make()`` loads the
     encoder and returns ``(encode_text, description)``. Nothing heavy happens before ``make()``."""
-    from shelllcc.data import latent_cache
-    from shelllcc.models import saving
 
     if t.umt5_cache:
         captions, shape = umt5_cache_info(t.umt5_cache)
@@ -292,7 +291,6 @@ def check_captions(source: Source, d: ml_collections.ConfigDict, known: set, umt
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Encode ``data.split`` into ``output.dir`` (module doc); returns the summary written to
     ``WORKDIR/encode_summary.json`` (or, with ``captions_only``, ``{"captions_file", "num_captions"}``)."""
-    from shelllcc.data import latent_cache
 
     t_start = time.time()
     check_config(config)
@@ -341,7 +339,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = dict(summary, source=source.description, vae=vae_desc, text=text_desc, keep_fields=list(keep),
                    latents=fields["latents"], text_embeddings=fields["text_embeddings"],
                    load_s=t_load, total_s=time.time() - t_start)
-    import jax
     if jax.process_index() == 0:
         with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)

@@ -28,11 +28,12 @@ import numpy as np
 from experiments import config_entry
 from shelllcc import parallel
 from shelllcc.data import latent_files, synthetic_latents
+from shelllcc.data.latent_cache import open_cache
 from shelllcc.manifold import fit, io
+from shelllcc.manifold.coders import amortized_code
 from shelllcc.manifold.init import init_manifold
 from shelllcc.manifold.losses import Stage1Weights
 from shelllcc.manifold.params import ManifoldConfig
-from shelllcc.manifold.coders import amortized_code
 from shelllcc.manifold.patches import check_latents, patchify, unpatchify
 from shelllcc.rewards import manifold_distance
 from shelllcc.training import checkpoints, loop, metric_writers, optimizers
@@ -118,7 +119,6 @@ def _cache_latents(c) -> tuple[np.ndarray, str]:
         raise ValueError("data.source='cache' needs --config.data.cache.dir=/path/to/latent/cache")
     if len(c.latent_mean) != len(c.latent_std):
         raise ValueError(f"data.cache.latent_mean has {len(c.latent_mean)} entries, latent_std {len(c.latent_std)}")
-    from shelllcc.data.latent_cache import open_cache
     cache = open_cache(c.dir, latent_dtype=np.float32)
     n = len(cache) if not c.max_examples else min(c.max_examples, len(cache))
     latents = np.stack([cache[i]["latents"] for i in range(n)])
