@@ -19,6 +19,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,11 @@ def datasheet(device_kind: str | None) -> dict | None:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def host_device() -> str:
+    """The record's ``device`` of a CPU-bound benchmark."""
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
 
 
 def package_version(name: str) -> str | None:
