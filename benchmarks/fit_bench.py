@@ -38,19 +38,19 @@ products, each step makes several elementwise passes over ``N x K`` float32 matr
 softmax, ``w * d2``, their gradients); one such pass moves 1.07 GB at N=65,536, K=4096, i.e.
 0.32 ms at 3.35 TB/s (H100) or 0.22 ms at 4.8 TB/s (H200); the log prints both floors on those GPUs.
 
-Every measurement runs in its own subprocess (``--_worker jax|torch``, ``benchmarks/harness.py``); the
-parent only prepares the inputs on the host (parameters from ``shelllcc.manifold.params.init_params`` with
-a seeded key and random anchors, saved as a reference checkpoint that both workers read), collects the results, compares them and prints the table. Before
-timing, each worker runs ``--check-steps`` steps from the same initial parameters on the same batch
-and saves the resulting parameters; the parent reports the relative difference of the loss and of
-the parameter update (``||p_x - p_torch|| / ||p_torch - p_init||``) against PyTorch float32, and
-of Adam's first moment (an average of the clipped gradients, free of Adam's per-element
-normalisation, which amplifies rounding in elements whose gradient is near zero). The
-default schedule starts its linear warmup at learning rate 0, so the first update is exactly zero:
-``--check-steps`` defaults to 3 (learning rates 0, 1e-5, 2e-5 with the default 100 warmup steps).
-The aggregate update error leaves out ``coder.b0``: in front of a train-mode BatchNorm its exact
-gradient is zero, the computed one is rounding noise (~1e-9), and Adam turns that noise into steps
-of arbitrary sign, so its "update" agrees between no two implementations (it is still listed per leaf).
+Every measurement runs in its own subprocess (``--_worker jax|torch``, ``benchmarks/harness.py``); the parent
+only prepares the inputs on the host (parameters from ``shelllcc.manifold.params.init_params`` with a seeded
+key and random anchors, saved as a reference checkpoint that both workers read), collects the results,
+compares them and prints the table. Before timing, each worker runs ``--check-steps`` steps from the same
+initial parameters on the same batch and saves the resulting parameters; the parent reports the relative
+difference of the loss and of the parameter update (``||p_x - p_torch|| / ||p_torch - p_init||``) against
+PyTorch float32, and of Adam's first moment (an average of the clipped gradients, free of Adam's per-element
+normalisation, which amplifies rounding in elements whose gradient is near zero). The default schedule starts
+its linear warmup at learning rate 0, so the first update is exactly zero: ``--check-steps`` defaults to 3
+(learning rates 0, 1e-5, 2e-5 with the default 100 warmup steps). The aggregate update error leaves out
+``coder.b0``: in front of a train-mode BatchNorm its exact gradient is zero, the computed one is rounding
+noise (~1e-9), and Adam turns that noise into steps of arbitrary sign, so its "update" agrees between no two
+implementations (it is still listed per leaf).
 
 Run from the repository root::
 
@@ -78,6 +78,7 @@ import time
 import numpy as np
 
 import harness
+from reward_bench import random_manifold   # this directory is on sys.path when a script here runs
 
 # Trainable leaves of stage 1 (fit.stage1_trainable) and the BatchNorm running statistics, by the
 # names of params.expected_shapes.
@@ -120,13 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-steps", type=int, default=3,
                    help="steps of the correctness check (the default schedule's first learning rate is 0)")
     p.add_argument("--seed", type=int, default=0)
-    harness.add_output_args(p)
-    p.add_argument("--label", default="", help="free text stored with every JSON record")
-    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds per subprocess")
-    # Internal: the subprocess entry points.
-    p.add_argument("--_worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    harness.add_output_args(p, label=True)
+    harness.add_worker_args(p, ("jax", "torch"), timeout=600.0)
     p.add_argument("--_dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--_tf32", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -158,24 +154,14 @@ def step_flops(n: int, d: int, h: int, k: int) -> float:
 def make_inputs(args, data_dir: str) -> dict:
     """Initial parameters (manifold.pt, the reference format), one batch of patches (patches.npy) and the
     constants of the math (meta.json, from shelllcc's defaults). Returns the meta dict."""
-    import jax
-
-    # The parent must never touch the accelerator: a live context here would hold memory while
-    # the workers measure theirs.
-    jax.config.update("jax_platforms", "cpu")
+    rng, config, params = random_manifold(args.seed, args.dim, args.num_anchors, args.hidden)
     from shelllcc.manifold import fit
     from shelllcc.manifold.losses import Stage1Weights
-    from shelllcc.manifold.params import ManifoldConfig, init_params
     from third_party.shell_lcc_reference import save_manifold
 
-    d, k, h = args.dim, args.num_anchors, args.hidden
-    rng = np.random.default_rng(args.seed)
-    config = ManifoldConfig(dim=d, num_anchors=k, hidden_dim=h)
-    anchors = rng.standard_normal((k, d)).astype(np.float32)
-    save_manifold(init_params(jax.random.key(args.seed), config, anchors), config,
-                  os.path.join(data_dir, "manifold.pt"))
+    save_manifold(params, config, os.path.join(data_dir, "manifold.pt"))
     # Standard normal, like Wan's normalised latents.
-    np.save(os.path.join(data_dir, "patches.npy"), rng.standard_normal((args.batch, d)).astype(np.float32))
+    np.save(os.path.join(data_dir, "patches.npy"), rng.standard_normal((args.batch, args.dim)).astype(np.float32))
 
     meta = {"optim": dataclasses.asdict(fit.OptimConfig()), "weights": dataclasses.asdict(Stage1Weights()),
             "bn_eps": config.bn_eps, "bn_momentum": config.bn_momentum,
@@ -508,7 +494,8 @@ def record(args, versions, flops, impl, dtype, tf32, res, errs, ref, ref_tf32) -
     if res:
         precision = res.get("matmul_precision") if impl == "jax" else res.get("float32_matmul_precision")
     return {
-        "label": args.label, "device": res["device_name"] if res else None, "platform": res.get("platform", None) if res else None,
+        "label": args.label, "device": res["device_name"] if res else None,
+        "platform": res.get("platform", None) if res else None,
         "impl": impl, "compute_dtype": dtype, "torch_tf32": tf32, "matmul_precision": precision,
         "config": {"dim": args.dim, "num_anchors": args.num_anchors, "hidden_dim": args.hidden,
                    "batch": args.batch, "compute_dtype": dtype, "patch_size": [1, 1, 1]},
@@ -540,9 +527,4 @@ def record(args, versions, flops, impl, dtype, tf32, res, errs, ref, ref_tf32) -
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed._worker == "jax":
-        jax_worker(parsed)
-    elif parsed._worker == "torch":
-        torch_worker(parsed)
-    else:
-        main(parsed)
+    {"jax": jax_worker, "torch": torch_worker}.get(parsed._worker, main)(parsed)

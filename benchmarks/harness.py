@@ -14,6 +14,7 @@ Importing this module puts the repository root on ``sys.path``; it imports neith
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -72,13 +73,23 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def add_output_args(parser, out_dir: bool = True) -> None:
-    """``--out-jsonl`` (alias ``--results``) and, with ``out_dir``, ``--out-dir``."""
+def add_output_args(parser, out_dir: bool = True, label: bool = False) -> None:
+    """``--out-jsonl`` (alias ``--results``) and, with ``out_dir``, ``--out-dir``; with ``label``, ``--label``."""
     parser.add_argument("--out-jsonl", "--results", default=RESULTS,
                         help="append the JSON records here (default: $SHELLLCC_BENCH_RESULTS or "
                              "benchmarks/results.jsonl)")
     if out_dir:
         parser.add_argument("--out-dir", default=None, help="if given, also write NAME.jsonl and NAME.log here")
+    if label:
+        parser.add_argument("--label", default="", help="free text stored with every JSON record")
+
+
+def add_worker_args(parser, workers, timeout: float) -> None:
+    """``--worker-timeout`` and the hidden entry point of a worker: ``--_worker WHICH --_data DIR --_result PATH``."""
+    parser.add_argument("--worker-timeout", type=float, default=timeout, help="seconds per subprocess")
+    parser.add_argument("--_worker", choices=list(workers), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
 
 
 class Bench:

@@ -76,13 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="jax_default_matmul_precision for the JAX workers ('default' leaves JAX's own "
                         "default, which is TF32 for float32 on Ampere/Hopper GPUs; 'highest' is true f32)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    harness.add_output_args(p)
-    p.add_argument("--label", default="", help="free text stored with every JSON record")
-    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds per subprocess")
-    # Internal: the subprocess entry points.
-    p.add_argument("--_worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    harness.add_output_args(p, label=True)
+    harness.add_worker_args(p, ("jax", "torch"), timeout=300.0)
     p.add_argument("--_kind", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_dtype", default=None, help=argparse.SUPPRESS)
@@ -165,21 +160,25 @@ def flops(kind: str, n: int, d: int, h: int, k: int) -> tuple[float, float]:
 # Inputs: prepared once in the parent (on the CPU) and shared by every worker through files
 # ---------------------------------------------------------------------------------------------
 
-def make_inputs(args, data_dir: str) -> None:
-    """Random manifold parameters and latents, saved as manifold.pt (the reference format) and latents.npy."""
+def random_manifold(seed: int, d: int, k: int, h: int):
+    """``(rng, config, params)``: ``init_params`` with a seeded key and standard-normal anchors, on the CPU (the
+    parent must never touch the accelerator: a live context would hold memory while the workers measure theirs)."""
     import jax
 
-    # The parent must never touch the accelerator: a live context here would hold memory while
-    # the workers measure theirs.
     jax.config.update("jax_platforms", "cpu")
     from shelllcc.manifold.params import ManifoldConfig, init_params
+
+    rng = np.random.default_rng(seed)
+    config = ManifoldConfig(dim=d, num_anchors=k, hidden_dim=h)
+    return rng, config, init_params(jax.random.key(seed), config, rng.standard_normal((k, d)).astype(np.float32))
+
+
+def make_inputs(args, data_dir: str) -> None:
+    """Random manifold parameters and latents, saved as manifold.pt (the reference format) and latents.npy."""
     from third_party.shell_lcc_reference import save_manifold
 
-    d, k, h = args.channels, args.num_anchors, args.hidden
-    rng = np.random.default_rng(args.seed)
-    config = ManifoldConfig(dim=d, num_anchors=k, hidden_dim=h)
-    anchors = rng.standard_normal((k, d)).astype(np.float32)
-    params = init_params(jax.random.key(args.seed), config, anchors)
+    d, h = args.channels, args.hidden
+    rng, config, params = random_manifold(args.seed, d, args.num_anchors, h)
 
     def perturb(shape, centre, spread):
         return (centre + spread * rng.standard_normal(shape)).astype(np.float32)
@@ -430,9 +429,4 @@ def record(args, kind, variant, res, arr, torch_res, torch_arr) -> dict:
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed._worker == "jax":
-        jax_worker(parsed)
-    elif parsed._worker == "torch":
-        torch_worker(parsed)
-    else:
-        main(parsed)
+    {"jax": jax_worker, "torch": torch_worker}.get(parsed._worker, main)(parsed)
