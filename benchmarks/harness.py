@@ -164,8 +164,8 @@ class Worker:
     ``log`` (a path) as it comes, and through ``on_line``."""
 
     def __init__(self, cmd, env=None, log=None, on_line=None, cwd=REPO):
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.log, self.lines, self.t0 = log, [], time.time()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.lines, self.t0 = [], time.time()
         self._file = open(log, "w") if log else None
         if self._file:
             shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
