@@ -12,17 +12,13 @@ guidance 3.0) was chosen; the test prompts are not touched.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import harness
 
 SETTINGS = (("unipc", 10, 2.0, 3.0), ("unipc", 10, 3.0, 3.0), ("unipc", 10, 4.0, 3.0), ("unipc", 25, 2.0, 3.0),
             ("unipc", 10, 2.0, 1.0), ("unipc", 25, 3.0, 1.0), ("euler", 25, 2.0, 3.0), ("unipc", 50, 2.0, 3.0))
@@ -33,8 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    harness.add_output_args(p, out_dir=False)
     a = p.parse_args(argv)
+    bench = harness.Bench("demo_guidance_sweep", a.out_jsonl, argv=argv)
     import ml_collections
     from configs import demo
     from experiments import embedded_pipeline as ep, embedded_validation as ev
@@ -62,12 +59,7 @@ def main(argv=None) -> int:
                      "seconds_per_seed": round((time.time() - t0) / len(a.seeds), 1)})
         print(f"{solver:>6} {steps:>3} steps guidance {g:<4} shift {shift:<4} accuracy {acc['attribute_accuracy']:.3f} ("
               + ", ".join(f"{k[4:]} {v:.2f}" for k, v in acc.items() if k.startswith("acc_")) + ")", flush=True)
-    record = {"bench": "demo_guidance_sweep", "date": datetime.date.today().isoformat(),
-              "device": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
-              "command": "python benchmarks/demo_guidance_sweep.py " + " ".join(argv or sys.argv[1:]),
-              "split": "validation", "prompts": a.prompts, "seeds": a.seeds, "rows": rows}
-    with open(a.out_jsonl, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    bench.record(device=harness.host_device(), split="validation", prompts=a.prompts, seeds=a.seeds, rows=rows)
     return 0
 
 

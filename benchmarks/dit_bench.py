@@ -5,7 +5,8 @@
 
 Both sides: random weights in bf16, batch 1, latent ``[1, 21, 60, 104, 16]`` (81 frames at 480x832),
 512 text tokens of dim 4096, loss ``mean((v - target)^2)`` in float32, gradients of every parameter,
-no optimizer update. Each variant runs in its own process so peak memory is its own. Variants:
+no optimizer update. Each variant runs in its own process (``benchmarks/harness.py``) so peak memory is its
+own. Variants:
 ``jax:<remat policy>[:<attention impl>[:<xla flag preset>]]`` and ``diffusers:plain`` /
 ``diffusers:checkpointing``. Flag presets (appended to ``XLA_FLAGS`` of that worker): ``cublas``
 (matrix products through cuBLAS rather than XLA's Triton GEMM fusions).
@@ -19,19 +20,12 @@ GPU's dense bf16 peak (989 TFLOP/s for H100 SXM and H200).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import harness
 
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 XLA_FLAG_PRESETS = {"": "", "cublas": "--xla_gpu_enable_triton_gemm=false"}
 
 
@@ -45,13 +39,6 @@ def train_flops(dim, ffn, layers, n_tokens, text_len, text_dim, patch_volume, ch
     outside = (2 * text_len * (text_dim * dim + dim * dim)           # text embedder
                + 2 * n_tokens * dim * patch_volume * channels * 2)    # patch embed + head
     return 3.0 * (layers * per_block + outside)
-
-
-def _peak_tflops(device_name: str) -> float | None:
-    for key, value in BF16_PEAK_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
 
 
 def _jax_worker(args, variant: str) -> dict:
@@ -93,20 +80,12 @@ def _jax_worker(args, variant: str) -> dict:
 
     device = jax.devices()[0]
     t0 = time.perf_counter()
-    jax.block_until_ready(step(params, x, timestep, ctx, target))
+    loss, _ = jax.block_until_ready(step(params, x, timestep, ctx, target))   # no update: the same every step
     compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        jax.block_until_ready(step(params, x, timestep, ctx, target))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        loss, grads = step(params, x, timestep, ctx, target)
-        jax.block_until_ready(grads)
-        times.append((time.perf_counter() - t0) * 1e3)
-    stats = device.memory_stats() or {}
+    times = harness.timed(lambda: step(params, x, timestep, ctx, target), args.repeats, args.warmup)
     n_params = sum(p.size for p in jax.tree.leaves(params))
     return dict(side="jax", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
-                peak_gb=stats.get("peak_bytes_in_use", 0) / 2**30 or None, compile_s=compile_s,
+                peak_gb=harness.jax_peak_gb([device]), compile_s=compile_s,
                 loss=float(loss), n_params=int(n_params), device_name=device.device_kind,
                 versions=dict(jax=jax.__version__), dims=(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_dim,
                                                           cfg.patch_volume, cfg.in_channels, cfg.patch_size))
@@ -143,27 +122,17 @@ def _diffusers_worker(args, variant: str) -> dict:
         loss.backward()
         return loss
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = harness.torch_sync(dev)
     t0 = time.perf_counter()
-    step()
-    sync()
+    loss = step()                                     # no update: the same every step
+    sync(loss)
     first_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    harness.timed(step, 0, args.warmup, sync)
+    harness.torch_peak_reset(dev)
+    times = harness.timed(step, args.repeats, sync=sync)
     return dict(side="diffusers", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
-                peak_gb=peak, compile_s=first_s, loss=float(loss),
-                n_params=sum(p.numel() for p in model.parameters()), device_name=name,
+                peak_gb=harness.torch_peak_gb(dev), compile_s=first_s, loss=float(loss),
+                n_params=sum(p.numel() for p in model.parameters()), device_name=harness.torch_device_name(dev),
                 versions=dict(torch=torch.__version__, diffusers=diffusers.__version__))
 
 
@@ -177,50 +146,31 @@ def main():
         "jax:dots_with_no_batch_dims_saveable:cudnn"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
-    p.add_argument("--out-dir", default=None)
+    harness.add_output_args(p)
     p.add_argument("--worker-timeout", type=float, default=420.0)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args._worker:
-        fn = _jax_worker if args._worker.startswith("jax") else _diffusers_worker
-        print("RESULT " + json.dumps(fn(args, args._worker)), flush=True)
+        harness.emit((_jax_worker if args._worker.startswith("jax") else _diffusers_worker)(args, args._worker))
         return
 
-    command = "python benchmarks/dit_bench.py " + " ".join(sys.argv[1:])
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    log_lines, rows = [], []
-
-    def log(msg):
-        print(msg, flush=True)
-        log_lines.append(msg)
-        if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            with open(os.path.join(args.out_dir, "dit_bench.log"), "a") as f:
-                f.write(msg + "\n")
-
-    base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--grid", *map(str, args.grid),
-            "--text-len", str(args.text_len), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    bench = harness.Bench("dit_bench", args.out_jsonl, args.out_dir)
+    log, rows = bench.log, []
+    base = harness.script_cmd(__file__, "--preset", args.preset, "--grid", *args.grid, "--text-len", args.text_len,
+                              "--repeats", args.repeats, "--warmup", args.warmup)
     for variant in args.variants:
-        try:
-            preset = variant.split(":")[3] if variant.startswith("jax") and variant.count(":") >= 3 else ""
-            if preset not in XLA_FLAG_PRESETS:
-                raise SystemExit(f"unknown XLA flag preset {preset!r} in {variant!r}; expected {sorted(XLA_FLAG_PRESETS)}")
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
-            proc = subprocess.run(base + ["--_worker", variant], capture_output=True, text=True,
-                                  timeout=args.worker_timeout, env=env)
-            out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not out:
-                log(f"{variant}: FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}")
-                rows.append(dict(variant=variant, error=proc.stderr[-500:]))
-                continue
-            res = json.loads(out[-1][len("RESULT "):])
-        except subprocess.TimeoutExpired:
-            log(f"{variant}: timed out after {args.worker_timeout}s")
-            rows.append(dict(variant=variant, error="timeout"))
+        preset = variant.split(":")[3] if variant.startswith("jax") and variant.count(":") >= 3 else ""
+        if preset not in XLA_FLAG_PRESETS:
+            raise SystemExit(f"unknown XLA flag preset {preset!r} in {variant!r}; expected {sorted(XLA_FLAG_PRESETS)}")
+        xla_flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
+        done = harness.run(base + ["--_worker", variant], timeout=args.worker_timeout,
+                           env={"XLA_FLAGS": xla_flags} if xla_flags else {})
+        if done.error:
+            bench.failed(variant, done, lines=40)
+            rows.append(dict(variant=variant, error=done.error))
             continue
+        res = done.result
         rows.append(res)
         log(f"{variant}: {res['step_ms']:.1f} ms/step, peak {res['peak_gb'] or float('nan'):.1f} GB, "
             f"loss {res['loss']:.4f}, params {res['n_params'] / 1e9:.3f}B, first call {res['compile_s']:.1f}s")
@@ -240,14 +190,14 @@ def main():
     log(header)
     for r in ok:
         tflops = flops / (r["step_ms"] / 1e3) / 1e12
-        peak = _peak_tflops(r["device_name"])
+        peak = (harness.datasheet(r["device_name"]) or {}).get("bf16")
         mfu = tflops / peak if peak else None
         speed = {k: d["step_ms"] / r["step_ms"] for k, d in diff.items()}
         log(f"{r['variant']:45s} {r['step_ms']:9.1f} {r['peak_gb'] or 0:8.1f} {tflops:8.1f} "
             f"{(mfu or 0) * 100:5.1f}%" + "".join(f" {s:13.2f}x" for s in speed.values()))
-        record = dict(bench="dit_bench", device=r["device_name"], date=date, command=command, preset=args.preset,
-                      grid=list(args.grid), text_len=args.text_len, variant=r["variant"], step_ms=r["step_ms"],
-                      step_ms_min=r["step_ms_min"], peak_gb=r["peak_gb"], tflops=tflops, mfu=mfu,
+        record = dict(device=r["device_name"], preset=args.preset, grid=list(args.grid), text_len=args.text_len,
+                      variant=r["variant"], step_ms=r["step_ms"], step_ms_min=r["step_ms_min"], peak_gb=r["peak_gb"],
+                      tflops=tflops, mfu=mfu,
                       train_tflop=flops / 1e12, n_params=r["n_params"], loss=r["loss"], versions=r["versions"])
         if r["side"] == "jax":
             for k, d in diff.items():
@@ -255,10 +205,7 @@ def main():
                 record[f"diffusers_{tag}_step_ms"] = d["step_ms"]
                 record[f"diffusers_{tag}_peak_gb"] = d["peak_gb"]
                 record[f"speedup_vs_diffusers_{tag}"] = d["step_ms"] / r["step_ms"]
-        for path in filter(None, [args.out_jsonl,
-                                  args.out_dir and os.path.join(args.out_dir, "dit_bench.jsonl")]):
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        bench.record(**record)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,13 @@ CPU, and the timing does not depend on the values). Prints one JSON line and app
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import harness
 
 
 def random_vae(preset: str, dtype, seed: int = 0):
@@ -67,8 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, default=32, help="clips timed (rounded up to whole batches)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-cache", action="store_true", help="skip the end-to-end encode_to_cache timing")
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    harness.add_output_args(p, out_dir=False)
     args = p.parse_args(argv)
+    bench = harness.Bench("encode_bench", args.out_jsonl, argv=argv)
 
     import jax
     import jax.numpy as jnp
@@ -91,18 +89,12 @@ def main(argv=None) -> int:
     latents = np.asarray(encode(video))
     compile_s = time.perf_counter() - t0
     steps = max(1, -(-args.clips // args.batch_size))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        # np.asarray waits for the result and copies it to the host, as the cache writer does.
-        latents = np.asarray(encode(video))
-    encode_s = time.perf_counter() - t0
+    # np.asarray waits for the result and copies it to the host, as the cache writer does.
+    encode_s = sum(harness.timed(lambda: np.asarray(encode(video)), steps, sync=lambda _: None)) / 1e3
     clips = steps * args.batch_size
 
     result = {
-        "bench": "encode_bench",
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "preset": args.preset, "dtype": args.dtype, "frames": args.frames, "height": h, "width": w,
         "batch_size": args.batch_size, "clips": clips, "latent_shape": list(latents.shape[1:]),
         "clips_per_s": clips / encode_s, "ms_per_batch": 1000 * encode_s / steps,
@@ -124,12 +116,7 @@ def main(argv=None) -> int:
         result["cache_clips_per_s"] = summary["clips_per_s"]
         result["cache_bytes_per_clip"] = summary["bytes"] / clips
 
-    line = json.dumps(result)
-    print(line)
-    if args.out_jsonl:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out_jsonl)), exist_ok=True)
-        with open(args.out_jsonl, "a") as f:
-            f.write(line + "\n")
+    print(json.dumps(bench.record(**result)))
     return 0
 
 

@@ -5,8 +5,9 @@ Times this project's jitted ``shelllcc.manifold.fit.stage1_step`` (stage-1 loss 
 ``shelllcc.manifold.losses.stage1_loss``, coder BatchNorm in train mode, the optimizer of
 ``fit.make_optimizer(fit.OptimConfig())``: global-norm clipping then AdamW on a warmup + cosine
 schedule, BatchNorm running statistics updated, non-finite steps skipped) against a plain PyTorch
-eager float32 implementation of the same math, written out in the torch worker below without
-importing shelllcc:
+eager float32 implementation of the same math, without shelllcc: the stage-1 loss of
+``third_party.shell_lcc_torch.ReferenceManifold`` (in train mode) and the update written out in the torch
+worker below:
 
     f      = Linear(D, H) -> BatchNorm1d(H) (batch statistics) -> ReLU -> Linear(H, H) -> ReLU -> Linear(H, K)
     w      = softmax(f(z)),  zhat = s * (w @ A) + b
@@ -37,19 +38,19 @@ products, each step makes several elementwise passes over ``N x K`` float32 matr
 softmax, ``w * d2``, their gradients); one such pass moves 1.07 GB at N=65,536, K=4096, i.e.
 0.32 ms at 3.35 TB/s (H100) or 0.22 ms at 4.8 TB/s (H200); the log prints both floors on those GPUs.
 
-Every measurement runs in its own subprocess (``--_worker jax|torch``); the parent only prepares
-the inputs on the host (numpy; parameters from ``shelllcc.manifold.params.init_params`` with a
-seeded key and random anchors), collects the results, compares them and prints the table. Before
-timing, each worker runs ``--check-steps`` steps from the same initial parameters on the same batch
-and saves the resulting parameters; the parent reports the relative difference of the loss and of
-the parameter update (``||p_x - p_torch|| / ||p_torch - p_init||``) against PyTorch float32, and
-of Adam's first moment (an average of the clipped gradients, free of Adam's per-element
-normalisation, which amplifies rounding in elements whose gradient is near zero). The
-default schedule starts its linear warmup at learning rate 0, so the first update is exactly zero:
-``--check-steps`` defaults to 3 (learning rates 0, 1e-5, 2e-5 with the default 100 warmup steps).
-The aggregate update error leaves out ``coder.b0``: in front of a train-mode BatchNorm its exact
-gradient is zero, the computed one is rounding noise (~1e-9), and Adam turns that noise into steps
-of arbitrary sign, so its "update" agrees between no two implementations (it is still listed per leaf).
+Every measurement runs in its own subprocess (``--_worker jax|torch``, ``benchmarks/harness.py``); the parent
+only prepares the inputs on the host (parameters from ``shelllcc.manifold.params.init_params`` with a seeded
+key and random anchors, saved as a reference checkpoint that both workers read), collects the results,
+compares them and prints the table. Before timing, each worker runs ``--check-steps`` steps from the same
+initial parameters on the same batch and saves the resulting parameters; the parent reports the relative
+difference of the loss and of the parameter update (``||p_x - p_torch|| / ||p_torch - p_init||``) against
+PyTorch float32, and of Adam's first moment (an average of the clipped gradients, free of Adam's per-element
+normalisation, which amplifies rounding in elements whose gradient is near zero). The default schedule starts
+its linear warmup at learning rate 0, so the first update is exactly zero: ``--check-steps`` defaults to 3
+(learning rates 0, 1e-5, 2e-5 with the default 100 warmup steps). The aggregate update error leaves out
+``coder.b0``: in front of a train-mode BatchNorm its exact gradient is zero, the computed one is rounding
+noise (~1e-9), and Adam turns that noise into steps of arbitrary sign, so its "update" agrees between no two
+implementations (it is still listed per leaf).
 
 Run from the repository root::
 
@@ -58,46 +59,26 @@ Run from the repository root::
     python benchmarks/fit_bench.py --num-anchors 64 --hidden 32 --batch 512 --repeats 3 \
         --warmup 1 --out-jsonl /tmp/fb.jsonl --out-dir /tmp/fb             # quick CPU check
 
-Only jax, optax, flax, numpy, torch and shelllcc.manifold are imported.
+Only jax, optax, flax, numpy, torch, shelllcc.manifold and third_party are imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-# Shared with the reward benchmark (this directory is on sys.path when a script here runs).
-from reward_bench import _memory_stats, _temp_bytes, fmt, package_version, write_jsonl  # noqa: E402
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("shelllcc") is None:
-    # The package may not be pip-installed on the benchmark machine; use this checkout.
-    sys.path.insert(0, REPO_ROOT)
-
-RESULT_PREFIX = "@@FIT_BENCH_RESULT "
-GB = 1024.0 ** 3
-
-# NVIDIA datasheet dense peaks (SXM parts): TFLOP/s and HBM TB/s, used only to print rough floors.
-# JAX's default float32 matmul precision on Hopper is TF32; PyTorch's default is true float32.
-DATASHEET = {
-    "H100": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "hbm_tbs": 3.35},
-    "H200": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "hbm_tbs": 4.8},
-}
+import harness
+from reward_bench import random_manifold   # this directory is on sys.path when a script here runs
 
 # Trainable leaves of stage 1 (fit.stage1_trainable) and the BatchNorm running statistics, by the
 # names of params.expected_shapes.
@@ -140,15 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-steps", type=int, default=3,
                    help="steps of the correctness check (the default schedule's first learning rate is 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-jsonl", default=os.path.join(REPO_ROOT, "benchmarks", "results.jsonl"),
-                   help="append one JSON object per measurement here")
-    p.add_argument("--out-dir", default=None, help="if given, also write fit_bench.jsonl and fit_bench.log here")
-    p.add_argument("--label", default="", help="free text stored with every JSON record")
-    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds per subprocess")
-    # Internal: the subprocess entry points.
-    p.add_argument("--_worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    harness.add_output_args(p, label=True)
+    harness.add_worker_args(p, ("jax", "torch"), timeout=600.0)
     p.add_argument("--_dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--_tf32", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -173,45 +147,21 @@ def step_flops(n: int, d: int, h: int, k: int) -> float:
     return 3.0 * 2.0 * n * macs_per_patch(d, h, k)
 
 
-def datasheet_peaks(device_kind: str | None):
-    if not device_kind or "pcie" in device_kind.lower():
-        return None
-    for name, peaks in DATASHEET.items():
-        if name in device_kind:
-            return peaks
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs: prepared once in the parent (on the CPU) and shared by every worker through files
 # ---------------------------------------------------------------------------------------------
 
 def make_inputs(args, data_dir: str) -> dict:
-    """Initial parameters (params.npz), one batch of patches (patches.npy) and the constants of the
-    math (meta.json, from shelllcc's defaults). Returns the meta dict."""
-    import jax
-
-    # The parent must never touch the accelerator: a live context here would hold memory while
-    # the workers measure theirs.
-    jax.config.update("jax_platforms", "cpu")
+    """Initial parameters (manifold.pt, the reference format), one batch of patches (patches.npy) and the
+    constants of the math (meta.json, from shelllcc's defaults). Returns the meta dict."""
+    rng, config, params = random_manifold(args.seed, args.dim, args.num_anchors, args.hidden)
     from shelllcc.manifold import fit
     from shelllcc.manifold.losses import Stage1Weights
-    from shelllcc.manifold.params import ManifoldConfig, expected_shapes, init_params
+    from third_party.shell_lcc_reference import save_manifold
 
-    d, k, h = args.dim, args.num_anchors, args.hidden
-    rng = np.random.default_rng(args.seed)
-    config = ManifoldConfig(dim=d, num_anchors=k, hidden_dim=h)
-    anchors = rng.standard_normal((k, d)).astype(np.float32)
-    params = init_params(jax.random.key(args.seed), config, anchors)
-    arrays = {}
-    for path in expected_shapes(config):
-        leaf = params
-        for part in path.split("."):
-            leaf = getattr(leaf, part)
-        arrays[path] = np.asarray(leaf)
-    np.savez(os.path.join(data_dir, "params.npz"), **arrays)
+    save_manifold(params, config, os.path.join(data_dir, "manifold.pt"))
     # Standard normal, like Wan's normalised latents.
-    np.save(os.path.join(data_dir, "patches.npy"), rng.standard_normal((args.batch, d)).astype(np.float32))
+    np.save(os.path.join(data_dir, "patches.npy"), rng.standard_normal((args.batch, args.dim)).astype(np.float32))
 
     meta = {"optim": dataclasses.asdict(fit.OptimConfig()), "weights": dataclasses.asdict(Stage1Weights()),
             "bn_eps": config.bn_eps, "bn_momentum": config.bn_momentum,
@@ -223,15 +173,20 @@ def make_inputs(args, data_dir: str) -> dict:
 
 
 def load_inputs(data_dir: str):
-    with np.load(os.path.join(data_dir, "params.npz")) as f:
-        arrays = {name: f[name] for name in f.files}
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
-    return arrays, np.load(os.path.join(data_dir, "patches.npy")), meta
+    return os.path.join(data_dir, "manifold.pt"), np.load(os.path.join(data_dir, "patches.npy")), meta
 
 
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+def named_leaves(tree, names=TRAINABLE + BN_STATS, prefix: str = "") -> dict:
+    """``{prefix + name: float32 array}`` of ``ManifoldParams``-shaped ``tree`` (attributes or dict keys)."""
+    out = {}
+    for name in names:
+        leaf = tree
+        for part in name.split("."):
+            leaf = leaf[part] if isinstance(leaf, dict) else getattr(leaf, part)
+        out[prefix + name] = np.asarray(leaf, np.float32)
+    return out
 
 
 def summarize(times_ms, steps: int, n: int) -> dict:
@@ -255,36 +210,21 @@ def jax_worker(args) -> None:
         jax.config.update("jax_default_matmul_precision", args.jax_matmul_precision)
     from shelllcc.manifold import fit
     from shelllcc.manifold.losses import Stage1Weights
-    from shelllcc.manifold.params import (BatchNormStats, CoderParams, ManifoldConfig, ManifoldParams,
-                                          ShellParams, check_params)
+    from third_party.shell_lcc_reference import load_manifold
 
-    arrays, patches, meta = load_inputs(args._data)
-    config = ManifoldConfig(dim=args.dim, num_anchors=args.num_anchors, hidden_dim=args.hidden,
-                            bn_eps=meta["bn_eps"], bn_momentum=meta["bn_momentum"])
-
-    def group(prefix):
-        return {name.split(".", 1)[1]: v for name, v in arrays.items() if name.startswith(prefix + ".")}
-
-    def fresh_params():
-        params = ManifoldParams(anchors=arrays["anchors"], scale=arrays["scale"], shift=arrays["shift"],
-                                coder=CoderParams(**group("coder")), bn=BatchNormStats(**group("bn")),
-                                shell=ShellParams(**group("shell")))
-        check_params(params, config)
-        return params
-
+    manifold, patches, meta = load_inputs(args._data)
+    params, config = load_manifold(manifold)
+    config = dataclasses.replace(config, bn_eps=meta["bn_eps"], bn_momentum=meta["bn_momentum"])
     device = jax.devices()[0]
     optimizer = fit.make_optimizer(fit.OptimConfig(**meta["optim"]))
     step_fn = functools.partial(fit.stage1_step, optimizer=optimizer, weights=Stage1Weights(**meta["weights"]),
                                 config=config, compute_dtype=jnp.dtype(args._dtype))
     step = fit.jit_step(step_fn, None)   # what experiments/fit_manifold.py runs (mesh=None: one device)
 
-    def fresh_state():
-        return jax.device_put(fit.init_state(jax.device_put(fresh_params(), device), optimizer, 1), device)
-
     batch = jax.device_put(patches, device)
-    state = fresh_state()
+    state = jax.device_put(fit.init_state(jax.device_put(params, device), optimizer, 1), device)
     jax.block_until_ready((state, batch))
-    before = _memory_stats(device)
+    before = harness.jax_memory(device)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -294,42 +234,32 @@ def jax_worker(args) -> None:
     for _ in range(args.check_steps):
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
-    p = state.params
-    leaves = {"anchors": p.anchors, "scale": p.scale, "shift": p.shift, "bn.mean": p.bn.mean, "bn.var": p.bn.var}
-    leaves.update({f"coder.{f.name}": getattr(p.coder, f.name) for f in dataclasses.fields(p.coder)})
     # Adam's first moment: an average of the clipped gradients, compared without Adam's normalisation.
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
     mu = next(x for x in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(x)).mu
-    leaves.update({"mu.anchors": mu["anchors"], "mu.scale": mu["scale"], "mu.shift": mu["shift"]})
-    leaves.update({f"mu.coder.{f.name}": getattr(mu["coder"], f.name) for f in dataclasses.fields(mu["coder"])})
-    np.savez(args._result, losses=np.asarray(losses, np.float64),
-             **{name: np.asarray(v, np.float32) for name, v in leaves.items()})
+    np.savez(args._result, losses=np.asarray(losses, np.float64), **named_leaves(state.params),
+             **named_leaves(mu, TRAINABLE, "mu."))
     skipped = int(state.skipped)
 
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+    def steps(count):
+        nonlocal state, metrics
+        for _ in range(count):
             state, metrics = compiled(state, batch)
-        jax.block_until_ready(state)
-        times.append((time.perf_counter() - t0) * 1e3)
-    after = _memory_stats(device)
-    peak = after["peak_bytes_in_use"] / GB if "peak_bytes_in_use" in after else None
-    temp = _temp_bytes(compiled)
-    emit({**summarize(times, args.steps, args.batch), "peak_gb": peak,
-          "resident_before_compile_gb": before["bytes_in_use"] / GB if "bytes_in_use" in before else None,
-          "temp_gb": None if temp is None else temp / GB, "compile_s": compile_s,
-          "device_name": device.device_kind, "platform": device.platform, "losses": losses,
-          "final_loss": float(metrics["loss"]), "skipped_steps": int(state.skipped), "check_skipped": skipped,
-          "jax_version": jax.__version__,
-          "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None) or "default")})
+        return state
+
+    harness.timed(lambda: steps(1), 0, args.warmup)
+    times = harness.timed(lambda: steps(args.steps), args.repeats)
+    harness.emit({**summarize(times, args.steps, args.batch), "peak_gb": harness.jax_peak_gb([device]),
+                  "resident_before_compile_gb": before["bytes_in_use"] / harness.GB if "bytes_in_use" in before
+                  else None, "temp_gb": harness.memory_analysis(compiled).get("temp_gb"), "compile_s": compile_s,
+                  "device_name": device.device_kind, "platform": device.platform, "losses": losses,
+                  "final_loss": float(metrics["loss"]), "skipped_steps": int(state.skipped),
+                  "check_skipped": skipped, "jax_version": jax.__version__,
+                  "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None) or "default")})
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch reference worker: the same math written plainly, eager, no shelllcc import
+# PyTorch reference worker: third_party.shell_lcc_torch's stage-1 loss, AdamW written out, eager
 # ---------------------------------------------------------------------------------------------
 
 def warmup_cosine_lr(count: int, o: dict) -> float:
@@ -346,167 +276,96 @@ def warmup_cosine_lr(count: int, o: dict) -> float:
 
 def torch_worker(args) -> None:
     import torch
-    from torch import nn
+
+    from third_party.shell_lcc_torch import ReferenceManifold
 
     if args._tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
-    arrays, patches, meta = load_inputs(args._data)
+    manifold, patches, meta = load_inputs(args._data)
     cuda = args.platform != "cpu" and torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    d, k, h = args.dim, args.num_anchors, args.hidden
     o, lw, ad = meta["optim"], meta["weights"], meta["adam"]
 
-    def t(name):
-        return torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dev)
-
-    # Coder f: Linear -> BatchNorm1d (train mode: batch statistics) -> ReLU -> Linear -> ReLU -> Linear.
-    coder = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h, eps=meta["bn_eps"], momentum=meta["bn_momentum"]),
-                          nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k)).to(dev)
-    with torch.no_grad():
-        for layer, w, b in ((coder[0], "coder.w0", "coder.b0"), (coder[3], "coder.w1", "coder.b1"),
-                            (coder[5], "coder.w2", "coder.b2")):
-            layer.weight.copy_(t(w).T)  # JAX stores [in, out]; nn.Linear.weight is [out, in]
-            layer.bias.copy_(t(b))
-        coder[1].weight.copy_(t("coder.bn_scale"))
-        coder[1].bias.copy_(t("coder.bn_bias"))
-        coder[1].running_mean.copy_(t("bn.mean"))
-        coder[1].running_var.copy_(t("bn.var"))
-    coder.train()
-    anchors = nn.Parameter(t("anchors"))
-    scale = nn.Parameter(t("scale"))
-    shift = nn.Parameter(t("shift"))
-    params = [anchors, scale, shift, *coder.parameters()]
+    model = ReferenceManifold.load(manifold).to(dev).train()   # BatchNorm on batch statistics
+    model.predictor[1].eps, model.predictor[1].momentum = meta["bn_eps"], meta["bn_momentum"]
+    model.surface_head.requires_grad_(False)                     # stage 1 leaves the shell head alone
+    params = [q for q in model.parameters() if q.requires_grad]
     opt_kwargs = {"fused": True} if args.torch_fused_adam else {}
     opt = torch.optim.AdamW(params, lr=0.0, betas=(ad["b1"], ad["b2"]), eps=ad["eps"],
                             weight_decay=o["weight_decay"], **opt_kwargs)
     z = torch.from_numpy(patches).to(dev)
-    log_k = math.log(k)
-
-    def stage1_loss(z):
-        w = torch.softmax(coder(z), dim=-1)                                     # [N, K]
-        zhat = scale * (w @ anchors) + shift
-        l_rec = ((zhat - z) ** 2).mean()
-        d2 = ((z * z).sum(-1, keepdim=True) + (anchors * anchors).sum(-1) - 2.0 * (z @ anchors.T)).clamp_min(0.0)
-        l_loc = (w * d2).sum(-1).mean()
-        usage = w.mean(0)
-        l_use = (usage * (usage.clamp_min(1e-12).log() + log_k)).sum()
-        l_b2p = d2.amin(0).mean()   # amin splits the gradient among ties, as jnp.min does
-        return l_rec + lw["locality"] * l_loc + lw["usage"] * l_use + lw["basis_to_patch"] * l_b2p
-
     count = [0]
 
     def step():
         for g in opt.param_groups:
             g["lr"] = warmup_cosine_lr(count[0], o)
         opt.zero_grad(set_to_none=True)
-        loss = stage1_loss(z)
+        loss = model.stage1_loss(z, lw["locality"], lw["usage"], lw["basis_to_patch"])
         loss.backward()
         # optax.clip_by_global_norm: g * c / max(||g||, c) (torch's clip_grad_norm_ adds 1e-6 to the norm).
         grads = [q.grad for q in params]
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        factor = o["grad_clip"] / total.clamp_min(o["grad_clip"])
-        torch._foreach_mul_(grads, factor)
+        torch._foreach_mul_(grads, o["grad_clip"] / total.clamp_min(o["grad_clip"]))
         opt.step()
         count[0] += 1
         return loss
 
-    def export():
-        with torch.no_grad():
-            named = {"anchors": anchors, "scale": scale, "shift": shift,
-                     "coder.w0": coder[0].weight, "coder.b0": coder[0].bias,
-                     "coder.bn_scale": coder[1].weight, "coder.bn_bias": coder[1].bias,
-                     "coder.w1": coder[3].weight, "coder.b1": coder[3].bias,
-                     "coder.w2": coder[5].weight, "coder.b2": coder[5].bias}
-            out = {"bn.mean": coder[1].running_mean, "bn.var": coder[1].running_var}
-            for name, q in named.items():
-                tr = name in ("coder.w0", "coder.w1", "coder.w2")   # back to [in, out]
-                out[name] = q.T if tr else q
-                out["mu." + name] = opt.state[q]["exp_avg"].T if tr else opt.state[q]["exp_avg"]
-            return {name: v.detach().float().cpu().numpy() for name, v in out.items()}
-
     losses = [step().item() for _ in range(args.check_steps)]
-    np.savez(args._result, losses=np.asarray(losses, np.float64), **export())
+    # The parameters and Adam's first moments in the reference layout, for the parent's
+    # shell_lcc_reference.load_manifold.
+    tensors = model.state_dict(keep_vars=True)
+    for suffix, state in (("params", tensors),
+                          ("mu", {n: opt.state[v]["exp_avg"] if v in opt.state else v for n, v in tensors.items()})):
+        torch.save(model.checkpoint({n: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                                     for n, v in state.items()}), f"{args._result}.{suffix}.pt")
 
-    for _ in range(args.warmup):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / GB if cuda else None
-    emit({**summarize(times, args.steps, args.batch), "peak_gb": peak,
-          "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "platform": dev.type, "losses": losses,
-          "final_loss": float(loss.item()), "torch_version": torch.__version__,
-          "float32_matmul_precision": torch.get_float32_matmul_precision(),
-          "optimizer": "AdamW(fused)" if args.torch_fused_adam else "AdamW(default: foreach on CUDA)"})
+    def steps():
+        for _ in range(args.steps):
+            loss = step()
+        return loss
+
+    sync = harness.torch_sync(dev)
+    harness.timed(step, 0, args.warmup, sync)
+    harness.torch_peak_reset(dev)
+    times = harness.timed(steps, args.repeats, sync=sync)
+    harness.emit({**summarize(times, args.steps, args.batch), "peak_gb": harness.torch_peak_gb(dev),
+                  "device_name": harness.torch_device_name(dev), "platform": dev.type, "losses": losses,
+                  "final_loss": float(steps().item()), "torch_version": torch.__version__,
+                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                  "optimizer": "AdamW(fused)" if args.torch_fused_adam else "AdamW(default: foreach on CUDA)"})
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: run the workers, compare, record, print
 # ---------------------------------------------------------------------------------------------
 
-class Log:
-    """Prints and, with --out-dir, mirrors every line to fit_bench.log as it goes."""
-
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "fit_bench.log") if out_dir else None
-
-    def __call__(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def run_worker(args, log, which, data_dir, result_path, dtype="float32", tf32=False):
+def run_worker(args, bench, which, data_dir, result_path, dtype="float32", tf32=False):
     """Runs one worker subprocess; returns (result dict, arrays) or (None, None) on failure."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", which, "--_data", data_dir,
-           "--_result", result_path, "--_dtype", dtype,
-           "--dim", str(args.dim), "--num-anchors", str(args.num_anchors), "--hidden", str(args.hidden),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--check-steps", str(args.check_steps),
-           "--platform", args.platform, "--jax-matmul-precision", args.jax_matmul_precision]
-    if tf32:
-        cmd.append("--_tf32")
-    if args.torch_fused_adam:
-        cmd.append("--torch-fused-adam")
-    env = dict(os.environ)
+    cmd = harness.script_cmd(__file__, "--_worker", which, "--_data", data_dir, "--_result", result_path,
+                             "--_dtype", dtype, "--dim", args.dim, "--num-anchors", args.num_anchors,
+                             "--hidden", args.hidden, "--batch", args.batch, "--steps", args.steps,
+                             "--repeats", args.repeats, "--warmup", args.warmup, "--check-steps", args.check_steps,
+                             "--platform", args.platform, "--jax-matmul-precision", args.jax_matmul_precision)
+    cmd += ["--_tf32"] * tf32 + ["--torch-fused-adam"] * args.torch_fused_adam
+    env = {}
     if which == "jax" and args.platform != "auto":
         env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.platform]
     if which == "torch" and args.platform == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    name = f"{which} {dtype}{' tf32' if tf32 else ''}"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout,
-                              cwd=REPO_ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        log(f"  ! {name} worker timed out after {args.worker_timeout:g} s")
+    done = harness.run(cmd, timeout=args.worker_timeout, env=env)
+    if done.error:
+        bench.failed(f"{which} {dtype}{' tf32' if tf32 else ''} worker", done)
         return None, None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        log(f"  ! {name} worker failed with exit code {proc.returncode}; last lines of its output:")
-        for ln in (proc.stdout + proc.stderr).strip().splitlines()[-15:]:
-            log("    " + ln)
-        return None, None
-    with np.load(result_path) as f:
-        arrays = {name: f[name].astype(np.float64) for name in f.files}
-    return json.loads(lines[-1][len(RESULT_PREFIX):]), arrays
+    if which == "jax":
+        with np.load(result_path) as f:
+            return done.result, {name: f[name].astype(np.float64) for name in f.files}
+    from third_party.shell_lcc_reference import load_manifold
+    arrays = {"losses": np.asarray(done.result["losses"], np.float64),
+              **named_leaves(load_manifold(result_path + ".params.pt")[0]),
+              **named_leaves(load_manifold(result_path + ".mu.pt")[0], TRAINABLE, "mu.")}
+    return done.result, {name: v.astype(np.float64) for name, v in arrays.items()}
 
 
 def compare(arr, ref, init) -> dict:
@@ -536,35 +395,24 @@ def compare(arr, ref, init) -> dict:
             "bn_stats_rel_err": float(math.sqrt(bn_num / bn_den)) if bn_den > 0 else None}
 
 
-def print_table(log, rows):
-    cols = [("impl", "impl", "s"), ("dtype", "compute_dtype", "s"), ("matmul", "matmul_precision", "s"),
-            ("step_ms", "step_ms", ".2f"), ("patches/s", "patches_per_s", ",.0f"), ("peak_gb", "peak_gb", ".3f"),
-            ("vs_torch", "speedup_vs_torch", ".2f"), ("vs_torch_tf32", "speedup_vs_torch_tf32", ".2f"),
-            ("TFLOP/s", "tflops_per_s", ".2f"), ("loss_rel_err", "loss_rel_err", ".1e"),
-            ("grad_rel_err", "grad_rel_err", ".1e"),
-            ("update_rel_err", "update_rel_err", ".1e"), ("max_leaf", "update_rel_err_max_leaf", ".1e")]
-    cells = [[fmt(r.get(key), spec) for _, key, spec in cols] for r in rows]
-    widths = [max(len(name), *(len(c[i]) for c in cells)) for i, (name, _, _) in enumerate(cols)]
-    log("  ".join(name.rjust(w) for (name, _, _), w in zip(cols, widths)))
-    log("  ".join("-" * w for w in widths))
-    for c in cells:
-        log("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+TABLE = [("impl", "impl", "s"), ("dtype", "compute_dtype", "s"), ("matmul", "matmul_precision", "s"),
+         ("step_ms", "step_ms", ".2f"), ("patches/s", "patches_per_s", ",.0f"), ("peak_gb", "peak_gb", ".3f"),
+         ("vs_torch", "speedup_vs_torch", ".2f"), ("vs_torch_tf32", "speedup_vs_torch_tf32", ".2f"),
+         ("TFLOP/s", "tflops_per_s", ".2f"), ("loss_rel_err", "loss_rel_err", ".1e"),
+         ("grad_rel_err", "grad_rel_err", ".1e"), ("update_rel_err", "update_rel_err", ".1e"),
+         ("max_leaf", "update_rel_err_max_leaf", ".1e")]
 
 
 def main(args) -> None:
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-    log = Log(args.out_dir)
-    command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
+    bench = harness.Bench("fit_bench", args.out_jsonl, args.out_dir)
+    log, fmt = bench.log, harness.fmt
     n, d, k, h = args.batch, args.dim, args.num_anchors, args.hidden
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     flops = step_flops(n, d, h, k)
-    versions = {"jax": package_version("jax"), "jaxlib": package_version("jaxlib"), "optax": package_version("optax"),
-                "flax": package_version("flax"), "torch": package_version("torch"), "numpy": np.__version__,
-                "python": sys.version.split()[0]}
+    versions = {name: harness.package_version(name) for name in ("jax", "jaxlib", "optax", "flax", "torch")}
+    versions.update(numpy=np.__version__, python=sys.version.split()[0])
 
-    log(f"fit_bench (manifold stage 1)  {date}")
-    log(f"command: {command}")
+    log(f"fit_bench (manifold stage 1)  {bench.date}")
+    log(f"command: {bench.command}")
     log("versions: " + ", ".join(f"{a} {b}" for a, b in versions.items()))
     log(f"D={d}, K={k}, hidden={h}, batch N={n:,} patches/step; {args.warmup} warm-up steps, then "
         f"{args.repeats} repeats x {args.steps} steps (median); {args.check_steps} check steps; "
@@ -582,8 +430,8 @@ def main(args) -> None:
             f"bn eps {meta['bn_eps']}, bn momentum {meta['bn_momentum']}, adam {meta['adam']}")
         lrs = [warmup_cosine_lr(c, meta["optim"]) for c in range(args.check_steps)]
         log(f"  learning rates of the check steps: {', '.join(f'{x:.3g}' for x in lrs)}")
-        with np.load(os.path.join(data_dir, "params.npz")) as f:
-            init = {name: f[name] for name in f.files}
+        from third_party.shell_lcc_reference import load_manifold
+        init = named_leaves(load_manifold(os.path.join(data_dir, "manifold.pt"))[0])
         variants = []
         if not args.no_torch:
             variants.append(("torch", "float32", False))
@@ -591,7 +439,7 @@ def main(args) -> None:
                 variants.append(("torch", "float32", True))
         variants += [("jax", dt, False) for dt in args.compute_dtypes]
         for impl, dtype, tf32 in variants:
-            res, arr = run_worker(args, log, impl, data_dir,
+            res, arr = run_worker(args, bench, impl, data_dir,
                                   os.path.join(data_dir, f"{impl}_{dtype}_{int(tf32)}.npz"), dtype, tf32)
             results.append((impl, dtype, tf32, res, arr))
             if res:
@@ -606,10 +454,8 @@ def main(args) -> None:
     rows = []
     for impl, dtype, tf32, res, arr in results:
         is_ref = impl == "torch" and not tf32
-        row = record(args, command, date, versions, flops, impl, dtype, tf32, res,
-                     {} if is_ref else compare(arr, ref[1], init), ref[0], ref_tf32)
-        rows.append(row)
-        write_jsonl(args, row, "fit_bench")
+        rows.append(bench.record(**record(args, versions, flops, impl, dtype, tf32, res,
+                                          {} if is_ref else compare(arr, ref[1], init), ref[0], ref_tf32)))
 
     log()
     for row in rows:
@@ -620,7 +466,7 @@ def main(args) -> None:
                 f"(reference update norm {row['update_norm_ref']:.3e}), BN running stats rel err "
                 f"{fmt(row['bn_stats_rel_err'], '.2e')}; per leaf: {leaf}")
     device_kind = next((r["device"] for r in rows if r.get("device")), None)
-    peaks = datasheet_peaks(device_kind)
+    peaks = harness.datasheet(device_kind)
     if peaks:
         log(f"floors at {device_kind} datasheet peaks (dense fp32 {peaks['fp32']:.0f}, tf32 {peaks['tf32']:.0f}, "
             f"bf16 {peaks['bf16']:.0f} TFLOP/s; HBM {peaks['hbm_tbs']} TB/s): products "
@@ -639,17 +485,17 @@ def main(args) -> None:
         "Ampere/Hopper is TF32, PyTorch's is true float32: compare with --torch-tf32 or "
         "--jax-matmul-precision highest.")
     log()
-    print_table(log, rows)
+    bench.table(TABLE, rows)
 
 
-def record(args, command, date, versions, flops, impl, dtype, tf32, res, errs, ref, ref_tf32) -> dict:
+def record(args, versions, flops, impl, dtype, tf32, res, errs, ref, ref_tf32) -> dict:
     ms = res["step_ms"] if res else None
     precision = None
     if res:
         precision = res.get("matmul_precision") if impl == "jax" else res.get("float32_matmul_precision")
     return {
-        "bench": "fit_bench", "date": date, "command": command, "label": args.label,
-        "device": res["device_name"] if res else None, "platform": res.get("platform", None) if res else None,
+        "label": args.label, "device": res["device_name"] if res else None,
+        "platform": res.get("platform", None) if res else None,
         "impl": impl, "compute_dtype": dtype, "torch_tf32": tf32, "matmul_precision": precision,
         "config": {"dim": args.dim, "num_anchors": args.num_anchors, "hidden_dim": args.hidden,
                    "batch": args.batch, "compute_dtype": dtype, "patch_size": [1, 1, 1]},
@@ -681,9 +527,4 @@ def record(args, command, date, versions, flops, impl, dtype, tf32, res, errs, r
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed._worker == "jax":
-        jax_worker(parsed)
-    elif parsed._worker == "torch":
-        torch_worker(parsed)
-    else:
-        main(parsed)
+    {"jax": jax_worker, "torch": torch_worker}.get(parsed._worker, main)(parsed)

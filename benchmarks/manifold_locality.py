@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import harness
 
 
 def last_stage1(metrics_path: str) -> dict:
@@ -38,8 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="a finished configs/demo.py run")
     p.add_argument("--weights", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    harness.add_output_args(p, out_dir=False)
     a = p.parse_args(argv)
+    bench = harness.Bench("manifold_locality", a.out_jsonl, argv=argv)
     from configs import demo
     from experiments import embedded_pipeline as ep, fit_manifold
     config = demo.get_config()
@@ -71,12 +69,7 @@ def main(argv=None) -> int:
         summary[str(w)] = {k: [float(np.mean([r[k] for r in sel])), float(np.std([r[k] for r in sel], ddof=1))
                               if len(sel) > 1 else 0.0] for k in keys}
         print(f"{w:>7} " + " ".join(f"{summary[str(w)][k][0]:>14.4f} +- {summary[str(w)][k][1]:<5.3f}" for k in keys))
-    record = {"bench": "manifold_locality", "date": datetime.date.today().isoformat(),
-              "device": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
-              "command": "python benchmarks/manifold_locality.py " + " ".join(argv or sys.argv[1:]),
-              "seeds": a.seeds, "mean_and_sd_over_seeds": summary, "runs": rows}
-    with open(a.out_jsonl, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    bench.record(device=harness.host_device(), seeds=a.seeds, mean_and_sd_over_seeds=summary, runs=rows)
     return 0
 
 

@@ -14,23 +14,17 @@ to 40 tokens, batch 1.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import harness  # first: puts the repository root on sys.path
+import jax
+import ml_dtypes
+import numpy as np
 
-import jax  # noqa: E402
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-
-from shelllcc.data import latent_cache, readers  # noqa: E402
+from shelllcc.data import latent_cache, readers
 
 SIZES = {
     "demo": dict(latent=(5, 8, 8, 16), dtype=np.float32, text=(64, 128), text_len=12, batch=32, clips=512),
@@ -60,22 +54,19 @@ def write_cache(out_dir: str, size: dict) -> None:
 
 
 def time_batches(iterator, batches: int) -> float:
-    next(iterator)  # first batch pays for thread start-up and file opening
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        batch = next(iterator)
-        jax.block_until_ready([v for v in jax.tree.leaves(batch) if isinstance(v, jax.Array)])
-    return batches / (time.perf_counter() - t0)
+    """Batches/s, after a first batch that pays for thread start-up and file opening."""
+    times = harness.timed(lambda: next(iterator), batches, warmup=1, sync=lambda batch: jax.block_until_ready(
+        [v for v in jax.tree.leaves(batch) if isinstance(v, jax.Array)]))
+    return batches / (sum(times) / 1e3)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    harness.add_output_args(p, out_dir=False)
     args = p.parse_args()
-    command = "python benchmarks/reader_bench.py " + " ".join(sys.argv[1:])
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    bench = harness.Bench("reader_bench", args.out_jsonl)
     device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} ({os.cpu_count()} cores)"
     for name in args.sizes:
         size = SIZES[name]
@@ -93,13 +84,10 @@ def main():
         mb = np.prod(size["latent"]) * np.dtype(size["dtype"]).itemsize * size["batch"] / 2**20
         print(f"{name}: {host:.1f} batches/s to host, {device_rate:.1f} batches/s with device prefetch "
               f"(batch {size['batch']}, {mb:.2f} MiB of latents per batch; cache written in {write_s:.1f}s)")
-        record = dict(bench="reader_bench", device=device, date=date, command=command, size=name,
-                      batch_size=size["batch"], latent_shape=list(size["latent"]),
-                      latent_dtype=np.dtype(size["dtype"]).name, batches=batches, host_batches_per_s=host,
-                      device_prefetch_batches_per_s=device_rate, latent_mib_per_batch=float(mb),
-                      python=platform.python_version(), versions=dict(jax=jax.__version__))
-        with open(args.out_jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        bench.record(device=device, size=name, batch_size=size["batch"], latent_shape=list(size["latent"]),
+                     latent_dtype=np.dtype(size["dtype"]).name, batches=batches, host_batches_per_s=host,
+                     device_prefetch_batches_per_s=device_rate, latent_mib_per_batch=float(mb),
+                     python=platform.python_version(), versions=dict(jax=jax.__version__))
 
 
 if __name__ == "__main__":

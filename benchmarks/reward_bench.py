@@ -8,9 +8,11 @@ patches of D = 16, K = 4096 anchors, hidden width 512) and compares it with a pl
 float32 implementation of the same formulas (all N patches at once, ``.backward()``), which also
 serves as the numerical reference for the JAX value and gradient.
 
-Every measurement runs in its own subprocess (``--_worker jax|torch``) so that one configuration's
-peak memory, compilation caches and allocator state cannot leak into the next; the parent process
-only prepares the inputs (on the CPU), collects the results and prints the table.
+Every measurement runs in its own subprocess (``--_worker jax|torch``, ``benchmarks/harness.py``) so that one
+configuration's peak memory, compilation caches and allocator state cannot leak into the next; the parent
+process only prepares the inputs (on the CPU: a random manifold saved as a reference checkpoint, read by the
+JAX worker with ``third_party.shell_lcc_reference.load_manifold`` and by the PyTorch worker as
+``third_party.shell_lcc_torch.ReferenceManifold``), collects the results and prints the table.
 
 Run from the repository root::
 
@@ -20,43 +22,25 @@ Run from the repository root::
     python benchmarks/reward_bench.py --kinds shell --variants remat:xla:8192:bfloat16 \
         fused:xla:8192:bfloat16 fused:pallas:16384:bfloat16:64,64,4,2,64,64,8,2
 
-Only jax, numpy, torch and shelllcc.manifold / shelllcc.rewards are imported, so that it runs on a
-machine with no data-pipeline dependencies.
+Only jax, numpy, torch, shelllcc.manifold / shelllcc.rewards and third_party are imported, so that it runs
+on a machine with no data-pipeline dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import importlib.util
-import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("shelllcc") is None:
-    # The package may not be pip-installed on the benchmark machine; use this checkout.
-    sys.path.insert(0, REPO_ROOT)
+import harness
 
 KINDS = ("lcc", "shell_norm", "shell", "shell_band")
-RESULT_PREFIX = "@@REWARD_BENCH_RESULT "
-GB = 1024.0 ** 3
-
-# NVIDIA datasheet dense peaks (SXM parts) in TFLOP/s, used only to print a rough compute floor.
-# JAX's default float32 matmul precision on Hopper is TF32; PyTorch's default is true float32.
-DATASHEET_TFLOPS = {
-    "H100": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0},
-    "H200": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0},
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="jax_default_matmul_precision for the JAX workers ('default' leaves JAX's own "
                         "default, which is TF32 for float32 on Ampere/Hopper GPUs; 'highest' is true f32)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    p.add_argument("--out-jsonl", default=os.path.join(REPO_ROOT, "benchmarks", "results.jsonl"),
-                   help="append one JSON object per measurement here")
-    p.add_argument("--out-dir", default=None,
-                   help="if given, also write reward_bench.jsonl and reward_bench.log here")
-    p.add_argument("--label", default="", help="free text stored with every JSON record")
-    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds per subprocess")
-    # Internal: the subprocess entry points.
-    p.add_argument("--_worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    harness.add_output_args(p, label=True)
+    harness.add_worker_args(p, ("jax", "torch"), timeout=300.0)
     p.add_argument("--_kind", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_dtype", default=None, help=argparse.SUPPRESS)
@@ -180,33 +156,29 @@ def flops(kind: str, n: int, d: int, h: int, k: int) -> tuple[float, float]:
     return fwd, 2.0 * fwd
 
 
-def datasheet_peaks(device_kind: str | None):
-    if not device_kind or "pcie" in device_kind.lower():
-        return None
-    for name, peaks in DATASHEET_TFLOPS.items():
-        if name in device_kind:
-            return peaks
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs: prepared once in the parent (on the CPU) and shared by every worker through files
 # ---------------------------------------------------------------------------------------------
 
-def make_inputs(args, data_dir: str) -> None:
-    """Random manifold parameters and latents, saved as params.npz and latents.npy."""
+def random_manifold(seed: int, d: int, k: int, h: int):
+    """``(rng, config, params)``: ``init_params`` with a seeded key and standard-normal anchors, on the CPU (the
+    parent must never touch the accelerator: a live context would hold memory while the workers measure theirs)."""
     import jax
 
-    # The parent must never touch the accelerator: a live context here would hold memory while
-    # the workers measure theirs.
     jax.config.update("jax_platforms", "cpu")
-    from shelllcc.manifold.params import ManifoldConfig, expected_shapes, init_params
+    from shelllcc.manifold.params import ManifoldConfig, init_params
 
-    d, k, h = args.channels, args.num_anchors, args.hidden
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     config = ManifoldConfig(dim=d, num_anchors=k, hidden_dim=h)
-    anchors = rng.standard_normal((k, d)).astype(np.float32)
-    params = init_params(jax.random.key(args.seed), config, anchors)
+    return rng, config, init_params(jax.random.key(seed), config, rng.standard_normal((k, d)).astype(np.float32))
+
+
+def make_inputs(args, data_dir: str) -> None:
+    """Random manifold parameters and latents, saved as manifold.pt (the reference format) and latents.npy."""
+    from third_party.shell_lcc_reference import save_manifold
+
+    d, h = args.channels, args.hidden
+    rng, config, params = random_manifold(args.seed, d, args.num_anchors, h)
 
     def perturb(shape, centre, spread):
         return (centre + spread * rng.standard_normal(shape)).astype(np.float32)
@@ -221,13 +193,7 @@ def make_inputs(args, data_dir: str) -> None:
         bn=params.bn.replace(mean=perturb((h,), 0.0, 0.1),
                              var=rng.uniform(0.5, 1.5, (h,)).astype(np.float32)),
     )
-    arrays = {}
-    for path in expected_shapes(config):
-        leaf = params
-        for part in path.split("."):
-            leaf = getattr(leaf, part)
-        arrays[path] = np.asarray(leaf)
-    np.savez(os.path.join(data_dir, "params.npz"), **arrays)
+    save_manifold(params, config, os.path.join(data_dir, "manifold.pt"))
 
     # Standard normal, like Wan's normalised latents; never zeros (a zero residual is a kink of
     # every norm).
@@ -236,38 +202,9 @@ def make_inputs(args, data_dir: str) -> None:
     np.save(os.path.join(data_dir, "latents.npy"), latents)
 
 
-def load_arrays(data_dir: str):
-    with np.load(os.path.join(data_dir, "params.npz")) as f:
-        arrays = {name: f[name] for name in f.files}
-    return arrays, np.load(os.path.join(data_dir, "latents.npy"))
-
-
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # JAX worker
 # ---------------------------------------------------------------------------------------------
-
-def _memory_stats(device) -> dict:
-    try:
-        return device.memory_stats() or {}
-    except Exception:  # CPU clients may not implement it
-        return {}
-
-
-def _temp_bytes(compiled):
-    """``temp_size_in_bytes`` of the executable's memory analysis, or None where unavailable."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:
-        return None
-    if isinstance(analysis, (list, tuple)):  # some versions return one entry per device
-        analysis = analysis[0] if analysis else None
-    value = getattr(analysis, "temp_size_in_bytes", None)
-    return int(value) if value is not None else None
-
 
 def jax_worker(args) -> None:
     import jax
@@ -275,26 +212,15 @@ def jax_worker(args) -> None:
 
     if args.jax_matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.jax_matmul_precision)
-    from shelllcc.manifold.params import (BatchNormStats, CoderParams, ManifoldConfig, ManifoldParams,
-                                          ShellParams, check_params)
     from shelllcc.rewards import manifold_distance
+    from third_party.shell_lcc_reference import load_manifold
 
-    arrays, latents = load_arrays(args._data)
-
-    def group(prefix):
-        return {name.split(".", 1)[1]: v for name, v in arrays.items() if name.startswith(prefix + ".")}
-
-    params = ManifoldParams(anchors=arrays["anchors"], scale=arrays["scale"], shift=arrays["shift"],
-                            coder=CoderParams(**group("coder")), bn=BatchNormStats(**group("bn")),
-                            shell=ShellParams(**group("shell")))
-    check_params(params, ManifoldConfig(dim=args.channels, num_anchors=args.num_anchors,
-                                        hidden_dim=args.hidden))
-
+    params, _ = load_manifold(os.path.join(args._data, "manifold.pt"))
     device = jax.devices()[0]
     params = jax.device_put(params, device)
-    x = jax.device_put(latents, device)
+    x = jax.device_put(np.load(os.path.join(args._data, "latents.npy")), device)
     jax.block_until_ready((params, x))
-    before = _memory_stats(device)
+    before = harness.jax_memory(device).get("bytes_in_use", 0)
 
     kind, chunk, dtype = args._kind, args._chunk, jnp.dtype(args._dtype)
     target = args.tau if kind == "shell_band" else None
@@ -312,181 +238,80 @@ def jax_worker(args) -> None:
     compiled = step.lower(params, x).compile()
     compile_s = time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        jax.block_until_ready(compiled(params, x))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out = compiled(params, x)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3)
-    value, grad = out
-    after = _memory_stats(device)
-
-    peak = None
-    if "peak_bytes_in_use" in after and "bytes_in_use" in before:
-        # The peak counter cannot be reset, so it also covers compilation (e.g. autotuning scratch);
-        # temp_size_in_bytes below is the executable's own requirement.
-        peak = (after["peak_bytes_in_use"] - before["bytes_in_use"]) / GB
-    temp = _temp_bytes(compiled)
+    times = harness.timed(lambda: compiled(params, x), args.repeats, args.warmup)
+    value, grad = compiled(params, x)
+    # The peak counter cannot be reset, so it also covers compilation (e.g. autotuning scratch); temp_gb is
+    # the executable's own requirement.
+    peak = harness.jax_peak_gb([device], before)
 
     np.savez(args._result, value=np.asarray(value, np.float64), grad=np.asarray(grad, np.float32))
-    emit({"ms": statistics.median(times), "ms_min": min(times), "peak_gb": peak,
-          "temp_gb": None if temp is None else temp / GB, "compile_s": compile_s,
-          "device_kind": device.device_kind, "platform": device.platform, "value": float(value),
-          "jax_version": jax.__version__,
-          "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None) or "default")})
+    harness.emit({"ms": statistics.median(times), "ms_min": min(times), "peak_gb": peak,
+                  "temp_gb": harness.memory_analysis(compiled).get("temp_gb"), "compile_s": compile_s,
+                  "device_kind": device.device_kind, "platform": device.platform, "value": float(value),
+                  "jax_version": jax.__version__,
+                  "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None) or "default")})
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch reference worker: the DESIGN formulas written plainly, float32, eager, no chunking
+# PyTorch reference worker: third_party.shell_lcc_torch, float32, eager, no chunking
 # ---------------------------------------------------------------------------------------------
 
 def torch_worker(args) -> None:
     import torch
-    from torch import nn
 
-    arrays, latents = load_arrays(args._data)
+    from third_party.shell_lcc_torch import ReferenceManifold
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d, k, h = args.channels, args.num_anchors, args.hidden
-
-    def t(name):
-        return torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dev)
-
-    # Coder f: Linear -> BatchNorm1d (eval: running statistics) -> ReLU -> Linear -> ReLU -> Linear.
-    coder = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h, eps=1e-5), nn.ReLU(),
-                          nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k)).to(dev)
-    # Shell head g: Linear -> ReLU -> Linear.
-    shell = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)).to(dev)
-    with torch.no_grad():
-        for layer, w, b in ((coder[0], "coder.w0", "coder.b0"), (coder[3], "coder.w1", "coder.b1"),
-                            (coder[5], "coder.w2", "coder.b2"), (shell[0], "shell.w0", "shell.b0"),
-                            (shell[2], "shell.w1", "shell.b1")):
-            layer.weight.copy_(t(w).T)  # JAX stores [in, out]; nn.Linear.weight is [out, in]
-            layer.bias.copy_(t(b))
-        coder[1].weight.copy_(t("coder.bn_scale"))
-        coder[1].bias.copy_(t("coder.bn_bias"))
-        coder[1].running_mean.copy_(t("bn.mean"))
-        coder[1].running_var.copy_(t("bn.var"))
-    for module in (coder, shell):
-        module.eval()
-        module.requires_grad_(False)  # the manifold is frozen: only d(distance)/d(latents) is wanted
-    anchors, scale, shift = t("anchors"), t("scale"), t("shift")
-    kind, tau = args._kind, args.tau
-
-    def distance(x):
-        z = x.reshape(-1, d)
-        w = torch.softmax(coder(z), dim=-1)           # [N, K] coding weights
-        zhat = scale * (w @ anchors) + shift          # skeleton point
-        if kind == "lcc":
-            return ((z - zhat) ** 2).sum(-1).mean()
-        lv = shell(zhat)                              # per-dimension log-variance
-        delta = (z - zhat) / (torch.exp(lv) + 1e-6)
-        norm = delta.norm(dim=-1)
-        if kind == "shell_norm":
-            return norm.mean()
-        if kind == "shell":
-            return (norm - 1.0).abs().mean()
-        return (norm.mean() - tau).abs()
-
-    x = torch.from_numpy(latents).to(dev).requires_grad_(True)
-    cuda = dev.type == "cuda"
+    # Frozen (eval: BatchNorm's running statistics): only d(distance)/d(latents) is wanted.
+    model = ReferenceManifold.load(os.path.join(args._data, "manifold.pt")).to(dev).requires_grad_(False)
+    x = torch.from_numpy(np.load(os.path.join(args._data, "latents.npy"))).to(dev).requires_grad_(True)
 
     def step():
         x.grad = None
-        value = distance(x)
+        value = model.distance(x.reshape(-1, args.channels), args._kind, args.tau)
         value.backward()
         return value
 
-    for _ in range(args.warmup):
-        step()
-    peak = None
-    if cuda:
-        torch.cuda.synchronize()
-        x.grad = None
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(args.repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            value = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            value = step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - baseline) / GB
+    sync = harness.torch_sync(dev)
+    harness.timed(step, 0, args.warmup, sync)
+    x.grad = None
+    baseline = harness.torch_peak_reset(dev)
+    times = harness.timed(step, args.repeats, sync=sync)
+    peak = harness.torch_peak_gb(dev, baseline)
+    value = step()
 
     np.savez(args._result, value=np.float64(value.item()), grad=x.grad.detach().cpu().numpy())
-    emit({"ms": statistics.median(times), "ms_min": min(times), "peak_gb": peak,
-          "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
-          "value": float(value.item()), "torch_version": torch.__version__,
-          "float32_matmul_precision": torch.get_float32_matmul_precision()})
+    harness.emit({"ms": statistics.median(times), "ms_min": min(times), "peak_gb": peak,
+                  "device_name": harness.torch_device_name(dev), "value": float(value.item()),
+                  "torch_version": torch.__version__,
+                  "float32_matmul_precision": torch.get_float32_matmul_precision()})
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: run the workers, compare, record, print
 # ---------------------------------------------------------------------------------------------
 
-class Log:
-    """Prints and, with --out-dir, mirrors every line to reward_bench.log as it goes (so that a run
-    cut off by a time limit still leaves its log behind)."""
-
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "reward_bench.log") if out_dir else None
-
-    def __call__(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def run_worker(args, log, which, data_dir, result_path, kind, variant=None):
+def run_worker(args, bench, which, data_dir, result_path, kind, variant=None):
     """Runs one worker subprocess; returns (result dict, arrays) or (None, None) on failure."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", which, "--_data", data_dir,
-           "--_result", result_path, "--_kind", kind,
-           "--channels", str(args.channels), "--num-anchors", str(args.num_anchors),
-           "--hidden", str(args.hidden), "--tau", repr(args.tau), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--jax-matmul-precision", args.jax_matmul_precision]
+    cmd = harness.script_cmd(__file__, "--_worker", which, "--_data", data_dir, "--_result", result_path,
+                             "--_kind", kind, "--channels", args.channels, "--num-anchors", args.num_anchors,
+                             "--hidden", args.hidden, "--tau", repr(args.tau), "--repeats", args.repeats,
+                             "--warmup", args.warmup, "--jax-matmul-precision", args.jax_matmul_precision)
     if which == "jax":
         cmd += ["--_chunk", str(variant["chunk"]), "--_dtype", variant["dtype"], "--_impl", variant["impl"],
                 "--_kernel", variant["kernel"], "--_blocks", variant["blocks"]]
-    label = variant_label(variant) if variant else ""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout,
-                              cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        log(f"  ! {which} worker ({kind} {label}) timed out after {args.worker_timeout:g} s")
-        return None, None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        log(f"  ! {which} worker ({kind} {label}) failed with exit code {proc.returncode}; "
-            "last lines of its output:")
-        for ln in (proc.stdout + proc.stderr).strip().splitlines()[-15:]:
-            log("    " + ln)
+    done = harness.run(cmd, timeout=args.worker_timeout)
+    if done.error:
+        bench.failed(f"{which} worker ({kind} {variant_label(variant) if variant else ''})", done)
         return None, None
     with np.load(result_path) as f:
         arrays = {"value": float(f["value"]), "grad": f["grad"].astype(np.float64)}
-    return json.loads(lines[-1][len(RESULT_PREFIX):]), arrays
+    return done.result, arrays
 
 
 def variant_label(v: dict) -> str:
     return ":".join(str(x) for x in (v["impl"], v["kernel"], v["chunk"], v["dtype"])) + \
         (f":{v['blocks']}" if v["blocks"] else "")
-
-
-def package_version(name: str):
-    # From the installed metadata: importing torch in the parent is slow and not needed.
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def rel_err(a, b):
@@ -495,38 +320,24 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / denom) if denom > 0 else float(np.linalg.norm(a - b))
 
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(log, rows):
-    cols = [("kind", "kind", "s"), ("impl", "implementation", "s"), ("kernel", "kernel", "s"),
-            ("chunk", "chunk_size", "d"), ("dtype", "compute_dtype", "s"), ("blocks", "blocks", "s"),
-            ("jax_ms", "jax_ms", ".2f"), ("jax_peak_gb", "jax_peak_gb", ".3f"),
-            ("jax_temp_gb", "jax_temp_gb", ".3f"), ("torch_ms", "torch_ms", ".2f"),
-            ("torch_peak_gb", "torch_peak_gb", ".3f"), ("speedup", "speedup_vs_torch", ".2f"),
-            ("value_rel_err", "value_rel_err", ".1e"), ("grad_rel_err", "grad_rel_err", ".1e"),
-            ("jax_TFLOP/s", "jax_tflops", ".1f")]
-    cells = [[fmt(r.get(key), spec) for _, key, spec in cols] for r in rows]
-    widths = [max(len(name), *(len(c[i]) for c in cells)) for i, (name, _, _) in enumerate(cols)]
-    log("  ".join(name.rjust(w) for (name, _, _), w in zip(cols, widths)))
-    log("  ".join("-" * w for w in widths))
-    for c in cells:
-        log("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+TABLE = [("kind", "kind", "s"), ("impl", "implementation", "s"), ("kernel", "kernel", "s"),
+         ("chunk", "chunk_size", "d"), ("dtype", "compute_dtype", "s"), ("blocks", "blocks", "s"),
+         ("jax_ms", "jax_ms", ".2f"), ("jax_peak_gb", "jax_peak_gb", ".3f"), ("jax_temp_gb", "jax_temp_gb", ".3f"),
+         ("torch_ms", "torch_ms", ".2f"), ("torch_peak_gb", "torch_peak_gb", ".3f"),
+         ("speedup", "speedup_vs_torch", ".2f"), ("value_rel_err", "value_rel_err", ".1e"),
+         ("grad_rel_err", "grad_rel_err", ".1e"), ("jax_TFLOP/s", "jax_tflops", ".1f")]
 
 
 def main(args) -> None:
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-    log = Log(args.out_dir)
-    command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
+    bench = harness.Bench("reward_bench", args.out_jsonl, args.out_dir)
+    log, fmt = bench.log, harness.fmt
     variants = resolve_variants(args)
     n, d, k, h = n_patches(args), args.channels, args.num_anchors, args.hidden
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-    log(f"reward_bench  {date}")
-    log(f"command: {command}")
-    log(f"jax {package_version('jax')}, torch {package_version('torch')}, python {sys.version.split()[0]}")
+    log(f"reward_bench  {bench.date}")
+    log(f"command: {bench.command}")
+    log(f"jax {harness.package_version('jax')}, torch {harness.package_version('torch')}, "
+        f"python {sys.version.split()[0]}")
     log(f"latent [1, {args.grid[0]}, {args.grid[1]}, {args.grid[2]}, {d}]: N={n:,} patches, D={d}, "
         f"K={k}, hidden={h}, logit scale={args.logit_scale:g}; repeats={args.repeats}, warmup={args.warmup}, "
         f"jax matmul precision={args.jax_matmul_precision}")
@@ -536,7 +347,7 @@ def main(args) -> None:
         fwd, total = flops(kind, n, d, h, k)
         log(f"  {kind:>10}: forward {fwd / 1e9:.4g} GFLOP, forward+backward ~{total / 1e9:.4g} GFLOP")
     log("  (executed on top of that: remat recomputes each chunk's forward, the Pallas kernel the N*H*K logits)")
-    log(f"  one N x K float32 matrix (logits / coding weights) is {n * k * 4 / GB:.3f} GB")
+    log(f"  one N x K float32 matrix (logits / coding weights) is {n * k * 4 / harness.GB:.3f} GB")
 
     data_dir = tempfile.mkdtemp(prefix="reward_bench_")
     rows = []
@@ -545,17 +356,16 @@ def main(args) -> None:
         for kind in args.kinds:
             torch_res = torch_arr = None
             if not args.no_torch:
-                torch_res, torch_arr = run_worker(args, log, "torch", data_dir,
+                torch_res, torch_arr = run_worker(args, bench, "torch", data_dir,
                                                   os.path.join(data_dir, f"torch_{kind}.npz"), kind)
                 if torch_res:
                     log(f"torch {kind:>10}: {torch_res['ms']:9.2f} ms  peak {fmt(torch_res['peak_gb'], '.3f')} "
                         f"GB  value {torch_res['value']:.6g}  on {torch_res['device_name']}")
             for i, variant in enumerate(variants):
-                res, arr = run_worker(args, log, "jax", data_dir, os.path.join(data_dir, f"jax_{kind}_{i}.npz"),
+                res, arr = run_worker(args, bench, "jax", data_dir, os.path.join(data_dir, f"jax_{kind}_{i}.npz"),
                                       kind, variant)
-                row = record(args, command, date, kind, variant, res, arr, torch_res, torch_arr)
+                row = bench.record(**record(args, kind, variant, res, arr, torch_res, torch_arr))
                 rows.append(row)
-                write_jsonl(args, row)
                 log(f"jax   {kind:>10}  {variant_label(variant)}: {fmt(row['jax_ms'], '9.2f')} ms  "
                     f"peak {fmt(row['jax_peak_gb'], '.3f')} GB  temp {fmt(row['jax_temp_gb'], '.3f')} GB  "
                     f"value {fmt(row['jax_value'], '.6g')}  value rel err {fmt(row['value_rel_err'], '.1e')}  "
@@ -565,7 +375,7 @@ def main(args) -> None:
 
     log()
     device_kind = next((r["jax_device"] for r in rows if r.get("jax_device")), None)
-    peaks = datasheet_peaks(device_kind)
+    peaks = harness.datasheet(device_kind)
     if peaks:
         log(f"compute floor at {device_kind} datasheet dense peaks "
             f"(fp32 {peaks['fp32']:.0f}, tf32 {peaks['tf32']:.0f}, bf16 {peaks['bf16']:.0f} TFLOP/s):")
@@ -580,10 +390,10 @@ def main(args) -> None:
         "on Ampere/Hopper GPUs is TF32 (PyTorch's is true float32), which alone gives ~1e-3 float32 "
         "differences there; rerun with --jax-matmul-precision highest to compare exact float32.")
     log()
-    print_table(log, rows)
+    bench.table(TABLE, rows)
 
 
-def record(args, command, date, kind, variant, res, arr, torch_res, torch_arr) -> dict:
+def record(args, kind, variant, res, arr, torch_res, torch_arr) -> dict:
     n = n_patches(args)
     total_flops = flops(kind, n, args.channels, args.hidden, args.num_anchors)[1]
     jax_ms = res["ms"] if res else None
@@ -591,9 +401,7 @@ def record(args, command, date, kind, variant, res, arr, torch_res, torch_arr) -
     jax_device = res["device_kind"] if res else None
     torch_device = torch_res["device_name"] if torch_res else None
     return {
-        "bench": "reward_bench",
-        "device": " / ".join(x for x in (jax_device, torch_device) if x) or None,
-        "date": date, "command": command, "label": args.label,
+        "device": " / ".join(x for x in (jax_device, torch_device) if x) or None, "label": args.label,
         "kind": kind, "implementation": variant["impl"], "kernel": variant["kernel"],
         "chunk_size": variant["chunk"], "compute_dtype": variant["dtype"], "blocks": variant["blocks"],
         "grid": list(args.grid), "n_patches": n, "dim": args.channels,
@@ -613,27 +421,12 @@ def record(args, command, date, kind, variant, res, arr, torch_res, torch_arr) -
         "torch_float32_matmul_precision": torch_res["float32_matmul_precision"] if torch_res else None,
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
         "tau": args.tau if kind == "shell_band" else None, "logit_scale": args.logit_scale,
-        "jax_version": res["jax_version"] if res else package_version("jax"),
-        "torch_version": torch_res["torch_version"] if torch_res else package_version("torch"),
+        "jax_version": res["jax_version"] if res else harness.package_version("jax"),
+        "torch_version": torch_res["torch_version"] if torch_res else harness.package_version("torch"),
         "error": None if res else "jax worker failed (see the log)",
     }
 
 
-def write_jsonl(args, row: dict, name: str = "reward_bench") -> None:
-    """Append ``row`` to ``--out-jsonl`` and, with ``--out-dir``, to ``OUT_DIR/<name>.jsonl``."""
-    line = json.dumps(row) + "\n"
-    paths = [args.out_jsonl] + ([os.path.join(args.out_dir, f"{name}.jsonl")] if args.out_dir else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(line)
-
-
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed._worker == "jax":
-        jax_worker(parsed)
-    elif parsed._worker == "torch":
-        torch_worker(parsed)
-    else:
-        main(parsed)
+    {"jax": jax_worker, "torch": torch_worker}.get(parsed._worker, main)(parsed)

@@ -19,18 +19,11 @@ it is timed; a configuration that fails to compile (e.g. too much shared memory)
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
-import sys
-import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import harness
 
 FORWARD = ["64,64,4,2", "64,128,4,2", "64,32,4,3", "128,32,8,2", "128,64,8,1", "64,64,4,4"]
 BACKWARD = ["64,64,8,2,fused", "32,64,4,2,fused", "64,32,8,2,fused", "64,64,4,2,ds", "128,64,8,2,ds",
@@ -47,20 +40,15 @@ def main():
     p.add_argument("--backward", nargs="*", default=BACKWARD, help="bn,bk,warps,stages,fused|ds")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--logit-scale", type=float, default=1.0)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
+    harness.add_output_args(p)
     args = p.parse_args()
+    bench = harness.Bench("softmax_code_bench", args.out_jsonl, args.out_dir)
+    log = bench.log
 
     import jax
     import jax.numpy as jnp
 
     from shelllcc.manifold import softmax_code_pallas as sp
-
-    lines = []
-
-    def log(msg=""):
-        print(msg, flush=True)
-        lines.append(msg)
 
     n, hid, k, d = args.n, args.hidden, args.num_anchors, args.dim
     rng = np.random.default_rng(0)
@@ -71,20 +59,12 @@ def main():
     g = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
     device = jax.devices()[0]
     interpret = jax.default_backend() != "gpu"     # CPU: Pallas interpret mode, for checking the script
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = "python benchmarks/softmax_code_bench.py " + " ".join(sys.argv[1:])
-    log(f"softmax_code_bench {date} on {device.device_kind}, jax {jax.__version__}")
+    log(f"softmax_code_bench {bench.date} on {device.device_kind}, jax {jax.__version__}")
     log(f"N={n} H={hid} K={k} D={d}; one N*H*K product = {2 * n * hid * k / 1e12:.3f} TFLOP")
 
     def timeit(fn, *xs):
-        out = fn(*xs)
-        jax.block_until_ready(out)
-        ts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*xs))
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts), out
+        out = jax.block_until_ready(fn(*xs))
+        return statistics.median(harness.timed(lambda: fn(*xs), args.repeats)), out
 
     # references in float32 XLA
     @jax.jit
@@ -147,18 +127,10 @@ def main():
         err = "-" if r["err"] is None else f"{r['err']:.1e}"
         log(f"{r['part']:<9} {r['config']:<18} {ms:>7} {tf:>9}  {err:>12}  {r.get('error', '')}")
     log("(forward: one N*H*K product of useful work; backward: two, the recomputed logits and dh)")
-    recs = [dict(bench="softmax_code_bench", date=date, device=device.device_kind, command=command, n=n,
-                 hidden_dim=hid, num_anchors=k, dim=d, logit_scale=args.logit_scale, part=r["part"],
-                 config=r["config"], ms=r["ms"], tflops=r["tflops"], rel_err_vs_f32=r["err"],
-                 error=r.get("error"), jax_version=jax.__version__) for r in rows]
-    paths = [args.out_jsonl] + ([os.path.join(args.out_dir, "softmax_code_bench.jsonl")] if args.out_dir else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-    if args.out_dir:
-        with open(os.path.join(args.out_dir, "softmax_code_bench.log"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    for r in rows:
+        bench.record(device=device.device_kind, n=n, hidden_dim=hid, num_anchors=k, dim=d,
+                     logit_scale=args.logit_scale, part=r["part"], config=r["config"], ms=r["ms"],
+                     tflops=r["tflops"], rel_err_vs_f32=r["err"], error=r.get("error"), jax_version=jax.__version__)
 
 
 if __name__ == "__main__":

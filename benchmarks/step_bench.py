@@ -30,123 +30,82 @@ Parts (``--parts``):
 Timing: the step is compiled ahead of time (``lower().compile()``, not timed as a step), run
 ``--warmup`` times, then ``--steps`` times with ``jax.block_until_ready`` around each; medians are
 reported. Peak memory: the largest ``peak_bytes_in_use`` of the mesh's devices (``memory_stats()``;
-None on CPU), for the whole worker process. Each worker's full output goes to ``OUT_DIR/<name>.log``;
-one JSONL record per worker is appended to ``--out-jsonl`` as soon as it finishes, so a partial run
-keeps what it measured.
+None on CPU), for the whole worker process. Each worker's full output goes to ``OUT_DIR/<name>.log`` (workers,
+logs and records: ``benchmarks/harness.py``); one JSONL record per worker is appended to
+``bench.out_jsonl`` as soon as it finishes, so a partial run keeps what it measured; the table goes to
+``OUT_DIR/step_bench.log``.
 
-    python benchmarks/step_bench.py --out-dir $OUT/step_bench                    # GPUs: both parts
-    python benchmarks/step_bench.py --parts share --out-dir $OUT/share           # ~4-5 min on one H100
-    python benchmarks/step_bench.py --parts scale --devices 1 2 4 --mesh data    # ~2 min per worker
-    python benchmarks/step_bench.py --parts share,scale --devices 1 2 --grid 3 8 8 --text-len 16 \\
-        --num-anchors 64 --hidden-dim 32 --steps 3 --warmup 1 --out-jsonl /tmp/sb.jsonl \\
-        --override model.preset=tiny model.dim=64 model.num_layers=2 model.num_heads=2 model.ffn_dim=128 \\
-                   model.text_dim=64 model.freq_dim=256 model.attention_impl= model.remat_policy=none \\
-                   model.param_dtype=float32 model.dtype=float32 reward.compute_dtype=float32   # CPU check
+Options are ml_collections config flags, as ``experiments/main.py`` takes them: ``--config`` is this file with
+a ``configs/wan21_reward.py`` argument (``get_config`` below; default ``1.3b-full``), which holds the training
+config and the benchmark's own options in ``bench``; ``--config.KEY=VALUE`` sets any field::
 
-Never imports tensorflow; the parent process does not import jax at all (workers own the devices).
+    python benchmarks/step_bench.py --config.bench.out_dir=$OUT/step_bench                # GPUs: both parts
+    python benchmarks/step_bench.py --config=benchmarks/step_bench.py:1.3b-full --config.bench.parts=share
+    python benchmarks/step_bench.py --config.bench.parts=scale --config.bench.devices=1,2,4 --config.bench.mesh=data
+    python benchmarks/step_bench.py --config.bench.devices=1,2 --config.bench.grid=3,8,8 --config.bench.text_len=16 \\
+        --config.reward.random.num_anchors=64 --config.reward.random.hidden_dim=32 --config.bench.steps=3 \\
+        --config.bench.warmup=1 --config.bench.out_jsonl=/tmp/sb.jsonl --config.model.preset=tiny \\
+        --config.model.dim=64 --config.model.num_layers=2 --config.model.num_heads=2 --config.model.ffn_dim=128 \\
+        --config.model.text_dim=64 --config.model.freq_dim=256 --config.model.attention_impl= \\
+        --config.model.remat_policy=none --config.model.param_dtype=float32 --config.model.dtype=float32 \\
+        --config.reward.compute_dtype=float32                                                   # CPU check
+
+The earlier spellings still work and are rewritten to these (:data:`LEGACY`, :func:`modern_argv`):
+``--config 1.3b-full`` (``--config=benchmarks/step_bench.py:1.3b-full``), ``--override K=V ...``
+(``--config.K=V``), ``--parts``, ``--devices 1 2 4``, ``--mesh``, ``--share-devices``, ``--steps``, ``--warmup``,
+``--grid T H W``, ``--text-len``, ``--per-device-batch``, ``--t1-ms``, ``--platform``, ``--out-dir``,
+``--out-jsonl`` and ``--worker-timeout`` (``--config.bench.<name with _>``), ``--kind``, ``--compute-dtype``,
+``--chunk-size`` (``--config.reward.*``), ``--num-anchors``, ``--hidden-dim`` (``--config.reward.random.*``) and
+``--microbatch`` (``--config.train.microbatch_size``). E.g. ``--parts share --config 1.3b-full --steps 5``.
+
+Never imports tensorflow; the parent process never starts a JAX backend (workers own the devices).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
-import datetime
 import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import ml_collections
 
-RESULT = "RESULT "
+import harness
+
 PROGRESS = "[step_bench] "
-GB = 1024.0 ** 3
+THIS = os.path.abspath(__file__)
 
 
 # ------------------------------------------------------------------------------------------ config
 
-def _parse_value(raw: str, current):
-    """``raw`` (command-line text) as a value of ``current``'s type."""
-    if isinstance(current, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
-    if isinstance(current, str):
-        return raw
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple):
-        if isinstance(value, list):
-            value = tuple(value)
-        elif not isinstance(value, tuple):
-            value = (value,)
-    return value
-
-
-def apply_override(config, item: str) -> None:
-    """``key.path=value`` into ``config`` (the key must exist; the value takes the field's type)."""
-    if "=" not in item:
-        raise ValueError(f"--override expects key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if key.startswith("config."):
-        key = key[len("config."):]
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        if p not in node:
-            raise KeyError(f"--override {key}: no section {p!r} in the config")
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"--override {key}: no field {leaf!r} (fields: {sorted(node.keys())})")
-    node[leaf] = _parse_value(raw, node[leaf])
-
-
-def build_config(args, spec: dict):
-    """``configs/wan21_reward.py:<args.config>`` set up for the benchmark: random data of the benchmark's
-    shapes, a random manifold, the worker's mesh and batch; then ``--override``s."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/wan21_reward.py:ARG`` (default ``1.3b-full``) on random data and a random manifold (4096 anchors x
+    hidden 512: the Wan2.1-1.3B manifold's size), and the benchmark's options in ``bench``."""
     from configs import wan21_reward
-    from experiments import dit_setup
 
-    c = wan21_reward.get_config(args.config)
-    n = spec["devices"]
-    c.mesh.data, c.mesh.fsdp, c.mesh.devices = spec["data"], spec["fsdp"], n
-    c.data.source = "random"
-    c.data.batch_size = n * args.per_device_batch
-    c.data.prefetch = 1
-    c.train.microbatch_size = args.microbatch
+    c = wan21_reward.get_config(arg or "1.3b-full")
+    c.data.source, c.data.prefetch = "random", 1
     c.reward.manifold = "random"
-    c.reward.random.num_anchors = args.num_anchors
-    c.reward.random.hidden_dim = args.hidden_dim
-    if args.kind:
-        c.reward.kind = args.kind
-    if args.compute_dtype:
-        c.reward.compute_dtype = args.compute_dtype
-    if args.chunk_size:
-        c.reward.chunk_size = args.chunk_size
-    for item in args.override:
-        apply_override(c, item)
-    keys = {item.split("=", 1)[0].removeprefix("config.") for item in args.override}
-    mcfg = dit_setup.transformer_config(c.model)
-    if "data.random_latent_shape" not in keys:
-        c.data.random_latent_shape = (*args.grid, mcfg.in_channels)
-    if "data.random_text_shape" not in keys:
-        c.data.random_text_shape = (args.text_len, mcfg.text_dim)
+    c.reward.random.num_anchors, c.reward.random.hidden_dim = 4096, 512
+    c.train.microbatch_size = 1            # 0: the whole batch at once
+    c.bench = ml_collections.ConfigDict(dict(
+        parts="share,scale",               # comma list of share, scale
+        devices=(1, 2, 4),                 # device counts of the scale part
+        mesh="both",                       # scale meshes: comma list of data, fsdp, 2d; both = data,fsdp
+        share_devices=1,                   # devices of the share part (mesh data N x fsdp 1)
+        steps=10, warmup=2,                # timed steps (per variant); untimed steps after compilation (>= 1)
+        grid=(21, 60, 104),                # latent grid T, H, W (81 frames at 480x832); data.random_latent_shape
+        text_len=512,                      # text tokens (their width is the model's text_dim)
+        per_device_batch=1,                # examples per device per step
+        t1_ms=0.0,                         # 1-device step time for the efficiency when 1 is not among devices
+        platform="auto",                   # auto | gpu | cpu
+        out_dir="",                        # worker logs, step_bench.jsonl and .log (default: a new temp dir)
+        out_jsonl=harness.RESULTS,
+        worker_timeout=900.0))
     return c
 
 
@@ -166,6 +125,45 @@ def config_summary(c) -> dict:
                     num_anchors=c.reward.random.num_anchors, hidden_dim=c.reward.random.hidden_dim,
                     patch_size=list(c.reward.random.patch_size)),
         optim=dict(lr=c.optim.learning_rate, grad_clip=c.optim.grad_clip, weight_decay=c.optim.weight_decay))
+
+
+# Old flags -> (config key, number of values: 1, 3 or "+").
+LEGACY = {"--parts": ("bench.parts", 1), "--devices": ("bench.devices", "+"), "--mesh": ("bench.mesh", 1),
+          "--share-devices": ("bench.share_devices", 1), "--steps": ("bench.steps", 1),
+          "--warmup": ("bench.warmup", 1), "--grid": ("bench.grid", 3), "--text-len": ("bench.text_len", 1),
+          "--per-device-batch": ("bench.per_device_batch", 1), "--t1-ms": ("bench.t1_ms", 1),
+          "--platform": ("bench.platform", 1), "--out-dir": ("bench.out_dir", 1),
+          "--out-jsonl": ("bench.out_jsonl", 1), "--results": ("bench.out_jsonl", 1),
+          "--worker-timeout": ("bench.worker_timeout", 1), "--kind": ("reward.kind", 1),
+          "--compute-dtype": ("reward.compute_dtype", 1), "--chunk-size": ("reward.chunk_size", 1),
+          "--num-anchors": ("reward.random.num_anchors", 1), "--hidden-dim": ("reward.random.hidden_dim", 1),
+          "--microbatch": ("train.microbatch_size", 1)}
+
+
+def modern_argv(argv: list[str]) -> list[str]:
+    """The earlier command line's spellings (see the module docstring) as ``--config`` flags, ``--config`` first
+    (config_flags wants the file before its overrides)."""
+    first, out, i = [], [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        i += 1
+        if name not in LEGACY and name not in ("--config", "--override"):
+            out.append(argv[i - 1])
+            continue
+        count = 1 if name == "--config" or eq else LEGACY.get(name, (None, "+"))[1]
+        values = [value] if eq else []
+        while not eq and (len(values) < count if count != "+" else i < len(argv) and not argv[i].startswith("--")):
+            values.append(argv[i])
+            i += 1
+        if name == "--config":
+            first.append("--config=" + (values[0] if ".py" in values[0] else f"{THIS}:{values[0]}"))
+        elif name == "--override":
+            out += ["--config." + v.removeprefix("config.") for v in values]
+        elif LEGACY[name][0].startswith("reward.") and values[0] in ("", "0"):
+            continue                        # the old default: the config's own value
+        else:
+            out.append(f"--config.{LEGACY[name][0]}=" + (values[0] if count == 1 else f"({','.join(values)},)"))
+    return first + out
 
 
 # ------------------------------------------------------------------------------------------ the worker
@@ -198,18 +196,6 @@ def _reward_as(variant: str, calls: list):
         reward_finetune.manifold_distance = real
 
 
-def _peak_gb(devices) -> float | None:
-    peaks = []
-    for d in devices:
-        try:
-            stats = d.memory_stats() or {}
-        except Exception:  # noqa: BLE001  (backends without memory stats)
-            stats = {}
-        if "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    return max(peaks) / GB if peaks else None
-
-
 def _live_gb_per_device() -> float:
     """Largest per-device total of live jax arrays (what the state and anything kept alive hold)."""
     import jax
@@ -217,36 +203,26 @@ def _live_gb_per_device() -> float:
     for a in jax.live_arrays():
         for s in a.addressable_shards:
             per[s.device] = per.get(s.device, 0) + s.data.nbytes
-    return max(per.values()) / GB if per else 0.0
+    return max(per.values()) / harness.GB if per else 0.0
 
 
-def _memory_analysis(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return {}
-    if m is None:
-        return {}
-    out = {}
-    for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                 "generated_code_size_in_bytes"):
-        v = getattr(m, name, None)
-        if v is not None:
-            out[name.replace("_size_in_bytes", "_gb")] = v / GB
-    return out
+def worker_config(config, spec: dict, overridden):
+    """``config`` set up for one worker: its mesh and global batch, random data of the benchmark's shapes; a
+    key given on the command line (``overridden``) keeps its value."""
+    from experiments import dit_setup
+    from experiments.overrides import apply_overrides
+
+    b, n = config.bench, spec["devices"]
+    mcfg = dit_setup.transformer_config(config.model)
+    values = {"mesh.data": spec["data"], "mesh.fsdp": spec["fsdp"], "mesh.devices": n,
+              "data.batch_size": n * b.per_device_batch,
+              "data.random_latent_shape": (*b.grid, mcfg.in_channels),
+              "data.random_text_shape": (b.text_len, mcfg.text_dim)}
+    apply_overrides(config, {k: v for k, v in values.items() if k not in overridden}, "step_bench")
+    return config
 
 
-def _timed(fn, n: int) -> list[float]:
-    import jax
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def worker(args, spec: dict) -> dict:
+def worker(config, spec: dict, overridden) -> dict:
     import jax
     import numpy as np
 
@@ -256,8 +232,8 @@ def worker(args, spec: dict) -> dict:
     from shelllcc.training.step import jit_train_step, make_train_step, microbatch_count, train_state_shardings
 
     t_start = time.perf_counter()
-    config = build_config(args, spec)
-    variants = spec["variants"]
+    config = worker_config(config, spec, overridden)
+    b, variants = config.bench, spec["variants"]
 
     # --- as dit_setup.run_training builds them (keep in step with it)
     mesh = dit_setup.make_mesh(config.mesh)
@@ -311,7 +287,7 @@ def worker(args, spec: dict) -> dict:
                                f"benchmark's hook no longer matches experiments/reward_finetune.py")
         compiled[v] = lowered.compile()
         compile_s[v] = time.perf_counter() - t0
-        mem[v] = _memory_analysis(compiled[v])
+        mem[v] = harness.memory_analysis(compiled[v])
         _say(f"{v}: compiled in {compile_s[v]:.1f}s " + json.dumps({a: round(b, 3) for a, b in mem[v].items()}))
 
     holder = {"state": state, "metrics": None}
@@ -325,23 +301,23 @@ def worker(args, spec: dict) -> dict:
 
     for v in variants:
         t0 = time.perf_counter()
-        _timed(run(v), max(args.warmup, 1))
-        _say(f"{v}: {max(args.warmup, 1)} warm-up step(s) in {time.perf_counter() - t0:.1f}s")
+        harness.timed(run(v), 0, max(b.warmup, 1))
+        _say(f"{v}: {max(b.warmup, 1)} warm-up step(s) in {time.perf_counter() - t0:.1f}s")
     times = {v: [] for v in variants}
     last = {}
-    for _ in range(args.steps):          # interleaved, so slow drifts hit every variant alike
+    for _ in range(b.steps):             # interleaved, so slow drifts hit every variant alike
         for v in variants:
-            times[v] += _timed(run(v), 1)
+            times[v] += harness.timed(run(v), 1)
             last[v] = holder["metrics"]
     metrics = {v: {key: float(x) for key, x in jax.device_get(m).items()} for v, m in last.items()}
     for v in variants:
-        _say(f"{v}: median {statistics.median(times[v]):.1f} ms/step over {args.steps} "
+        _say(f"{v}: median {statistics.median(times[v]):.1f} ms/step over {b.steps} "
              f"(min {min(times[v]):.1f}); loss {metrics[v].get('loss', float('nan')):.5g}")
 
     out = dict(devices=len(devices), mesh=dict(mesh.shape), device_kind=devices[0].device_kind,
                platform=jax.default_backend(), init_s=init_s, n_trainable=n_train, n_frozen=n_frozen,
                live_state_gb=live_gb, microbatches=k, config=config_summary(config),
-               versions=_versions(), variants={})
+               versions={m: harness.package_version(m) for m in ("jax", "jaxlib", "flax", "optax")}, variants={})
     for v in variants:
         out["variants"][v] = dict(step_ms=statistics.median(times[v]), step_ms_min=min(times[v]),
                                   step_ms_max=max(times[v]), step_ms_all=[round(t, 3) for t in times[v]],
@@ -370,8 +346,7 @@ def worker(args, spec: dict) -> dict:
         with jax.set_mesh(mesh):
             rc = fn.lower(manifold, z).compile()
         r_compile = time.perf_counter() - t0
-        _timed(lambda: rc(manifold, z), max(args.warmup, 1))
-        r_times = _timed(lambda: rc(manifold, z), args.steps)
+        r_times = harness.timed(lambda: rc(manifold, z), b.steps, max(b.warmup, 1))
         out["reward_alone"] = dict(reward_ms=statistics.median(r_times), reward_ms_min=min(r_times),
                                    compile_s=r_compile, z_shape=list(z_shape),
                                    options={k2: (str(v2) if not isinstance(v2, (int, float, str, bool, type(None)))
@@ -380,19 +355,8 @@ def worker(args, spec: dict) -> dict:
         _say(f"reward alone (value_and_grad w.r.t. z {tuple(z_shape)}): median {out['reward_alone']['reward_ms']:.1f} "
              f"ms, compile {r_compile:.1f}s")
 
-    out["peak_gb"] = _peak_gb(devices)
+    out["peak_gb"] = harness.jax_peak_gb(devices)
     out["wall_s"] = time.perf_counter() - t_start
-    return out
-
-
-def _versions() -> dict:
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax"):
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001
-            pass
     return out
 
 
@@ -402,9 +366,9 @@ def _comparable(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("mesh", "batch_size")}
 
 
-def _earlier_t1(path: str, args, summary: dict) -> float | None:
+def _earlier_t1(path: str, config_arg: str, overrides: list, summary: dict) -> float | None:
     """The 1-device step time of an earlier scale run of the same configuration in ``path`` (a split run:
-    ``--devices 1 2`` then ``--devices 4`` with the same ``--out-dir``); the latest wins."""
+    ``devices=1,2`` then ``devices=4`` with the same ``out_dir``); the latest wins."""
     if not os.path.exists(path):
         return None
     t1 = None
@@ -415,7 +379,7 @@ def _earlier_t1(path: str, args, summary: dict) -> float | None:
             except ValueError:
                 continue
             if (r.get("part") == "scale" and r.get("n_devices") == 1 and r.get("step_ms")
-                    and r.get("config_arg") == args.config and r.get("overrides") == list(args.override)
+                    and r.get("config_arg") == config_arg and r.get("overrides") == overrides
                     and _comparable(r.get("config") or {}) == _comparable(summary)):
                 t1 = r["step_ms"]
     return t1
@@ -428,130 +392,63 @@ def _platform(choice: str) -> str:
 
 
 def worker_env(n: int, platform: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    """The environment variables that give a worker its ``n`` devices."""
     if platform == "cpu":
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-        env["JAX_PLATFORMS"] = "cpu"
-    else:
-        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        ids = visible or [str(i) for i in range(n)]
-        if len(ids) < n:
-            raise SystemExit(f"{n} devices asked for, CUDA_VISIBLE_DEVICES lists {len(ids)}")
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:n])
-    return env
+        return {"XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"]), "JAX_PLATFORMS": "cpu"}
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = visible or [str(i) for i in range(n)]
+    if len(ids) < n:
+        raise SystemExit(f"{n} devices asked for, CUDA_VISIBLE_DEVICES lists {len(ids)}")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids[:n])}
 
 
-def run_worker(args, name: str, spec: dict, platform: str, out_dir: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_worker", json.dumps(spec)]
-    env = worker_env(spec["devices"], platform)
+def run_worker(argv, b, name: str, spec: dict, platform: str, out_dir: str) -> dict:
     log_path = os.path.join(out_dir, f"{name}.log")
-    shown_env = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "JAX_PLATFORMS") if k in env}
     print(f"{PROGRESS}{name}: starting ({spec['devices']} device(s), mesh data {spec['data']} x fsdp "
           f"{spec['fsdp']}); log {log_path}", flush=True)
-    t0 = time.time()
-    result = None
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in shown_env.items()) + " "
-                  + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        tail: list[str] = []
-        found: list[str] = []
 
-        def pump():
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                tail.append(line)
-                del tail[:-60]
-                if line.startswith(RESULT):
-                    found.append(line[len(RESULT):])
-                elif line.startswith(PROGRESS):
-                    print(f"  {name}: {line[len(PROGRESS):].rstrip()}", flush=True)
+    def progress(line):
+        if line.startswith(PROGRESS):
+            print(f"  {name}: {line[len(PROGRESS):].rstrip()}", flush=True)
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            proc.wait(timeout=args.worker_timeout)
-            error = None if proc.returncode == 0 else f"rc {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            error = f"timed out after {args.worker_timeout:.0f}s"
-        reader.join(timeout=30)
-        if found:
-            result = json.loads(found[-1])
-    wall = time.time() - t0
-    if result is None:
-        error = error or "no RESULT line"
-        print(f"{PROGRESS}{name}: FAILED ({error}) after {wall:.0f}s; last output:\n" + "".join(tail[-25:]),
+    done = harness.run(harness.script_cmd(THIS, *argv, "--worker=" + json.dumps(spec)), timeout=b.worker_timeout,
+                       env=worker_env(spec["devices"], platform), log=log_path, on_line=progress)
+    if done.result is None:       # a worker that printed its result and then failed (e.g. at exit) still counts
+        print(f"{PROGRESS}{name}: FAILED ({done.error}) after {done.wall_s:.0f}s; last output:\n{done.tail(25)}",
               flush=True)
-        return {"error": error, "log": log_path}
-    result["worker_wall_s"] = wall
-    result["log"] = log_path
-    return result
+        return {"error": done.error, "log": log_path}
+    return {**done.result, "worker_wall_s": done.wall_s, "log": log_path}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="1.3b-full",
-                   help="configs/wan21_reward.py argument: 1.3b-full | 1.3b-lora | ...")
-    p.add_argument("--parts", default="share,scale", help="comma list of share, scale")
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4], help="device counts of the scale part")
-    p.add_argument("--mesh", default="both", help="scale meshes, comma list of data, fsdp, 2d; both = data,fsdp")
-    p.add_argument("--share-devices", type=int, default=1, help="devices of the share part (mesh data N x fsdp 1)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (per variant)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (at least 1)")
-    p.add_argument("--kind", default="", help="reward.kind (default: the config's, shell)")
-    p.add_argument("--compute-dtype", default="", help="reward.compute_dtype (default: the config's, bfloat16)")
-    p.add_argument("--chunk-size", type=int, default=0, help="reward.chunk_size (default: the config's)")
-    p.add_argument("--num-anchors", type=int, default=4096, help="anchors of the random manifold")
-    p.add_argument("--hidden-dim", type=int, default=512, help="coder hidden width of the random manifold")
-    p.add_argument("--grid", type=int, nargs=3, default=[21, 60, 104], metavar=("T", "H", "W"),
-                   help="latent grid (81 frames at 480x832)")
-    p.add_argument("--text-len", type=int, default=512, help="text tokens (their width is the model's text_dim)")
-    p.add_argument("--per-device-batch", type=int, default=1, help="examples per device per step")
-    p.add_argument("--microbatch", type=int, default=1, help="train.microbatch_size (0: whole batch at once)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config fields, e.g. model.preset=tiny model.dim=64 reward.implementation=remat")
-    p.add_argument("--t1-ms", type=float, default=0.0, help="1-device step time for the efficiency when 1 is "
-                                                            "not among --devices")
-    p.add_argument("--platform", default="auto", choices=["auto", "gpu", "cpu"])
-    p.add_argument("--out-dir", default="", help="worker logs and step_bench.jsonl (default: a new temp dir)")
-    p.add_argument("--out-jsonl", default=os.path.join(REPO, "benchmarks", "results.jsonl"))
-    p.add_argument("--worker-timeout", type=float, default=900.0)
-    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv, original_argv) -> None:
+    from absl import flags
+    from ml_collections import config_flags
 
-    if args._worker:
-        print(RESULT + json.dumps(worker(args, json.loads(args._worker))), flush=True)
+    config = flags.FLAGS.config
+    overridden = config_flags.get_override_values(flags.FLAGS["config"])
+    if flags.FLAGS.worker:
+        harness.emit(worker(config, json.loads(flags.FLAGS.worker), overridden))
         return
 
-    args.argv = list(sys.argv[1:])
-    parts = [x for x in args.parts.split(",") if x]
+    b = config.bench
+    parts = [x for x in b.parts.split(",") if x]
     unknown = set(parts) - {"share", "scale"}
     if unknown:
-        raise SystemExit(f"unknown --parts {sorted(unknown)}; expected share, scale")
-    meshes = [m for x in args.mesh.split(",") for m in (("data", "fsdp") if x == "both" else (x,)) if m]
+        raise SystemExit(f"unknown bench.parts {sorted(unknown)}; expected share, scale")
+    meshes = [m for x in b.mesh.split(",") for m in (("data", "fsdp") if x == "both" else (x,)) if m]
     if set(meshes) - {"data", "fsdp", "2d"}:
-        raise SystemExit(f"unknown --mesh {args.mesh!r}; expected data, fsdp, 2d or both")
-    platform = _platform(args.platform)
-    out_dir = args.out_dir or tempfile.mkdtemp(prefix="step_bench_")
-    os.makedirs(out_dir, exist_ok=True)
-    command = "python benchmarks/step_bench.py " + shlex.join(sys.argv[1:])
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(f"{PROGRESS}config wan21_reward.py:{args.config}, platform {platform}, logs in {out_dir}", flush=True)
+        raise SystemExit(f"unknown bench.mesh {b.mesh!r}; expected data, fsdp, 2d or both")
+    platform = _platform(b.platform)
+    out_dir = b.out_dir or tempfile.mkdtemp(prefix="step_bench_")
+    bench = harness.Bench("step_bench", b.out_jsonl, out_dir, original_argv)
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[2] or "1.3b-full"
+    overrides = [f"{k}={v}" for k, v in overridden.items() if not k.startswith("bench.")]
+    print(f"{PROGRESS}config wan21_reward.py:{config_arg}, platform {platform}, logs in {out_dir}", flush=True)
 
     def write(record: dict) -> None:
-        record = dict(bench="step_bench", date=date, command=command, config_arg=args.config,
-                      overrides=list(args.override), **record)
-        for path in filter(None, [args.out_jsonl, os.path.join(out_dir, "step_bench.jsonl")]):
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        bench.record(config_arg=config_arg, overrides=overrides, **record)
 
     def common(res: dict) -> dict:
         return dict(device=res.get("device_kind"), platform=res.get("platform"), n_devices=res.get("devices"),
@@ -561,9 +458,9 @@ def main():
 
     table: list[str] = []
     if "share" in parts:
-        n = args.share_devices
+        n = b.share_devices
         spec = dict(devices=n, data=n, fsdp=1, variants=["reward", "no_reward"], reward_alone=True)
-        res = run_worker(args, f"share_{n}dev", spec, platform, out_dir)
+        res = run_worker(argv, b, f"share_{n}dev", spec, platform, out_dir)
         if "error" in res:
             write(dict(part="share", n_devices=n, error=res["error"], log=res["log"]))
             table.append(f"share ({n} device(s)): FAILED, {res['error']} (see {res['log']})")
@@ -581,7 +478,7 @@ def main():
                        compile_s=w["compile_s"], compile_s_without_reward=wo["compile_s"],
                        step_ms_all=w["step_ms_all"], step_ms_without_reward_all=wo["step_ms_all"],
                        memory_analysis=w["memory_analysis"], metrics=w["metrics"],
-                       metrics_without_reward=wo["metrics"], steps=args.steps, warmup=args.warmup)
+                       metrics_without_reward=wo["metrics"], steps=b.steps, warmup=b.warmup)
             write(rec)
             table += [
                 f"share: {res['device_kind']} x {n}, latent {res['config']['latent_shape']}, reward "
@@ -598,7 +495,7 @@ def main():
 
     if "scale" in parts:
         runs = []
-        for n in sorted(set(args.devices)):
+        for n in sorted(set(b.devices)):
             if n == 1:
                 runs.append(("single", 1, 1, 1))
                 continue
@@ -611,12 +508,12 @@ def main():
                     runs.append(("2d", n, 2, n // 2))
                 else:
                     print(f"{PROGRESS}skipping mesh 2d at {n} devices (needs an even count >= 4)", flush=True)
-        t1 = args.t1_ms or None
-        t1_from = "--t1-ms" if t1 else ""
+        t1 = b.t1_ms or None
+        t1_from = "bench.t1_ms" if t1 else ""
         rows = []
         for label, n, data, fsdp in runs:
             spec = dict(devices=n, data=data, fsdp=fsdp, variants=["reward"], reward_alone=False)
-            res = run_worker(args, f"scale_{n}dev_{label}", spec, platform, out_dir)
+            res = run_worker(argv, b, f"scale_{n}dev_{label}", spec, platform, out_dir)
             if "error" in res:
                 write(dict(part="scale", n_devices=n, mesh_kind=label, mesh=dict(data=data, fsdp=fsdp),
                            error=res["error"], log=res["log"]))
@@ -626,16 +523,16 @@ def main():
             if n == 1:
                 t1, t1_from = v["step_ms"], "this run"
             elif not t1:
-                t1 = _earlier_t1(os.path.join(out_dir, "step_bench.jsonl"), args, res["config"])
+                t1 = _earlier_t1(bench.path("jsonl"), config_arg, overrides, res["config"])
                 t1_from = f"an earlier 1-device record in {out_dir}/step_bench.jsonl" if t1 else ""
             eff = t1 / v["step_ms"] if t1 else None
             write(dict(part="scale", mesh_kind=label, **common(res), step_ms=v["step_ms"],
                        step_ms_min=v["step_ms_min"], step_ms_all=v["step_ms_all"], step_ms_1dev=t1,
                        scaling_efficiency=eff, compile_s=v["compile_s"], memory_analysis=v["memory_analysis"],
-                       metrics=v["metrics"], steps=args.steps, warmup=args.warmup))
+                       metrics=v["metrics"], steps=b.steps, warmup=b.warmup))
             rows.append((label, n, data, fsdp, v["step_ms"], res["peak_gb"], eff, ""))
-        table.append(f"weak scaling ({args.per_device_batch} example(s) per device, config {args.config}; "
-                     f"t_1 from {t1_from or 'nowhere: pass --t1-ms or include 1 in --devices'}):")
+        table.append(f"weak scaling ({b.per_device_batch} example(s) per device, config {config_arg}; "
+                     f"t_1 from {t1_from or 'nowhere: set bench.t1_ms or include 1 in bench.devices'}):")
         table.append(f"  {'mesh':8s} {'devices':>7s} {'data x fsdp':>11s} {'step_ms':>10s} {'peak_gb':>8s} "
                      f"{'scaling_efficiency':>18s}")
         for label, n, data, fsdp, ms, peak, eff, err in rows:
@@ -646,10 +543,23 @@ def main():
                          f"{peak if peak is not None else float('nan'):8.2f} "
                          f"{eff if eff is not None else float('nan'):18.3f}")
 
-    print("\n" + "\n".join(table), flush=True)
-    with open(os.path.join(out_dir, "step_bench_table.txt"), "w") as f:
-        f.write(command + "\n" + "\n".join(table) + "\n")
+    bench.log(f"\ncommand: {bench.command}")
+    for line in table:
+        bench.log(line)
+
+
+def run() -> None:
+    """Parse the command line (earlier spellings rewritten) with ml_collections' config flags, then ``main``."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    argv = modern_argv(sys.argv[1:])
+    config_flags.DEFINE_config_file("config", f"{THIS}:1.3b-full", "this file with a configs/wan21_reward.py "
+                                    "argument; --config.KEY=VALUE sets a field", lock_config=True,
+                                    sys_argv=[sys.argv[0], *argv])
+    flags.DEFINE_string("worker", None, "internal: the spec of one worker process (JSON)")
+    app.run(lambda _: main(argv, sys.argv[1:]), argv=[sys.argv[0], *argv])
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
 
 
 def overrides(args, workdir_steps: int, **extra) -> list[str]:
@@ -58,19 +57,13 @@ def run(name: str, cmds: list[tuple[list[str], dict]], workdir: str, log, result
         log.write("$ " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd) + "\n")
     log.flush()
     t0 = time.time()
-    procs = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for cmd, env in cmds]
+    workers = [harness.Worker(cmd, env) for cmd, env in cmds]
     outs, codes = [], []
-    for i, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out]"
-        outs.append(out)
-        codes.append(p.returncode)
-        log.write(f"--- process {i} (rc {p.returncode})\n{out}\n")
+    for i, worker in enumerate(workers):
+        done = worker.wait(timeout, expects_result=False)
+        outs.append(done.output)
+        codes.append(done.rc)
+        log.write(f"--- process {i} (rc {done.rc})\n{done.output}\n")
     log.flush()
     rows = read_metrics(workdir)
     scalar = [r for r in rows if "loss" in r]

@@ -40,11 +40,11 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 MARKER = ".wan_pipeline_smoke"
 SUBDIRS = ("videos", "tfds", "captions", "models", "cache", "manifold", "reward", "sample", "logs")
 STAGE_DIRS = {"videos": ("videos", "tfds"), "captions": ("captions",), "models": ("models",), "encode": ("cache",),
@@ -291,7 +291,6 @@ def run_all(args) -> int:
     summary = {"preset": args.preset, "out": paths.out, "clips": args.clips, "latent_shape": latent_shape(PRESETS[args.preset]),
                "vae_dtype": vae_dtype, "host": platform.node(), "python": sys.executable,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": [], "ok": False, "failed_stage": None}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t_all = time.time()
     for k, (stage, cmd) in enumerate(stages, 1):
         if only is not None and stage not in only:
@@ -299,18 +298,8 @@ def run_all(args) -> int:
         cmd = cmd or late_command(stage, args, paths, vae_dtype)
         log_path = os.path.join(paths.logs, f"{k:02d}_{stage}.log")
         print(f"[{k}/{len(stages)}] {stage}: {' '.join(cmd)}", flush=True)
-        t0 = time.time()
-        with open(log_path, "w") as log:
-            log.write("$ " + " ".join(cmd) + "\n\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                rc = proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-                log.write(f"\n[killed after the {args.timeout}s timeout]\n")
-        wall = time.time() - t0
+        done = harness.run(cmd, timeout=args.timeout, log=log_path, expects_result=False)
+        rc, wall = -9 if done.rc is None else done.rc, done.wall_s   # -9: killed at the timeout
         entry = {"stage": stage, "command": cmd, "rc": rc, "wall_s": round(wall, 1), "log": log_path}
         if rc == 0:
             try:
@@ -355,7 +344,6 @@ def main(argv=None) -> int:
     ap.add_argument("--internal", choices=sorted(INTERNAL), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.internal:
-        sys.path.insert(0, REPO)
         INTERNAL[args.internal](args, Paths(args.out))
         return 0
     return run_all(args)

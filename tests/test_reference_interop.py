@@ -175,3 +175,24 @@ def test_wrong_channel_count(ref, tmp_path):
     params, _ = load_manifold(write_ckpt(tmp_path / "ref.pt", ref.state_dict()))
     with pytest.raises(ValueError, match="C=8"):
         manifold_distance(params, jnp.zeros((1, 2, 3, 4, 8)), "shell_norm")
+
+
+def test_stage1_loss_parity(ref, latents, tmp_path):
+    """The torch restatement's stage-1 loss (BatchNorm on batch statistics) and its gradients match the core's."""
+    import copy
+
+    from shelllcc.manifold.losses import Stage1Weights, stage1_loss
+
+    params, _ = load_manifold(write_ckpt(tmp_path / "ref.pt", ref.state_dict()))
+    z = channels_last(latents).reshape(-1, D)
+    weights = Stage1Weights(locality=0.3, usage=0.2, basis_to_patch=0.1)
+    loss, grads = jax.value_and_grad(lambda p: stage1_loss(p, jnp.asarray(z), weights)[0], allow_int=True)(params)
+
+    m = copy.deepcopy(ref).train()
+    want = m.stage1_loss(torch.tensor(z, dtype=torch.float64), weights.locality, weights.usage,
+                         weights.basis_to_patch)
+    want.backward()
+    assert abs(float(loss) - want.item()) <= 1e-5 * abs(want.item())
+    assert rel(grads.anchors, m.basis.grad.numpy()) <= 1e-4
+    assert rel(grads.coder.w2, m.predictor[5].weight.grad.numpy().T) <= 1e-4
+    assert rel(grads.coder.bn_scale, m.predictor[1].weight.grad.numpy()) <= 1e-4

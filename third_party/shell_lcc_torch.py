@@ -13,12 +13,21 @@ Written from the formulas in DESIGN 2.1-2.3 with the reference checkpoint's stat
     shell      = mean_n | ||delta_n|| - 1 |
     shell_band = | mean_n ||delta_n|| - tau |
 
+and the stage-1 fitting loss of DESIGN 2.1 (predictor's BatchNorm in training mode: batch statistics)::
+
+    d2_nk  = ||z_n - basis_k||^2,   p = mean_n w_n
+    stage1 = mean_{n,d} (zhat_n - z_n)^2 + l_loc mean_n sum_k w_nk d2_nk + l_use sum_k p_k log(K p_k)
+             + l_b2p mean_k min_n d2_nk
+
 Latents are channels-first ``[B, C, T, H, W]`` (the reference's layout) with patch size (1, 1, 1), or
 flat patches ``[N, D]``. Call ``.eval()`` first: the reward uses BatchNorm's running statistics.
 Works in any floating dtype (``.double()`` for float64 references). Never imports jax.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 from torch import nn
@@ -37,6 +46,23 @@ class ReferenceManifold(nn.Module):
         self.predictor = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h, eps=1e-5), nn.ReLU(),
                                        nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k))
         self.surface_head = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceManifold":
+        """A reference checkpoint (``{"model": state_dict, "config": {embedding_dim, num_bases, hidden_dim}}``,
+        as ``shell_lcc_reference.save_manifold`` writes it), loaded strictly on the CPU, in eval mode."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = ckpt["config"]
+        m = cls(cfg["embedding_dim"], cfg["num_bases"], cfg["hidden_dim"])
+        m.load_state_dict(ckpt["model"], strict=True)
+        return m.eval()
+
+    def checkpoint(self, state: dict | None = None) -> dict:
+        """``{"model": state (default: the state dict), "config": ...}``, readable by ``load`` and by
+        ``shell_lcc_reference.load_manifold``; ``state`` may hold other tensors of the same layout."""
+        k, d = self.basis.shape
+        return {"model": self.state_dict() if state is None else state,
+                "config": {"embedding_dim": d, "num_bases": k, "hidden_dim": self.surface_head[0].out_features}}
 
     @staticmethod
     def patches(latents: torch.Tensor) -> torch.Tensor:
@@ -80,6 +106,16 @@ class ReferenceManifold(nn.Module):
 
     def shell_band(self, latents: torch.Tensor, tau: float) -> torch.Tensor:
         return (self.delta_norms(latents).mean() - tau).abs()
+
+    def stage1_loss(self, z: torch.Tensor, locality: float, usage: float, basis_to_patch: float) -> torch.Tensor:
+        """The stage-1 loss of patches ``z [N, D]`` (see the module docstring); call ``.train()`` first."""
+        w, zhat = self.skeleton(z)
+        d2 = ((z * z).sum(-1, keepdim=True) + (self.basis * self.basis).sum(-1)
+              - 2.0 * (z @ self.basis.T)).clamp_min(0.0)                       # [N, K]
+        p = w.mean(0)
+        l_use = (p * (p.clamp_min(1e-12).log() + math.log(p.shape[0]))).sum()
+        l_b2p = d2.amin(0).mean()   # amin splits the gradient among ties, as jnp.min does
+        return ((zhat - z) ** 2).mean() + locality * (w * d2).sum(-1).mean() + usage * l_use + basis_to_patch * l_b2p
 
     def distance(self, latents: torch.Tensor, kind: str, tau: float | None = None) -> torch.Tensor:
         """Dispatch on ``kind`` (one of :data:`KINDS`); ``tau`` only for ``shell_band``."""
