@@ -248,21 +248,23 @@ def worker(config, spec: dict, overridden) -> dict:
     init_s = time.perf_counter() - t0
     source = loaded.source
     graphdef, trainable, frozen_model = dit_setup.split_trainable(loaded.model, config.lora, config.seed)
-    names = {**dit_setup.param_names(trainable), **dit_setup.param_names(frozen_model)}
     params, frozen_pure = trainable.to_pure_dict(), frozen_model.to_pure_dict()
-    setup = dit_setup.Setup(graphdef, params, frozen_pure, mesh, rules, names)
+    optimizer, schedule = dit_setup.optimizer_from(config, params)
+    with dit_setup.sharding_context(mesh, rules):
+        param_sh = dit_setup.state_shardings(trainable, mesh)
+        frozen_model_sh = dit_setup.state_shardings(frozen_model, mesh)
+        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
+    setup = dit_setup.Setup(graphdef, params, frozen_pure, mesh, param_sh)
     loss_fn, extra_frozen, extra_sh = reward_finetune.make_loss(config)(setup)
     frozen = {"model": frozen_pure, **extra_frozen}
-    param_sh = dit_setup.state_shardings(params, names, mesh, rules)
-    frozen_sh = {"model": dit_setup.state_shardings(frozen_pure, names, mesh, rules), **extra_sh}
-    optimizer, schedule = dit_setup.optimizer_from(config, params)
-    abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
-    state_sh = train_state_shardings(abstract, param_sh, frozen_sh, mesh)
+    frozen_sh = {"model": frozen_model_sh, **extra_sh}
+    state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
     rep = parallel.replicated(mesh)
     rng = parallel.place(jax.random.PRNGKey(config.seed), rep)
     frozen = parallel.place(frozen, frozen_sh)
     params = parallel.place(params, param_sh)
-    state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
+    with dit_setup.sharding_context(mesh, rules):
+        state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
     del params, frozen_pure, trainable, frozen_model, loaded
     host_iter = dit_setup.host_batches(config.data, config.seed)
     batch = jax.block_until_ready(parallel.global_batch(next(host_iter), mesh))

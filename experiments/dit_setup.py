@@ -9,7 +9,8 @@ Config sections defined here (each experiment's ``default_config`` includes them
 * ``lora``: rank (0: full fine-tuning), alpha, target module patterns.
 * ``data``: the latent cache (``source='cache'``) or seeded Gaussian latents of a fixed shape
   (``source='random'``: smoke and speed runs, no files).
-* ``mesh``, ``sharding_rules``: the ('data', 'fsdp') mesh and the logical-axis rules for parameters.
+* ``mesh``, ``sharding_rules``: the ('data', 'fsdp') mesh and the logical-axis rules for parameters (flax's
+  ``nnx.logical_axis_rules``; see :func:`sharding_context`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import nnx
 
 from shelllcc import parallel
 from shelllcc.models import saving
-from shelllcc.models.wan_transformer import WanTransformer, get_config as wan_config, logical_axes
+from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer, get_config as wan_config
 from shelllcc.training import lora as lora_lib
 from shelllcc.data import random_latents
 from shelllcc.training import optimizers, train_state as ts
@@ -112,24 +113,27 @@ def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
     return wan_config(m.preset, **overrides, **runtime)
 
 
-def param_names(state: nnx.State) -> dict[tuple, tuple]:
-    """``{key path: logical axis names}`` of every variable in ``state``."""
-    return {tuple(path): logical_axes(v) for path, v in nnx.to_flat_state(state)}
+def sharding_context(mesh, rules):
+    """The mesh and flax's logical axis rules for the DiT (``parallel.sharding_context``): models and
+    optimizer states built inside are born sharded, and :func:`state_shardings` resolves names."""
+    return parallel.sharding_context(mesh, rules, LOGICAL_AXES)
 
 
-def state_shardings(tree: Any, names: dict, mesh, rules) -> Any:
-    return parallel.tree_shardings(tree, names, mesh, rules)
+def state_shardings(state: nnx.State, mesh) -> dict:
+    """``NamedSharding``s of ``state``'s variables as a pure dict (the structure of ``state.to_pure_dict()``),
+    resolved from their logical axis names by the rules in context (:func:`sharding_context`)."""
+    return parallel.shardings(parallel.variables_dict(state), mesh)
 
 
 @dataclasses.dataclass
 class LoadedModel:
     model: WanTransformer            # holds the (placed) weights
     source: str                      # human-readable origin of the weights
-    names: dict                      # logical axis names by key path
 
 
 def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
-    """The DiT with weights from ``pretrained``, ``init_from`` or a seeded random init, sharded by ``rules``."""
+    """The DiT with weights from ``pretrained``, ``init_from`` or a seeded random init, sharded by ``rules``
+    (flax resolves the parameters' logical axis names under :func:`sharding_context`)."""
     if m.pretrained and m.init_from:
         raise ValueError("set at most one of model.pretrained (a diffusers folder) and model.init_from (a workdir)")
     if m.pretrained:
@@ -137,32 +141,33 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
         model = load_transformer(m.pretrained, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                                  mesh=mesh, rules=rules, attention_impl=m.attention_impl or None,
                                  remat_policy=m.remat_policy)
-        _, state = nnx.split(model)
-        return LoadedModel(model, f"diffusers {m.pretrained}", param_names(state))
+        return LoadedModel(model, f"diffusers {m.pretrained}")
     if m.init_from:
         path = os.path.join(m.init_from, MODEL_DIR) if os.path.isdir(os.path.join(m.init_from, MODEL_DIR)) \
             else m.init_from
         info = saving.read_model_json(path)
         cfg = transformer_config(m, info["architecture"])
-        abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
-        names = param_names(nnx.state(abstract))
-        model = saving.load_model(path, shardings=lambda t: state_shardings(t, names, mesh, rules),
+        with sharding_context(mesh, rules):
+            abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
+            shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh)
+        model = saving.load_model(path, shardings=lambda _: shardings,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                   attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
                                   scan_blocks=cfg.scan_blocks)
-        return LoadedModel(model, f"saved model {path}", names)
+        return LoadedModel(model, f"saved model {path}")
     cfg = transformer_config(m)
-    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(m.seed)))
-    graphdef, abs_state = nnx.split(abstract)
-    names = param_names(abs_state)
-    pure = abs_state.to_pure_dict()
-    shardings = state_shardings(pure, names, mesh, rules)
+    with sharding_context(mesh, rules):
+        abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(m.seed)))
+        graphdef, abs_state = nnx.split(abstract)
+        shardings = state_shardings(abs_state, mesh)
 
     # Drawn by one compiled program on the host CPU, then placed: eager init compiles one program per
     # parameter shape, and XLA:GPU takes minutes to compile the one-program init of the 1.3B model
-    # (threefry for 1.4e9 numbers); threefry gives the same numbers on every backend.
+    # (threefry for 1.4e9 numbers); threefry gives the same numbers on every backend. The host program
+    # runs outside the mesh (its parameters are born unsharded, on the CPU); without a CPU backend the
+    # model is built under the mesh by one program whose parameters are born sharded.
     def init():
-        return nnx.state(WanTransformer(cfg, rngs=nnx.Rngs(m.seed))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(WanTransformer(cfg, rngs=nnx.Rngs(m.seed))))
 
     t0 = time.perf_counter()
     try:
@@ -170,14 +175,14 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
     except RuntimeError:          # a process started with JAX_PLATFORMS excluding cpu
         host_device = None
     if host_device is None:
-        params = jax.jit(init, out_shardings=shardings)()
+        with sharding_context(mesh, rules):
+            params = jax.jit(init, out_shardings=shardings)()
     else:
         with jax.default_device(host_device):
             params = jax.jit(init)()
         params = parallel.place(params, shardings)
     params = jax.block_until_ready(params)
-    return LoadedModel(nnx.merge(graphdef, params), f"random init (seed {m.seed}, {time.perf_counter() - t0:.1f}s)",
-                       names)
+    return LoadedModel(nnx.merge(graphdef, params), f"random init (seed {m.seed}, {time.perf_counter() - t0:.1f}s)")
 
 
 def describe_params(params: Any) -> str:
@@ -331,8 +336,7 @@ class Setup:
     params: Any                      # trainable parameters (pure dict)
     frozen_model: Any                # the rest of the model's state (pure dict; base weights under LoRA)
     mesh: Any
-    rules: tuple
-    names: dict                      # logical axis names by key path (for shardings of copies)
+    param_shardings: Any             # shardings of ``params`` (for copies of them, e.g. a frozen reference)
 
 
 MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
@@ -362,16 +366,18 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     print("building the DiT ...", flush=True)
     loaded = build_model(config.model, mesh, rules)
     graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
-    names = {**param_names(trainable), **param_names(frozen_model)}
-    params, frozen_pure = trainable.to_pure_dict(), frozen_model.to_pure_dict()
-    setup = Setup(graphdef, params, frozen_pure, mesh, rules, names)
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
+    optimizer, schedule = optimizer_from(config, params)
+    with sharding_context(mesh, rules):
+        param_sh = state_shardings(trainable, mesh)
+        frozen_model_sh = state_shardings(frozen_model, mesh)
+        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
+    setup = Setup(graphdef, params, frozen_pure, mesh, param_sh)
     loss_fn, extra_frozen, extra_sh = make_loss(setup)
     frozen = {"model": frozen_pure, **extra_frozen}
-    param_sh = state_shardings(params, names, mesh, rules)
-    frozen_sh = {"model": state_shardings(frozen_pure, names, mesh, rules), **extra_sh}
-    optimizer, schedule = optimizer_from(config, params)
+    frozen_sh = {"model": frozen_model_sh, **extra_sh}
     abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
-    state_sh = train_state_shardings(abstract, param_sh, frozen_sh, mesh)
+    state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
     step_fn = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
 
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -397,7 +403,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     frozen = parallel.place(frozen, frozen_sh)
     if latest is None:
         params = parallel.place(params, param_sh)
-        state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
+        with sharding_context(mesh, rules):     # the optimizer state is born sharded like its parameters
+            state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))

@@ -147,7 +147,7 @@ def make_loss(config: ml_collections.ConfigDict):
         if drift and not lora:
             # a frozen copy of the starting weights, sharded like the trained ones
             extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
-            extra_sh["reference"] = dit_setup.state_shardings(setup.params, setup.names, mesh, setup.rules)
+            extra_sh["reference"] = setup.param_shardings
         return loss_fn, extra_frozen, extra_sh
 
     return build

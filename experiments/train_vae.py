@@ -210,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> PatchVAE:
     rep = parallel.replicated(mesh)
     param_sh = jax.tree.map(lambda _: rep, params)
     abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
-    state_sh = train_state_shardings(abstract, param_sh, {}, mesh)
+    state_sh = train_state_shardings(param_sh, jax.tree.map(lambda _: rep, abstract.opt_state), {}, mesh)
     step_fn = jit_train_step(make_train_step(loss_fn, optimizer, schedule), state_sh, mesh)
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,

@@ -4,15 +4,26 @@ The mesh has axes ``('data', 'fsdp')``. Batches are split over both (FSDP shards
 as the parameters); parameters are replicated unless a logical-axis rule maps one of their axes
 to ``'fsdp'``. Axes are ``AxisType.Auto`` so ``jax.jit`` propagates shardings from the in/out
 shardings we give it.
+
+Parameters carry logical axis names (flax's ``out_sharding`` metadata); flax resolves them with the
+rules of :func:`sharding_context` (``jax.set_mesh`` + ``nnx.logical_axis_rules``): models built inside
+it are born sharded, and :func:`shardings` / :func:`optimizer_shardings` give the ``NamedSharding``s of
+their parameters and optimizer states::
+
+    with sharding_context(mesh, DEFAULT_RULES, LOGICAL_AXES):
+        model = nnx.eval_shape(make_model)
+        param_sh = shardings(variables_dict(nnx.state(model, nnx.Param)), mesh)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -75,73 +86,107 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, batch)
 
 
-def logical_to_mesh_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                         rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> P:
-    """Resolve logical axis names to a ``PartitionSpec`` with ``rules`` ((logical, mesh axes) pairs,
-    first match wins). A dimension stays replicated when its name has no rule, when the rule's mesh
-    axis is absent from this mesh (one rule set serves meshes with and without 'tensor'), when the
-    mesh axis is already used by an earlier dimension, or when its size is not divisible by the
-    mesh axes' size. A rule naming an axis that no mesh of this project has is an error (a typo)."""
+def set_mesh(mesh: Mesh):
+    """``jax.set_mesh(mesh)`` (a context manager), or ``jax.sharding.use_mesh`` on a jax without it."""
+    fn = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return fn(mesh)
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]] | Mapping[str, Any], mesh: Mesh,
+               logical_axes: Sequence[str] = ()) -> tuple[tuple[str, Any], ...]:
+    """``rules`` ((logical, mesh axes) pairs, first match wins) made ready for ``nnx.logical_axis_rules``
+    on ``mesh``: a rule whose mesh axes this mesh lacks maps to ``None`` (replicated; one rule set serves
+    meshes with and without 'tensor'), and every name of ``logical_axes`` without a rule maps to ``None``
+    (flax would otherwise take the logical name for a mesh axis). A rule naming an axis that no mesh of
+    this project has is an error naming the rule (a typo)."""
     table: dict[str, Any] = {}
-    for logical, mesh_axes in (rules.items() if isinstance(rules, Mapping) else rules):
-        table.setdefault(logical, mesh_axes)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape):
-        target = table.get(name) if name is not None else None
+    for logical, target in (rules.items() if isinstance(rules, Mapping) else rules):
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         unknown = [a for a in axes if a not in mesh.shape and a not in KNOWN_MESH_AXES]
         if unknown:
-            raise ValueError(f"sharding rule for {name!r} names mesh axes {unknown}, neither in the mesh "
-                             f"{dict(mesh.shape)} nor among the known axes {KNOWN_MESH_AXES}")
+            raise ValueError(f"sharding rule ({logical!r}, {target!r}) names mesh axes {unknown}, neither in the "
+                             f"mesh {dict(mesh.shape)} nor among the known axes {KNOWN_MESH_AXES}")
+        if logical in table:
+            continue
+        if not axes or any(a not in mesh.shape for a in axes):
+            table[logical] = None
+        else:
+            table[logical] = axes[0] if len(axes) == 1 else axes
+    for name in logical_axes:
+        table.setdefault(name, None)
+    return tuple(table.items())
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = DEFAULT_RULES,
+                     logical_axes: Sequence[str] = ()):
+    """``mesh`` as the current mesh (:func:`set_mesh`) and ``rules`` (see :func:`axis_rules`) as flax's
+    logical axis rules: models built inside create their parameters sharded, and :func:`shardings`
+    resolves their logical axis names."""
+    with set_mesh(mesh), nnx.logical_axis_rules(axis_rules(rules, mesh, logical_axes)):
+        yield
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    # What jax cannot place stays replicated: a dimension whose size the mesh axes do not divide
+    # (device_put and jit refuse uneven shardings), a mesh axis already used by an earlier dimension,
+    # or a name that is no axis of this mesh (a logical name no rule resolved).
+    used: set[str] = set()
+    out = []
+    for i, size in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         if (not axes or any(a not in mesh.shape for a in axes) or used & set(axes)
                 or size % math.prod(mesh.shape[a] for a in axes)):
-            spec.append(None)
+            out.append(None)
             continue
         used |= set(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+        out.append(entry)
+    return P(*out)
 
 
-def param_sharding(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
-    """``NamedSharding`` of a parameter from its logical axis names (replicated when it has none)."""
-    names = tuple(names) if names is not None else (None,) * len(shape)
-    return NamedSharding(mesh, logical_to_mesh_spec(names, shape, mesh, rules))
+def shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` of every array of ``tree`` (an ``nnx.State``, a module's variables in a dict, an
+    optax state initialised from them, ...): flax's ``nnx.get_partition_spec`` resolves the logical axis
+    names the ``nnx.Variable``s carry with the rules in context (:func:`sharding_context`); arrays that
+    are no ``Variable`` (step counts) are replicated. The result has ``tree``'s structure with each
+    ``Variable`` replaced by its value's sharding, i.e. the structure of the pure arrays.
+    """
+    specs = nnx.get_partition_spec(tree)
+
+    def one(x, spec):
+        value = x.get_value() if _is_variable(x) else x
+        spec = spec.get_value() if _is_variable(spec) else spec
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            return None
+        return NamedSharding(mesh, _fit(spec if spec is not None else P(), shape, mesh))
+
+    return jax.tree.map(one, tree, specs, is_leaf=_is_variable)
 
 
-def _key_name(k: Any) -> Any:
-    return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+def variables_dict(state: Any) -> dict:
+    """An ``nnx.State`` as nested dicts with its ``nnx.Variable``s as leaves: the structure of
+    ``to_pure_dict()`` (what optimizers and checkpoints see) with the variables' metadata kept."""
+    out: dict = {}
+    for path, variable in nnx.to_flat_state(state):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = variable
+    return out
 
 
-def tree_shardings(tree: Any, names: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = DEFAULT_RULES) -> Any:
-    """``NamedSharding`` for every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s) from ``names``, a
-    mapping from the leaf's key path (tuple of keys) to its logical axis names; leaves it lacks are
-    replicated."""
-    def one(path, x):
-        key = tuple(_key_name(k) for k in path)
-        return param_sharding(names.get(key), x.shape, mesh, rules)
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def follow_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for a tree that embeds copies of ``params`` (an optax state: Adam's moments are
-    params-shaped subtrees): a leaf whose key path ends with a parameter's path and has its shape
-    gets that parameter's sharding; every other leaf (step counts, scalars) is replicated."""
-    by_path: dict[tuple, tuple] = {}
-    for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings)):
-        by_path[tuple(_key_name(k) for k in path)] = (tuple(p.shape), s)
-    rep = replicated(mesh)
-
-    def one(path, x):
-        key = tuple(_key_name(k) for k in path)
-        for start in range(len(key)):
-            hit = by_path.get(key[start:])
-            if hit is not None and hit[0] == tuple(x.shape):
-                return hit[1]
-        return rep
-    return jax.tree_util.tree_map_with_path(one, tree)
+def optimizer_shardings(optimizer: Any, state: Any, mesh: Mesh) -> Any:
+    """Shardings of ``optimizer.init(state.to_pure_dict())``: the optimizer is initialised abstractly on
+    the parameters as variables, so its params-shaped leaves (Adam's moments) carry the parameters'
+    logical names and get their shardings; step counts are replicated. Under :func:`sharding_context`."""
+    abstract = jax.eval_shape(optimizer.init, variables_dict(state))
+    return shardings(abstract, mesh)
 
 
 def global_batch(batch: Any, mesh: Mesh) -> Any:

@@ -108,11 +108,13 @@ def reward_setup():
         return dit_setup.split_trainable(WanTransformer(cfg, rngs=nnx.Rngs(c.model.seed)), c.lora, c.seed)
 
     graphdef, trainable, frozen = nnx.eval_shape(build)
-    names = {**dit_setup.param_names(trainable), **dit_setup.param_names(frozen)}
-    setup = dit_setup.Setup(graphdef, trainable.to_pure_dict(), frozen.to_pure_dict(), mesh, rules, names)
+    with dit_setup.sharding_context(mesh, rules):
+        param_sh = dit_setup.state_shardings(trainable, mesh)
+        frozen_sh = dit_setup.state_shardings(frozen, mesh)
+    setup = dit_setup.Setup(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), mesh, param_sh)
     loss_fn, extra, extra_sh = reward_finetune.make_loss(c)(setup)
-    return dict(config=c, cfg=cfg, mesh=mesh, setup=setup, loss_fn=loss_fn, extra=abstract(extra), extra_sh=extra_sh,
-                manifold_config=man)
+    return dict(config=c, cfg=cfg, mesh=mesh, rules=rules, setup=setup, trainable=trainable, frozen_sh=frozen_sh,
+                loss_fn=loss_fn, extra=abstract(extra), extra_sh=extra_sh, manifold_config=man)
 
 
 def test_abstract_1_3b_transformer(reward_setup):
@@ -137,10 +139,10 @@ def test_reward_train_step_traces(reward_setup):
     assert k == 8
     frozen = {"model": s.frozen_model, **r["extra"]}
     state = jax.eval_shape(lambda p, f: ts.create(p, optimizer, f), s.params, frozen)
-    param_sh = dit_setup.state_shardings(s.params, s.names, mesh, s.rules)
-    frozen_sh = {"model": dit_setup.state_shardings(s.frozen_model, s.names, mesh, s.rules), **r["extra_sh"]}
-    state_sh = train_state_shardings(jax.eval_shape(lambda p: ts.create(p, optimizer), s.params), param_sh, frozen_sh,
-                                     mesh)
+    with dit_setup.sharding_context(mesh, r["rules"]):
+        opt_sh = parallel.optimizer_shardings(optimizer, r["trainable"], mesh)
+    frozen_sh = {"model": r["frozen_sh"], **r["extra_sh"]}
+    state_sh = train_state_shardings(s.param_shardings, opt_sh, frozen_sh, mesh)
     step = jit_train_step(make_train_step(r["loss_fn"], optimizer, schedule, k), state_sh, mesh)
     b = c.data.batch_size
     batch = {"latents": jax.ShapeDtypeStruct((b, *LATENTS), jnp.dtype(c.data.latent_dtype)),

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from jax.sharding import PartitionSpec as P
 
 from shelllcc import parallel
 from shelllcc.manifold import fit
@@ -95,21 +94,6 @@ def test_sharded_fit_step_equals_single_device(mesh, stage):
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6)
     assert int(s8.step) == 3
-
-
-def test_logical_to_mesh_spec_rules():
-    mesh = parallel.make_mesh(data=2, fsdp=4)
-    spec = parallel.logical_to_mesh_spec
-    assert spec(("embed", "mlp"), (64, 128), mesh, parallel.DEFAULT_RULES) == P("fsdp", None)
-    # A mesh axis is used once per array: the second 'embed' dimension stays replicated.
-    assert spec(("embed", "embed"), (64, 64), mesh, [("embed", "fsdp")]) == P("fsdp", None)
-    # Sizes that do not divide the mesh axis stay replicated rather than padding.
-    assert spec(("embed",), (66,), mesh, [("embed", "fsdp")]) == P(None)
-    assert spec(("batch", None), (8, 3), mesh, [("batch", ("data", "fsdp"))]) == P(("data", "fsdp"), None)
-    assert spec(("mlp",), (64,), mesh, [("mlp", "tensor")]) == P(None)       # no 'tensor' axis here
-    with pytest.raises(ValueError, match="'tensr'"):
-        spec(("mlp",), (64,), mesh, [("mlp", "tensr")])
-    assert parallel.param_sharding(None, (4, 4), mesh).spec == P(None, None)
 
 
 def test_sharded_pallas_kernel_equals_xla(mesh):

@@ -281,15 +281,19 @@ def test_writer_is_silent_on_other_processes(tmp_path, capsys):
     assert capsys.readouterr().out == "" and not os.listdir(tmp_path)
 
 
-def test_follow_param_shardings_for_adam_state():
+def test_adam_moments_sharded_like_their_parameters():
+    from flax import nnx
     from shelllcc import parallel
     mesh = parallel.make_mesh(data=4, fsdp=2)
+    variables = {"a": {"kernel": nnx.Param(jnp.zeros((8, 6)), out_sharding=("embed", None), eager_sharding=False)},
+                 "b": nnx.Param(jnp.zeros((3,)), out_sharding=(None,), eager_sharding=False)}
     params = {"a": {"kernel": jnp.zeros((8, 6))}, "b": jnp.zeros((3,))}
-    names = {("a", "kernel"): ("embed", None)}
-    sh = parallel.tree_shardings(params, names, mesh)
+    with parallel.sharding_context(mesh, parallel.DEFAULT_RULES):
+        sh = parallel.shardings(variables, mesh)
+        opt = optimizers.make_optimizer(optimizers.OptimizerConfig(), params)
+        opt_sh = parallel.optimizer_shardings(opt, nnx.State(variables), mesh)
     assert sh["a"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
-    opt = optimizers.make_optimizer(optimizers.OptimizerConfig(), params)
-    opt_sh = parallel.follow_param_shardings(jax.eval_shape(opt.init, params), params, sh, mesh)
+    assert jax.tree.structure(opt_sh) == jax.tree.structure(jax.eval_shape(opt.init, params))
     specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]}
     mu = [k for k in specs if "mu" in k and "kernel" in k]
     assert mu and all(specs[k] == jax.sharding.PartitionSpec("fsdp", None) for k in mu)

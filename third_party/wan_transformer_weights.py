@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig, logical_axes
-from shelllcc.parallel import logical_to_mesh_spec
+from shelllcc import parallel
+from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer, WanTransformerConfig
 from third_party.safetensors_checkpoint import iter_tensors, read_config, read_header, weight_files
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
@@ -187,8 +187,9 @@ def load_transformer(path: str, *, dtype=jnp.float32, param_dtype=None, mesh: Me
 
     ``dtype``: compute dtype; ``param_dtype``: parameter dtype (default: ``dtype``); the float32-kept
     parameters (time embedder, modulation tables, cross-attention LayerNorm) stay float32.
-    With ``mesh``, parameters are placed as ``NamedSharding``s resolved from their logical axis names
-    by ``rules`` (replicated where no rule applies; all replicated when ``rules`` is None).
+    With ``mesh``, parameters are placed as ``NamedSharding``s that flax resolves from their logical axis
+    names with ``rules`` (``parallel.sharding_context``; replicated where no rule applies, all replicated
+    when ``rules`` is None).
     ``config_overrides``: other runtime fields of ``WanTransformerConfig`` (``attention_impl``,
     ``remat_policy``). Raises ``CheckpointMismatchError`` naming unexpected / missing / misshaped keys.
     """
@@ -199,16 +200,16 @@ def load_transformer(path: str, *, dtype=jnp.float32, param_dtype=None, mesh: Me
     params = dict(_named_params(state))
     key_map = diffusers_key_map(cfg)
     check_checkpoint(_checkpoint_shapes(path), key_map, params)
+    shardings: dict[str, NamedSharding | None] = dict.fromkeys(params)
+    if mesh is not None:
+        with parallel.sharding_context(mesh, rules or (), LOGICAL_AXES):
+            resolved = parallel.shardings(state, mesh)
+        shardings = {".".join(str(p) for p in path): s for path, s in nnx.to_flat_state(resolved)}
 
     for name, array in iter_tensors(path):
         dst, kind = key_map[name]
         variable = params[dst]
-        sharding = None
-        if mesh is not None:
-            names = logical_axes(variable) or (None,) * len(variable.shape)
-            spec = logical_to_mesh_spec(names, variable.shape, mesh, rules or ())
-            sharding = NamedSharding(mesh, spec)
-        variable.set_value(_place(to_model_layout(array, kind), variable.dtype, sharding))
+        variable.set_value(_place(to_model_layout(array, kind), variable.dtype, shardings[dst]))
         del array
     return nnx.merge(graphdef, state)
 

@@ -25,8 +25,9 @@ the residual updates with a gate are computed in float32 whatever the compute dt
 The time embedder, the modulation tables and the cross-attention LayerNorm keep float32 parameters
 whatever ``param_dtype`` (diffusers keeps those modules in float32 too).
 
-Parameters carry logical axis names (see ``LOGICAL_AXES``) for the sharding rules of
-``shelllcc.parallel``; reading them back: ``logical_axes(variable)``.
+Parameters carry logical axis names (see ``LOGICAL_AXES``) as flax's ``out_sharding`` metadata
+(``variable.out_sharding``); ``nnx.logical_axis_rules`` + ``nnx.get_partition_spec`` resolve them to mesh
+axes (``shelllcc.parallel.sharding_context`` / ``shardings``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
 from jax.ad_checkpoint import checkpoint_name
 
 from shelllcc.models.wan_rope import apply_rope, rope_tables
@@ -166,18 +168,13 @@ def get_config(name: str, **overrides) -> WanTransformerConfig:
 # parameters and small layers
 # ----------------------------------------------------------------------------------------------
 
-def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-    """The logical axis names a parameter was created with (the metadata key moved across flax 0.12.x)."""
-    metadata = variable.get_metadata()
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        if metadata.get(key) is not None:
-            return tuple(metadata[key])
-    return None
-
-
-def _partitioned(init, axes):
-    # eager_sharding=False: the names are logical, resolved by the rules later, not mesh axis names.
-    return nnx.with_partitioning(init, axes, eager_sharding=False)
+def born_sharded() -> bool:
+    """Whether parameters created now are sharded as they are born: under a mesh (``jax.set_mesh``) and
+    flax's logical axis rules (``nnx.logical_axis_rules``), e.g. ``shelllcc.parallel.sharding_context``,
+    flax constrains each new parameter to the sharding its logical names resolve to. Elsewhere (no mesh,
+    single-device tests, host-side inits) the names are only metadata, resolved when shardings are asked for.
+    """
+    return not jax.sharding.get_abstract_mesh().empty and bool(get_logical_axis_rules())
 
 
 class KeyStream:
@@ -198,7 +195,8 @@ class KeyStream:
 
 
 def _param(keys: KeyStream, init, shape, dtype, axes) -> nnx.Param:
-    return nnx.Param(_partitioned(init, axes)(keys(), shape, dtype))
+    # the logical names go to flax's ``out_sharding`` metadata (nnx.get_partition_spec reads them)
+    return nnx.Param(init(keys(), shape, dtype), out_sharding=tuple(axes), eager_sharding=born_sharded())
 
 
 class Dense(nnx.Module):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shelllcc.models.wan_transformer import Dense, KeyStream, _partitioned, logical_axes
+from shelllcc.models.wan_transformer import Dense, KeyStream, born_sharded
 
 # The attention projections of both attention layers of every block (q, k, v, o).
 DEFAULT_TARGETS = tuple(f"{attn}.{proj}" for attn in ("self_attn", "cross_attn")
@@ -67,14 +67,16 @@ class LoRADense(Dense):
         self.rank = int(rank)
         self.alpha = float(alpha)
         in_features, out_features = base.kernel.shape
-        in_axis, out_axis = logical_axes(base.kernel) or (None, None)
+        in_axis, out_axis = base.kernel.get_metadata().get("out_sharding") or (None, None)
         # variance_scaling(1/3, fan_in, uniform) = U(-1/sqrt(in), 1/sqrt(in)): torch's kaiming_uniform(a=sqrt(5)),
         # the usual LoRA choice; fan_in of A [in, rank] is ``in``.
         a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        self.lora_a = LoRAParam(_partitioned(a_init, (in_axis, None))(key, (in_features, self.rank), param_dtype))
+        eager = born_sharded()
+        self.lora_a = LoRAParam(a_init(key, (in_features, self.rank), param_dtype), out_sharding=(in_axis, None),
+                                eager_sharding=eager)
         # B = 0 makes the update vanish exactly at initialisation (the adapted model *is* the base model).
-        self.lora_b = LoRAParam(_partitioned(nnx.initializers.zeros_init(), (None, out_axis))(
-            key, (self.rank, out_features), param_dtype))
+        self.lora_b = LoRAParam(jnp.zeros((self.rank, out_features), param_dtype), out_sharding=(None, out_axis),
+                                eager_sharding=eager)
 
     @property
     def scale(self) -> float:
@@ -172,7 +174,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         kernel = module.kernel
         kernel[...] = (kernel[...].astype(jnp.float32) + module.delta()).astype(kernel.dtype)
         in_features, out_features = kernel.shape
-        axes = logical_axes(kernel) or (None, None)
+        axes = kernel.get_metadata().get("out_sharding") or (None, None)
         # An abstract Dense (no random kernel drawn), then give it the real, merged Variables.
         plain = nnx.eval_shape(lambda: Dense(in_features, out_features, axes, dtype=module.dtype,
                                              param_dtype=kernel.dtype, keys=KeyStream(jax.random.key(0))))

@@ -63,27 +63,26 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, microbatches: int = 1)
 
 
 def jit_train_step(step_fn, state_shardings_tree, mesh):
-    """``jax.jit`` with in/out shardings and the state donated; traced and run under ``jax.set_mesh(mesh)``
+    """``jax.jit`` with in/out shardings and the state donated; traced and run under ``parallel.set_mesh(mesh)``
     so that layers can constrain activations to the mesh's axes."""
     rep = parallel.replicated(mesh)
     jitted = jax.jit(step_fn, in_shardings=(state_shardings_tree, parallel.batch_sharding(mesh), rep),
                      out_shardings=(state_shardings_tree, rep), donate_argnums=0)
 
     def step(state, batch, rng):
-        with jax.set_mesh(mesh):
+        with parallel.set_mesh(mesh):
             return jitted(state, batch, rng)
 
     step.jitted = jitted
     return step
 
 
-def train_state_shardings(state_abstract: ts.TrainState, params_shardings, frozen_shardings, mesh) -> ts.TrainState:
+def train_state_shardings(params_shardings, opt_shardings, frozen_shardings, mesh) -> ts.TrainState:
+    """The ``TrainState`` of shardings: ``opt_shardings`` from ``parallel.optimizer_shardings`` (Adam's
+    moments sharded like their parameters), step counters replicated."""
     rep = parallel.replicated(mesh)
-    return ts.TrainState(
-        step=rep, skipped=rep, params=params_shardings,
-        opt_state=parallel.follow_param_shardings(state_abstract.opt_state, state_abstract.params,
-                                                  params_shardings, mesh),
-        frozen=frozen_shardings)
+    return ts.TrainState(step=rep, skipped=rep, params=params_shardings, opt_state=opt_shardings,
+                         frozen=frozen_shardings)
 
 
 def microbatch_count(batch_size: int, microbatch_size: int, mesh) -> int:
