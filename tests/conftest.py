@@ -1,7 +1,43 @@
-"""Test setup: 8 host-platform devices for the sharding tests (must precede the first jax import)."""
+"""Test setup: 8 host-platform devices for the sharding tests (must precede the first jax import), and a
+persistent JAX compilation cache shared by every test and every subprocess a test starts."""
 
 import os
+import tempfile
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+# Programs that take at least this long to compile are written to the cache. Most of the suite's time is
+# compilation of small programs (tiny models, a few steps), many of them compiled again by later tests or
+# by the subprocesses of the end-to-end tests; below ~0.1 s reading an entry saves little.
+CACHE_MIN_COMPILE_SECS = 0.1
+
+
+def _compilation_cache_dir(config) -> str:
+    """``$JAX_COMPILATION_CACHE_DIR`` if set, else a folder of the pytest cache (``.pytest_cache``) or, with
+    the cache provider off, of the temp dir; keyed by the jax and jaxlib versions."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    import jax
+    import jaxlib
+
+    name = f"jax-compilation-cache-{jax.__version__}-jaxlib-{jaxlib.__version__}"
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        return str(cache.mkdir(name))
+    path = os.path.join(tempfile.gettempdir(), f"shelllcc-{name}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def pytest_configure(config):
+    path = _compilation_cache_dir(config)
+    # the environment for the subprocesses the tests start (python -m experiments.main ...), the config
+    # update for this process (jax may already be imported by a plugin)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(CACHE_MIN_COMPILE_SECS)
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)

@@ -10,6 +10,7 @@ from shelllcc.flow.objectives import noised_data, one_step_from_noise, sft_loss
 from shelllcc.flow.rectified import add_noise, denoise
 from shelllcc.flow.timesteps import sample_training_sigmas, uniform_sigmas
 from shelllcc.rewards.manifold_distance import manifold_distance
+from tests import reference_math as ref
 from tests.helpers import random_manifold
 
 SHAPE = (3, 2, 3, 3, 4)  # [B, T, H, W, C]
@@ -250,16 +251,29 @@ def test_model_called_once_per_objective():
 # the real manifold reward -----------------------------------------------------------------------
 
 
+def _np_shell_per_example(p64, z):
+    """Per-example ``shell`` distance of ``[B, T, H, W, 16]`` latents (1x1x1 patches), float64."""
+    return np.array([ref.distance(p64, zb.reshape(-1, zb.shape[-1]), "shell") for zb in z])
+
+
 def test_real_manifold_reward_under_jit():
+    """The three objectives with the real manifold reward, jitted together: the loss, every metric and the
+    gradient equal a float64 NumPy evaluation of the same formulas (reference_math's shell distance)."""
     params, cfg = random_manifold(0, dim=16)
+    p64 = ref.to_numpy(params)
     shape = (2, 3, 4, 4, 16)
     r = np.random.default_rng(0)
-    M = jnp.asarray(np.eye(16) * 0.5 + 0.1 * r.standard_normal((16, 16)), jnp.float32)
-    u = jnp.asarray(1e-3 * r.standard_normal(16), jnp.float32)
-    c = jnp.asarray(0.1 * r.standard_normal((2, 16)), jnp.float32)
-    x0 = jnp.asarray(r.standard_normal(shape), jnp.float32)
-    eps = jnp.asarray(r.standard_normal(shape), jnp.float32)
+    M = np.asarray(np.eye(16) * 0.5 + 0.1 * r.standard_normal((16, 16)), np.float32)
+    u = np.asarray(1e-3 * r.standard_normal(16), np.float32)
+    c = np.asarray(0.1 * r.standard_normal((2, 16)), np.float32)
+    x0 = np.asarray(r.standard_normal(shape), np.float32)
+    eps = np.asarray(r.standard_normal(shape), np.float32)
     key = jax.random.PRNGKey(0)
+    k1, k2, k3 = jax.random.split(key, 3)
+    # the noise levels each objective draws from its key (the draw itself: test_one_step_matches_reference...)
+    s1, s2, s3 = (np.asarray(uniform_sigmas(k, (2,), lo, 1.0), np.float64) for k, lo in ((k1, 0.7), (k2, 0.2),
+                                                                                       (k3, 0.0)))
+    m_ref = 0.9 * M.astype(np.float64)                  # the frozen reference: 0.9 x the evaluation point
 
     def reward(z):
         return manifold_distance(params, z, "shell", per_example=True)
@@ -274,14 +288,45 @@ def test_real_manifold_reward_under_jit():
         l3, m3 = sft_loss(_velocity(M, u), x0, eps, c, k3)
         return l1 + l2 + l3, (m1, m2, m3)
 
-    (loss, metrics), g = jax.value_and_grad(all_objectives, has_aux=True)(M, key)
-    assert np.isfinite(float(loss))
-    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.linalg.norm(g)) > 0
-    for m in metrics:
-        for v in m.values():
-            assert np.isfinite(float(v))
-    # each objective's gradient is finite on its own, too
-    for obj in (lambda M: one_step_from_noise(_velocity(M, u), reward, eps, c, key)[0],
-                lambda M: noised_data(_velocity(M, u), reward, x0, eps, c, key)[0]):
-        gi = jax.jit(jax.grad(obj))(M)
-        assert np.all(np.isfinite(np.asarray(gi)))
+    def np_all(M):
+        """float64: (loss, metrics of the three objectives)."""
+        e64, x064 = eps.astype(np.float64), x0.astype(np.float64)
+        z1 = e64 - _bs(s1) * _np_velocity(eps, 1000 * s1, c, M, u)
+        z1_ref = e64 - _bs(s1) * _np_velocity(eps, 1000 * s1, c, m_ref, u)
+        r1, drift = _np_shell_per_example(p64, z1).mean(), np.mean((z1 - z1_ref) ** 2)
+        x2 = (1 - _bs(s2)) * x064 + _bs(s2) * e64
+        v2 = _np_velocity(x2, 1000 * s2, c, M, u)
+        r2 = _np_shell_per_example(p64, x2 - _bs(s2) * v2).mean()
+        sft2 = np.mean((v2 - (e64 - x064)) ** 2)
+        x3 = (1 - _bs(s3)) * x064 + _bs(s3) * e64
+        sft3 = np.mean((_np_velocity(x3, 1000 * s3, c, M, u) - (e64 - x064)) ** 2)
+        loss = (r1 + max(drift, 0.0)) + (r2 + 0.3 * sft2) + sft3
+        return loss, ({"reward": r1, "drift_mse": drift}, {"reward": r2, "sft": sft2}, {"sft": sft3})
+
+    (loss, metrics), g = jax.value_and_grad(all_objectives, has_aux=True)(jnp.asarray(M), key)
+    want_loss, want_metrics = np_all(M.astype(np.float64))
+    _close(loss, want_loss)
+    assert want_metrics[0]["drift_mse"] > 1e-3           # the drift penalty is active
+    for got_m, want_m, s in zip(metrics, want_metrics, (s1, s2, s3)):
+        for name, value in want_m.items():
+            _close(got_m[name], value)
+        _close(got_m["s_mean"], s.mean(), rtol=1e-6)
+    # the gradient: central differences of the float64 loss in every entry of M
+    _close(g, _fd_grad(lambda M: np_all(M)[0], M), rtol=1e-4, atol=1e-6)
+
+    # each objective alone, jitted, with its default noise range: gradient == float64 central differences
+    def np_one_step(M):
+        z = eps.astype(np.float64) - _bs(t1) * _np_velocity(eps, 1000 * t1, c, M, u)
+        return _np_shell_per_example(p64, z).mean()
+
+    def np_noised(M):
+        x = (1 - _bs(t2)) * x0.astype(np.float64) + _bs(t2) * eps.astype(np.float64)
+        v = _np_velocity(x, 1000 * t2, c, M, u)
+        return _np_shell_per_example(p64, x - _bs(t2) * v).mean() + np.mean(
+            (v - (eps.astype(np.float64) - x0)) ** 2)
+
+    t1 = t2 = np.asarray(uniform_sigmas(key, (2,), 0.7, 1.0), np.float64)
+    for obj, np_obj in ((lambda M: one_step_from_noise(_velocity(M, u), reward, eps, c, key)[0], np_one_step),
+                        (lambda M: noised_data(_velocity(M, u), reward, x0, eps, c, key)[0], np_noised)):
+        gi = jax.jit(jax.grad(obj))(jnp.asarray(M))
+        _close(gi, _fd_grad(np_obj, M), rtol=1e-4, atol=1e-6)

@@ -164,11 +164,41 @@ def test_reward_train_step_traces(reward_setup):
     assert loss.shape == () and loss.dtype == jnp.float32 and aux["reward"].shape == ()
 
 
+def wan21_vae_parameter_count(base=96, z=16, mult=(1, 2, 4, 4), res_blocks=2, temporal=(False, True, True)):
+    """The Wan2.1 VAE's parameter count from its dimensions (diffusers AutoencoderKLWan's layout): 3x3x3 causal
+    convolutions with bias, RMS norms with a gain only, residual blocks with a 1x1x1 shortcut where the width
+    changes, one attention block (1x1 qkv and output projections) in each mid block, stride-2 3x3 spatial
+    resamplers (plus a 3x1x1 temporal convolution where time is down- or upsampled; the decoder's upsamplers
+    halve the width, and its temporal upsampling doubles the channels before the shuffle)."""
+    conv3 = lambda i, o: 27 * i * o + o
+    conv1 = lambda i, o: i * o + o
+    res = lambda i, o: i + conv3(i, o) + o + conv3(o, o) + (conv1(i, o) if i != o else 0)
+    mid = lambda d: 2 * res(d, d) + d + conv1(d, 3 * d) + conv1(d, d)
+    n = conv1(2 * z, 2 * z) + conv1(z, z)                          # quant_conv, post_quant_conv
+    dims = [base * m for m in (1, *mult)]                          # encoder: 96, 96, 192, 384, 384
+    n += conv3(3, dims[0])
+    for level, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(res_blocks):
+            n, i = n + res(i, o), o
+        if level < len(mult) - 1:
+            n += 9 * o * o + o + (3 * o * o + o if temporal[level] else 0)
+    n += mid(dims[-1]) + dims[-1] + conv3(dims[-1], 2 * z)
+    dims = [base * m for m in (mult[-1], *mult[::-1])]             # decoder: 384, 384, 384, 192, 96
+    n += conv3(z, dims[0]) + mid(dims[0])
+    for level, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
+        i = i // 2 if level else i
+        for _ in range(res_blocks + 1):
+            n, i = n + res(i, o), o
+        if level < len(mult) - 1:
+            n += 9 * o * (o // 2) + o // 2 + (3 * o * 2 * o + 2 * o if temporal[::-1][level] else 0)
+    return n + dims[-1] + conv3(dims[-1], 3)
+
+
 def test_wan_vae_encode_decode_81x480x832():
     vae = nnx.eval_shape(lambda: WanVAE(WanVAEConfig.preset("wan2.1"), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(vae)
     n = sum(x.size for x in jax.tree.leaves(state))
-    assert 120e6 < n < 130e6                      # the Wan2.1 VAE: 126.9M parameters
+    assert n == wan21_vae_parameter_count() == 126_892_531
     video = jax.ShapeDtypeStruct((1, 81, 480, 832, 3), jnp.float32)
     z = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st).encode(x), state, video)
     assert (z.shape, z.dtype) == ((1, *LATENTS), jnp.float32)

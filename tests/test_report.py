@@ -21,6 +21,17 @@ def _png(path):
         return np.asarray(im.convert("RGB"))
 
 
+# matplotlib's tab10 colours the report gives sets without a fixed colour, and the fixed "base" grey;
+# figures are saved at 110 dpi from figsize (width, height) in inches
+BROWN, PINK, GREY = (140, 86, 75), (227, 119, 194), (127, 127, 127)
+DPI = 110
+
+
+def _count(img, rgb, tol=24):
+    """Pixels within ``tol`` (per channel) of colour ``rgb``."""
+    return int((np.abs(img.astype(np.int32) - np.asarray(rgb)).max(-1) <= tol).sum())
+
+
 def test_montage_pixels_follow_layout(tmp_path):
     rows = {"base": _videos(0), "shell": _videos(1), "lcc": _videos(2)}
     crop, zoom = (3, 5, 6), 3
@@ -101,8 +112,16 @@ def test_training_curves_tolerate_missing_metric(tmp_path):
     assert len(R.load_metrics(str(path))) == 20
     runs = {"a": str(path), "b": [{"step": s, "loss": 1.0 / (s + 1)} for s in range(10)]}
     out = R.training_curves_png(str(tmp_path / "c.png"), runs, ["loss", "reward", "grad_norm"])
-    assert _png(out).shape[1] > 0
-    assert R.training_curves_png(str(tmp_path / "d.png"), runs) == str(tmp_path / "d.png")  # default: loss only
+    img = _png(out)
+    # no run logs grad_norm: two panels of 4.5 x 3.2 inches side by side
+    assert img.shape == (round(3.2 * DPI), round(2 * 4.5 * DPI), 3)
+    left, right = img[:, :img.shape[1] // 2], img[:, img.shape[1] // 2:]
+    # run a (brown) is in both panels; run b (pink) lacks "reward", so it is in the loss panel only
+    assert _count(left, BROWN) > 100 and _count(right, BROWN) > 100
+    assert _count(left, PINK) > 100 and _count(right, PINK) == 0
+    default = _png(R.training_curves_png(str(tmp_path / "d.png"), runs))   # default: the metric both log, loss
+    assert default.shape == (round(3.2 * DPI), round(4.5 * DPI), 3)
+    assert _count(default, BROWN) > 100 and _count(default, PINK) > 100
 
 
 def test_training_curves_missing_file_named(tmp_path):
@@ -118,10 +137,16 @@ def test_training_curves_missing_file_named(tmp_path):
 def test_histograms_and_spectra_write_png(tmp_path):
     rng = np.random.default_rng(0)
     samples = {"real": rng.normal(size=50), "base": np.append(rng.normal(1, 1, 49), np.nan), "empty": []}
-    assert _png(R.histograms_png(str(tmp_path / "h.png"), samples, xlabel="d", bins=10, title="t")).ndim == 3
+    hist = _png(R.histograms_png(str(tmp_path / "h.png"), samples, xlabel="d", bins=10, title="t"))
+    assert hist.shape == (round(4.0 * DPI), round(6.0 * DPI), 3)
+    # the base histogram (grey, its finite values) is drawn; the empty set has a legend entry (brown) only
+    assert _count(hist, GREY, tol=10) > 1000
+    assert 10 < _count(hist, BROWN) < 200
     freqs = np.arange(8) / 16
     spectra = {"real": np.r_[0.0, 1.0 / freqs[1:] ** 2], "base": rng.random((4, 8))}
-    assert _png(R.spectra_png(str(tmp_path / "s.png"), spectra, freqs)).ndim == 3
+    spec = _png(R.spectra_png(str(tmp_path / "s.png"), spectra, freqs))
+    assert spec.shape == (round(4.0 * DPI), round(6.0 * DPI), 3)
+    assert _count(spec, GREY, tol=10) > 500 and _count(spec, (0, 0, 0), tol=10) > 1000
     with pytest.raises(ValueError, match="bins"):
         R.spectra_png(str(tmp_path / "s.png"), {"x": np.ones(5)}, freqs)
 

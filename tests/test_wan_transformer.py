@@ -35,6 +35,9 @@ REAL = {
     "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
 }
 SHAPES = [(2, 3, 6, 10), (1, 1, 4, 8)]  # (B, T, H, W): non-square, multi-frame and single-frame
+# ||ours - diffusers|| / ||diffusers|| of the tiny model's output, float32 on CPU: measured 2.4e-7 (2, 3, 6, 10)
+# and 3.2e-7 (1, 1, 4, 8), single and sharded checkpoints alike; about 10x that
+PARITY_TOL = 3e-6
 
 
 @nnx.jit
@@ -104,7 +107,7 @@ def test_parity_with_diffusers(torch_model, checkpoints, kind):
         with jax.default_matmul_precision("float32"):  # no TF32 on GPUs; CPU is exact anyway
             out = forward(model, *map(jnp.asarray, args))
         assert out.shape == ref.shape == (*shape, 16)
-        assert rel_err(out, ref) < 1e-4, (kind, shape, rel_err(out, ref))
+        assert rel_err(out, ref) < PARITY_TOL, (kind, shape, rel_err(out, ref))
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

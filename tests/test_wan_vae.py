@@ -26,7 +26,12 @@ from third_party.safetensors_checkpoint import weight_files
 from third_party.wan_vae_weights import (abstract_vae, convert_tensor, diffusers_key_to_path,
                                          load_vae, path_to_diffusers_key)
 
-TOL = 1e-4
+# Parity tolerances: ||ours - diffusers|| / ||diffusers||, about 10x the value measured in float32 on CPU
+ENCODE_TOL = 5e-6         # measured: mean 1.4e-7 / 2.3e-7 / 2.6e-7, logvar 2.5e-7 / 3.5e-7 / 5.3e-7 (1, 7, 9 frames)
+DECODE_TOL = 1e-5         # measured: 8.7e-7 (1 latent frame), 9.8e-7 (3)
+OTHER_ENCODE_TOL = 4e-6   # measured: 3.9e-7 (the other layout, 5 frames)
+OTHER_DECODE_TOL = 3e-5   # measured: 2.7e-6
+DECODE_GRAD_TOL = 2e-5    # measured: 1.6e-6 (gradient of a weighted sum of the decoded video)
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
 H, W = 16, 24  # non-square; latents 2 x 3
@@ -129,8 +134,8 @@ def test_encode_matches_diffusers(reference, vae, jitted, frames):
         dist = model.encode(_to_torch(video)).latent_dist
     mean, logvar = jitted["encode"](vae, jnp.asarray(video))
     assert mean.shape == (2, vae.config.latent_frames(frames), H // 8, W // 8, 4) == _to_jax(dist.mean).shape
-    assert rel_err(mean, _to_jax(dist.mean)) < TOL
-    assert rel_err(logvar, _to_jax(dist.logvar)) < TOL
+    assert rel_err(mean, _to_jax(dist.mean)) < ENCODE_TOL
+    assert rel_err(logvar, _to_jax(dist.logvar)) < ENCODE_TOL
 
 
 @pytest.mark.parametrize("latent_frames", [1, 3])
@@ -143,7 +148,7 @@ def test_decode_matches_diffusers(reference, vae, jitted, latent_frames):
     assert got.shape == (2, 1 + 4 * (latent_frames - 1), H, W, 3) == want.shape
     assert float(jnp.mean(jnp.abs(want) >= 1.0)) < 0.01  # the network, not the clamp, decides the output
     assert float(jnp.std(want)) > 0.05
-    assert rel_err(got, want) < TOL
+    assert rel_err(got, want) < DECODE_TOL
 
 
 def test_other_layouts_match_diffusers(tmp_path):
@@ -158,8 +163,8 @@ def test_other_layouts_match_diffusers(tmp_path):
         want_z = _to_jax(model.encode(_to_torch(video)).latent_dist.mean)
         want_x = _to_jax(model.decode(_to_torch(np.asarray(want_z))).sample)
     z = nnx.jit(lambda m, v: m.encode(v))(vae, jnp.asarray(video))
-    assert rel_err(z, want_z) < TOL
-    assert rel_err(nnx.jit(lambda m, z: m.decode(z))(vae, want_z), want_x) < TOL
+    assert rel_err(z, want_z) < OTHER_ENCODE_TOL
+    assert rel_err(nnx.jit(lambda m, z: m.decode(z))(vae, want_z), want_x) < OTHER_DECODE_TOL
 
 
 # ------------------------------------------------------------------------------------------ gradients
@@ -176,7 +181,7 @@ def test_decode_gradient_matches_torch_autograd(reference, vae):
 
     got = jax.jit(jax.grad(lambda latents: jnp.sum(vae.decode(latents) * weights)))(jnp.asarray(z))
     assert bool(jnp.all(jnp.isfinite(got)))
-    assert rel_err(got, want) < TOL
+    assert rel_err(got, want) < DECODE_GRAD_TOL
 
 
 def test_run_chunked_streams_a_causal_step_and_remat_keeps_gradients():
