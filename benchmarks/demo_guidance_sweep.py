@@ -16,9 +16,8 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import harness
+import numpy as np
 
 SETTINGS = (("unipc", 10, 2.0, 3.0), ("unipc", 10, 3.0, 3.0), ("unipc", 10, 4.0, 3.0), ("unipc", 25, 2.0, 3.0),
             ("unipc", 10, 2.0, 1.0), ("unipc", 25, 3.0, 1.0), ("euler", 25, 2.0, 3.0), ("unipc", 50, 2.0, 3.0))
@@ -33,8 +32,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     bench = harness.Bench("demo_guidance_sweep", a.out_jsonl, argv=argv)
     import ml_collections
+
     from configs import demo
-    from experiments import embedded_pipeline as ep, embedded_validation as ev
+    from experiments import embedded_pipeline as ep
+    from experiments import embedded_validation as ev
     c = demo.get_config()
     c.validation.prompts = a.prompts
     paths = ep.Paths(os.path.abspath(a.workdir))

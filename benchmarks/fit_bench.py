@@ -75,10 +75,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 import harness
-from reward_bench import random_manifold   # this directory is on sys.path when a script here runs
+import numpy as np
+from reward_bench import random_manifold  # this directory is on sys.path when a script here runs
 
 # Trainable leaves of stage 1 (fit.stage1_trainable) and the BatchNorm running statistics, by the
 # names of params.expected_shapes.
@@ -462,7 +461,8 @@ def main(args) -> None:
         if row.get("update_rel_err_per_leaf"):
             leaf = ", ".join(f"{nm} {fmt(v, '.1e')}" for nm, v in row["update_rel_err_per_leaf"].items())
             log(f"check {row['impl']} {row['compute_dtype']}{' tf32' if row['torch_tf32'] else ''} vs torch float32: "
-                f"loss rel err {fmt(row['loss_rel_err'], '.2e')}, grad rel err {fmt(row['grad_rel_err'], '.2e')}, update rel err {fmt(row['update_rel_err'], '.2e')} "
+                f"loss rel err {fmt(row['loss_rel_err'], '.2e')}, grad rel err {fmt(row['grad_rel_err'], '.2e')}, "
+                f"update rel err {fmt(row['update_rel_err'], '.2e')} "
                 f"(reference update norm {row['update_norm_ref']:.3e}), BN running stats rel err "
                 f"{fmt(row['bn_stats_rel_err'], '.2e')}; per leaf: {leaf}")
     device_kind = next((r["device"] for r in rows if r.get("device")), None)

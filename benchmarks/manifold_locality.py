@@ -19,9 +19,8 @@ import json
 import os
 import sys
 
-import numpy as np
-
 import harness
+import numpy as np
 
 
 def last_stage1(metrics_path: str) -> dict:
@@ -39,7 +38,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     bench = harness.Bench("manifold_locality", a.out_jsonl, argv=argv)
     from configs import demo
-    from experiments import embedded_pipeline as ep, fit_manifold
+    from experiments import embedded_pipeline as ep
+    from experiments import fit_manifold
     config = demo.get_config()
     paths = ep.Paths(os.path.abspath(a.workdir))
     if not os.path.exists(paths.stage_marker("cache")):

@@ -36,9 +36,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 import harness
+import numpy as np
 
 KINDS = ("lcc", "shell_norm", "shell", "shell_band")
 

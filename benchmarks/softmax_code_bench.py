@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
-
 import harness
+import numpy as np
 
 FORWARD = ["64,64,4,2", "64,128,4,2", "64,32,4,3", "128,32,8,2", "128,64,8,1", "64,64,4,4"]
 BACKWARD = ["64,64,8,2,fused", "32,64,4,2,fused", "64,32,8,2,fused", "64,64,4,2,ds", "128,64,8,2,ds",

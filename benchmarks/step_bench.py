@@ -72,9 +72,8 @@ import sys
 import tempfile
 import time
 
-import ml_collections
-
 import harness
+import ml_collections
 
 PROGRESS = "[step_bench] "
 THIS = os.path.abspath(__file__)
@@ -177,6 +176,7 @@ def _reward_as(variant: str, calls: list):
     """While tracing: ``reward_finetune``'s ``manifold_distance`` recorded (``reward``) or replaced by
     ``mean(z^2)`` (``no_reward``). ``calls`` gets ``(variant, kind, target, kwargs)`` per traced call."""
     import jax.numpy as jnp
+
     from experiments import reward_finetune
 
     real = reward_finetune.manifold_distance
@@ -334,8 +334,9 @@ def worker(config, spec: dict, overridden) -> dict:
         if rec is None:
             raise RuntimeError("reward alone: no traced call of the real reward to copy options from")
         _, kind, target, kw, z_shape = rec
-        from shelllcc.rewards import manifold_distance
         import jax.numpy as jnp
+
+        from shelllcc.rewards import manifold_distance
         manifold = holder["state"].frozen["manifold"]
         z = jax.device_put(jax.random.normal(jax.random.PRNGKey(7), z_shape, jnp.float32),
                            parallel.batch_sharding(mesh))

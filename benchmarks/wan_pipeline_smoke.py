@@ -93,7 +93,9 @@ def latent_shape(p: dict) -> tuple[int, int, int, int]:
 def stage_videos(args, paths: Paths) -> None:
     """Synthetic clips as mp4 + captions.jsonl, then the TFDS build of the folder."""
     import numpy as np
-    from shelllcc.data import moving_textures as mt, video_folder
+
+    from shelllcc.data import moving_textures as mt
+    from shelllcc.data import video_folder
     from shelllcc.evaluation import media
 
     p = PRESETS[args.preset]
@@ -118,6 +120,7 @@ def stage_models(args, paths: Paths) -> None:
     import jax
     import numpy as np
     from flax import nnx
+
     from shelllcc.models import saving
     from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
     from third_party import umt5

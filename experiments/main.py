@@ -22,9 +22,9 @@ import os
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments.overrides import apply_overrides
-from ml_collections import config_flags
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
 DONE_FILE = "DONE"

@@ -34,8 +34,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from shelllcc.manifold.params import (BatchNormStats, CoderParams, ManifoldConfig, ManifoldParams, ShellParams,
-                                      check_params, expected_shapes)
+from shelllcc.manifold.params import (
+    BatchNormStats,
+    CoderParams,
+    ManifoldConfig,
+    ManifoldParams,
+    ShellParams,
+    check_params,
+    expected_shapes,
+)
 
 _PREFIX = "module."
 _COUNT_KEY = "predictor.1.num_batches_tracked"

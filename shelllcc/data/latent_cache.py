@@ -143,8 +143,8 @@ def module_digest(module: Any) -> str:
     Two runs with different weights must not share a cache; a digest of the weights catches that where
     a name would not.
     """
-    from flax import nnx
     import jax
+    from flax import nnx
 
     h = hashlib.sha256()
     flat = nnx.to_flat_state(nnx.state(module))

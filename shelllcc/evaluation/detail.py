@@ -103,5 +103,5 @@ def mean_abs_change(a, b) -> jnp.ndarray:
     return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-__all__ = ["luma", "laplacian_variance", "high_frequency_fraction", "high_frequency_energy", "radial_power_spectrum", "spectrum_distance",
-           "mean_abs_change"]
+__all__ = ["luma", "laplacian_variance", "high_frequency_fraction", "high_frequency_energy", "radial_power_spectrum",
+           "spectrum_distance", "mean_abs_change"]

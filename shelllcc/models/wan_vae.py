@@ -26,8 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shelllcc.models.causal_conv import CausalConv3d, Conv3d, Dtype, Precision
-from shelllcc.models.wan_vae_blocks import (Cache, MidBlock, Resample, ResidualBlock, UpBlock, cache_part,
-                                            channel_rms_norm)
+from shelllcc.models.wan_vae_blocks import (
+    Cache,
+    MidBlock,
+    Resample,
+    ResidualBlock,
+    UpBlock,
+    cache_part,
+    channel_rms_norm,
+)
 
 Array = jax.Array
 

@@ -31,8 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from shelllcc.manifold import coders
-from shelllcc.manifold import softmax_code_pallas
+from shelllcc.manifold import coders, softmax_code_pallas
 from shelllcc.manifold.params import ManifoldParams
 from shelllcc.manifold.shell import safe_norm, shell_log_variance, shell_residual
 

@@ -25,7 +25,8 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from shelllcc.manifold.params import ManifoldParams
 from shelllcc.manifold.patches import check_latents, patchify

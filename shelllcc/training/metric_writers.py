@@ -48,7 +48,7 @@ class TensorBoardWriter(MetricWriter):
     """TensorBoard event files under ``logdir`` (scalars, texts, images, histograms), via tensorboardX."""
 
     def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter   # imports torch-free protobuf code only, on first use
+        from tensorboardX import SummaryWriter  # imports torch-free protobuf code only, on first use
 
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
