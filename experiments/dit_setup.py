@@ -27,13 +27,14 @@ import numpy as np
 from flax import nnx
 
 from shelllcc import parallel
-from shelllcc.models import saving
-from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer, get_config as wan_config
-from shelllcc.training import lora as lora_lib
 from shelllcc.data import random_latents
-from shelllcc.training import optimizers, train_state as ts
-from shelllcc.training.step import (LossFn, jit_train_step, make_train_step, microbatch_count,
-                                     train_state_shardings)
+from shelllcc.models import saving
+from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer
+from shelllcc.models.wan_transformer import get_config as wan_config
+from shelllcc.training import lora as lora_lib
+from shelllcc.training import optimizers
+from shelllcc.training import train_state as ts
+from shelllcc.training.step import LossFn, jit_train_step, make_train_step, microbatch_count, train_state_shardings
 
 ARCH_OVERRIDES = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim")
 MODEL_DIR = "model"           # where a run exports its final DiT (loadable by init_from / sample)

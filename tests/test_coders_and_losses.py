@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shelllcc.manifold import coders, init as init_lib
+from shelllcc.manifold import coders
+from shelllcc.manifold import init as init_lib
 from shelllcc.manifold.losses import Stage1Weights, stage1_loss, stage2_loss
 from tests import reference_math as ref
 from tests.helpers import random_manifold, rel_err

@@ -269,7 +269,8 @@ def _sigterm_at(monkeypatch, stage: int, stage_step: int) -> None:
 
 def _checkpoint_items(workdir, cfg, mconfig, step: int, stage: int) -> dict:
     """Checkpoint ``step`` of a fit (the shared Checkpointer), restored onto one device."""
-    from shelllcc.training import checkpoints, train_state as ts
+    from shelllcc.training import checkpoints
+    from shelllcc.training import train_state as ts
     opt = fit.make_optimizer(fit.stage_optim_config(cfg.stage1 if stage == 1 else cfg.stage2))
     abstract = jax.eval_shape(lambda p: fit.init_state(p, opt, stage), io.abstract_params(mconfig))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -4,16 +4,33 @@ References are independent: numpy float64 formulas, Gauss-Hermite quadrature, th
 rectified-flow velocity of a Gaussian, and diffusers' schedulers stepped one by one in torch.
 """
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from shelllcc.flow import (
-    FlowSchedule, add_noise, cfg_velocity, denoise, euler_sample, flow_matching_loss,
-    linear_sampling_schedule, logit_normal_sigmas, loss_guidance, model_timestep,
-    noise_from_velocity, sample, sample_training_sigmas, shift_sigmas, uniform_sigmas,
-    unipc_coefficients, unipc_sample, velocity_from_x0, velocity_target, wan_sampling_schedule)
+    FlowSchedule,
+    add_noise,
+    cfg_velocity,
+    denoise,
+    euler_sample,
+    flow_matching_loss,
+    linear_sampling_schedule,
+    logit_normal_sigmas,
+    loss_guidance,
+    model_timestep,
+    noise_from_velocity,
+    sample,
+    sample_training_sigmas,
+    shift_sigmas,
+    uniform_sigmas,
+    unipc_coefficients,
+    unipc_sample,
+    velocity_from_x0,
+    velocity_target,
+    wan_sampling_schedule,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Analytic data: x0 ~ N(mu, diag(sd^2)), eps ~ N(0, I), x_s = (1 - s) x0 + s eps.

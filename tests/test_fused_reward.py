@@ -10,8 +10,8 @@ import pytest
 
 from shelllcc.manifold import softmax_code_pallas as sp
 from shelllcc.manifold.params import ManifoldConfig, init_params
-from shelllcc.rewards import manifold_distance
 from shelllcc.rewards import fused_values as pv
+from shelllcc.rewards import manifold_distance
 
 SMALL = sp.Blocks(block_n=16, block_k=32, bwd_block_n=16, bwd_block_k=16)
 

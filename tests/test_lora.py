@@ -15,8 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shelllcc.models.wan_transformer import Dense, WanTransformer, get_config
 from shelllcc.training.lora import (
-    DEFAULT_TARGETS, LoRADense, LoRAParam, apply_lora, base_filter, lora_filter, lora_param_count,
-    merge_lora, split_lora)
+    DEFAULT_TARGETS,
+    LoRADense,
+    LoRAParam,
+    apply_lora,
+    base_filter,
+    lora_filter,
+    lora_param_count,
+    merge_lora,
+    split_lora,
+)
 
 RANK, ALPHA = 16, 16.0
 

@@ -1,8 +1,8 @@
 """PatchVAE (the embedded benchmark's VAE) and the train_vae experiment's pure pieces."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 

@@ -27,7 +27,7 @@ from shelllcc import parallel
 from shelllcc.models.wan_transformer import WanTransformer
 from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
 from shelllcc.training import train_state as ts
-from shelllcc.training.step import make_train_step, microbatch_count, train_state_shardings, jit_train_step
+from shelllcc.training.step import jit_train_step, make_train_step, microbatch_count, train_state_shardings
 
 LATENTS = (21, 60, 104, 16)         # 81 frames at 480 x 832
 TEXT = (512, 4096)

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import torch
 
 # third_party/ is not an installed package; make the repo root importable however pytest is launched.

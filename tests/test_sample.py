@@ -19,7 +19,8 @@ from shelllcc.flow import samplers
 from shelllcc.flow.timesteps import wan_sampling_schedule
 from shelllcc.models import saving
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig
-from shelllcc.models.wan_transformer import WanTransformer, get_config as wan_config
+from shelllcc.models.wan_transformer import WanTransformer
+from shelllcc.models.wan_transformer import get_config as wan_config
 from tests.test_latent_cache import random_tiny_vae
 
 WORDS = ("a", "red", "blue", "cube", "ball", "moves", "left", "right", "slowly")

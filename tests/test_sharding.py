@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-
 from shelllcc import parallel
 from shelllcc.manifold import fit
 from shelllcc.rewards import KINDS, manifold_distance

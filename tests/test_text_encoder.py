@@ -1,14 +1,21 @@
 """Small text encoder: tokenizer rules, shapes, masking, determinism."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from shelllcc.models.text_encoder import (
-    EOS_ID, PAD_ID, UNK_ID, TextEncoder, TextEncoderConfig, WordTokenizer, split_words,
-    vocab_from_captions)
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    TextEncoder,
+    TextEncoderConfig,
+    WordTokenizer,
+    split_words,
+    vocab_from_captions,
+)
 
 # eager NNX dispatches op by op; one compiled forward keeps the file fast
 forward = nnx.jit(lambda m, ids, mask: m(ids, mask))

@@ -16,7 +16,8 @@ from flax import nnx
 from experiments import main as main_lib
 from experiments import reward_finetune, sft
 from shelllcc.models import saving
-from shelllcc.models.wan_transformer import WanTransformer, get_config as wan_config
+from shelllcc.models.wan_transformer import WanTransformer
+from shelllcc.models.wan_transformer import get_config as wan_config
 from tests.helpers import write_tiny_latent_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
+from shelllcc.training import distributed, optimizers
 from shelllcc.training import step as step_lib
-from shelllcc.training import distributed, optimizers, train_state as ts
+from shelllcc.training import train_state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -283,6 +284,7 @@ def test_writer_is_silent_on_other_processes(tmp_path, capsys):
 
 def test_adam_moments_sharded_like_their_parameters():
     from flax import nnx
+
     from shelllcc import parallel
     mesh = parallel.make_mesh(data=4, fsdp=2)
     variables = {"a": {"kernel": nnx.Param(jnp.zeros((8, 6)), out_sharding=("embed", None), eager_sharding=False)},

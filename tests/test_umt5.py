@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import torch
 
 from third_party import umt5
@@ -74,6 +73,7 @@ def test_encode_matches_direct_forward(wan_root):
 def test_matches_wan_pipeline_prompt_embeds(wan_root):
     """Same numbers as diffusers' WanPipeline._get_t5_prompt_embeds (the convention's source)."""
     from types import SimpleNamespace
+
     from diffusers import WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
     tok = AutoTokenizer.from_pretrained(str(wan_root / "tokenizer"))

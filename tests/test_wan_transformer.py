@@ -6,26 +6,23 @@ import os
 import shutil
 import sys
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
-import torch
-import diffusers
-import safetensors.numpy as safetensors_numpy
 
 # third_party/ is not an installed package; make the repo root importable however pytest is launched.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shelllcc import parallel
-from shelllcc.models.wan_transformer import (
-    WanTransformer, get_config)
+from shelllcc.models.wan_transformer import WanTransformer, get_config
 from tests.helpers import rel_err
-from third_party.wan_transformer_weights import (
-    CheckpointMismatchError, config_from_diffusers, load_transformer)
+from third_party.wan_transformer_weights import CheckpointMismatchError, config_from_diffusers, load_transformer
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True,

@@ -9,22 +9,19 @@ import json
 import os
 import shutil
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
 from flax import nnx
 
-import torch
-import diffusers
-import safetensors.numpy as safetensors_numpy
-
-from shelllcc.models.wan_vae import (WanVAEConfig, config_from_diffusers, denormalize_latents,
-                                     normalize_latents, run_chunked)
+from shelllcc.models.wan_vae import WanVAEConfig, config_from_diffusers, denormalize_latents, normalize_latents, run_chunked
 from tests.helpers import rel_err
 from third_party.safetensors_checkpoint import weight_files
-from third_party.wan_vae_weights import (abstract_vae, convert_tensor, diffusers_key_to_path,
-                                         load_vae, path_to_diffusers_key)
+from third_party.wan_vae_weights import abstract_vae, convert_tensor, diffusers_key_to_path, load_vae, path_to_diffusers_key
 
 # Parity tolerances: ||ours - diffusers|| / ||diffusers||, about 10x the value measured in float32 on CPU
 ENCODE_TOL = 5e-6         # measured: mean 1.4e-7 / 2.3e-7 / 2.6e-7, logvar 2.5e-7 / 3.5e-7 / 5.3e-7 (1, 7, 9 frames)

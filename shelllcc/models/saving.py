@@ -1,8 +1,8 @@
 """Saving and loading the project's NNX models: ``DIR/model.json`` (kind + architecture) + ``DIR/params`` (orbax).
 
 Kinds: ``wan_transformer`` (:class:`WanTransformerConfig`), ``wan_vae`` (:class:`WanVAEConfig`),
-``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`). Only the architecture is stored; runtime knobs (compute
-and parameter dtype, attention kernel, remat policy) are chosen when loading::
+``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`). Only the architecture is
+stored; runtime knobs (compute and parameter dtype, attention kernel, remat policy) are chosen when loading::
 
     save_model("run/model", model)
     model = load_model("run/model", dtype=jnp.bfloat16, attention_impl="cudnn")
