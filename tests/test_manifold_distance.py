@@ -1,6 +1,8 @@
 """manifold_distance: values against a float64 NumPy re-statement, gradients against finite
 differences, invariances (chunk, batch, patch layout), mixed precision, memory bound and bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,16 +57,25 @@ def test_patching_matches_loop_reference(patch):
     assert abs(float(got_d) - want) <= 1e-5 * want
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("chunk", [1, 7, 16, 59, 60, 10_000])
-def test_chunk_size_invariance(kind, chunk):
+@functools.cache
+def _chunked(kind, chunk):
+    """Distance and gradient of N = 60 patches at ``chunk_size=chunk``, one compiled program per (kind, chunk)
+    (the unchunked reference is computed once per kind, not once per chunk size)."""
     params, _ = random_manifold(5)
     lat = jnp.asarray(_latents(2, (1, 3, 4, 5, 16)))     # N = 60
-    base = manifold_distance(params, lat, kind, _target(kind), chunk_size=10_000)
-    got = manifold_distance(params, lat, kind, _target(kind), chunk_size=chunk)
+
+    def f(x):
+        return manifold_distance(params, x, kind, _target(kind), chunk_size=chunk)
+
+    return jax.jit(lambda x: (f(x), jax.grad(f)(x)))(lat)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [1, 7, 16, 59, 60])     # 60 chunks of 1, padded chunks, two chunks, one chunk
+def test_chunk_size_invariance(kind, chunk):
+    base, g_base = _chunked(kind, 10_000)
+    got, g = _chunked(kind, chunk)
     np.testing.assert_allclose(got, base, rtol=2e-6)
-    g_base = jax.grad(lambda x: manifold_distance(params, x, kind, _target(kind), chunk_size=10_000))(lat)
-    g = jax.grad(lambda x: manifold_distance(params, x, kind, _target(kind), chunk_size=chunk))(lat)
     assert rel_err(g, g_base) < 2e-6
 
 
@@ -96,8 +107,8 @@ def test_gradient_matches_finite_differences(kind, coder):
         params, _ = random_manifold(8, num_anchors=16)
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if x.dtype == jnp.float32 else x, params)
         lat = jnp.asarray(np.random.default_rng(6).standard_normal((1, 2, 2, 3, 16)))
-        f = lambda x: manifold_distance(params, x, kind, coder=coder, num_neighbors=4, lam=1e-2, chunk_size=5)
-        g = np.asarray(jax.grad(f)(lat))
+        f = jax.jit(lambda x: manifold_distance(params, x, kind, coder=coder, num_neighbors=4, lam=1e-2, chunk_size=5))
+        g = np.asarray(jax.jit(jax.grad(f))(lat))
         rng = np.random.default_rng(7)
         for _ in range(4):
             v = rng.standard_normal(lat.shape)
@@ -122,12 +133,15 @@ def test_bfloat16_compute_close_to_float32(kind):
     """bf16 matmul operands with f32 accumulation: within 2e-2 relative of f32, gradients within 5e-2."""
     params, _ = random_manifold(10, num_anchors=64, hidden_dim=64)
     lat = jnp.asarray(_latents(9, (2, 2, 8, 8, 16)))
-    f32 = manifold_distance(params, lat, kind, _target(kind))
-    bf = manifold_distance(params, lat, kind, _target(kind), compute_dtype=jnp.bfloat16)
+
+    def both(x):     # one compiled program for the four results
+        f32 = lambda x: manifold_distance(params, x, kind, _target(kind))
+        bf = lambda x, dtype: manifold_distance(params, x, kind, _target(kind), compute_dtype=dtype)
+        return f32(x), bf(x, jnp.bfloat16), jax.grad(f32)(x), jax.grad(bf)(x, "bfloat16")
+
+    f32, bf, g32, gbf = jax.jit(both)(lat)
     assert bf.dtype == jnp.float32
     assert abs(float(bf) - float(f32)) <= 2e-2 * abs(float(f32))
-    g32 = jax.grad(lambda x: manifold_distance(params, x, kind, _target(kind)))(lat)
-    gbf = jax.grad(lambda x: manifold_distance(params, x, kind, _target(kind), compute_dtype="bfloat16"))(lat)
     assert rel_err(gbf, g32) < 5e-2
 
 
