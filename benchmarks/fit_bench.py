@@ -79,7 +79,7 @@ import harness
 import numpy as np
 from reward_bench import random_manifold  # this directory is on sys.path when a script here runs
 
-# Trainable leaves of stage 1 (fit.stage1_trainable) and the BatchNorm running statistics, by the
+# Trainable leaves of stage 1 (fit.trainable(params, 1)) and the BatchNorm running statistics, by the
 # names of params.expected_shapes.
 TRAINABLE = ("anchors", "scale", "shift", "coder.w0", "coder.b0", "coder.bn_scale", "coder.bn_bias",
              "coder.w1", "coder.b1", "coder.w2", "coder.b2")
