@@ -159,9 +159,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample = embedded.get_config("sample")
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
-    c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
     for m in (c.reward.model, c.sample.model):
-        for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "scan_blocks"):
+        for k in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size", "scan_layers"):
             m[k] = c.base.model[k]
     c.evaluate = embedded_evaluation.default_config()
     return c

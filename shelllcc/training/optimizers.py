@@ -109,22 +109,27 @@ def check_patterns(params: Any, patterns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} patterns {dead} match no parameter (paths look like: {examples}, ...)")
 
 
-def decay_mask(params: Any, decay_vectors: bool = False) -> Any:
-    """Bool tree: which parameters weight decay applies to (matrices, or everything)."""
-    return jax.tree.map(lambda x: decay_vectors or len(getattr(x, "shape", ())) >= 2, params)
+def decay_mask(params: Any, decay_vectors: bool = False, layer_axes: Any = None) -> Any:
+    """Bool tree: which parameters weight decay applies to (matrices, or everything). ``layer_axes``: a
+    tree like ``params`` giving each parameter's number of leading stacked-layer axes (the DiT's
+    ``scan_layers`` blocks), which do not count: a stacked bias ``[L, out]`` is a vector; default none."""
+    if layer_axes is None:
+        layer_axes = jax.tree.map(lambda _: 0, params)
+    return jax.tree.map(lambda x, n: decay_vectors or len(getattr(x, "shape", ())) - n >= 2, params, layer_axes)
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, params: Any, layer_axes: Any = None) -> optax.GradientTransformation:
     """``clip_by_global_norm -> adamw(schedule, decay mask)``; parameters matching ``cfg.freeze`` get
     ``set_to_zero`` instead (optax ``multi_transform``, so they carry no Adam moments).
 
-    ``params`` is used for its structure and shapes only (abstract arrays are fine).
+    ``params`` is used for its structure and shapes only (abstract arrays are fine); ``layer_axes``: see
+    :func:`decay_mask`.
     """
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params, cfg.decay_vectors)))
+                             mask=decay_mask(params, cfg.decay_vectors, layer_axes)))
     tx = optax.chain(*parts)
     if not cfg.freeze:
         return tx
