@@ -29,7 +29,7 @@ from flax import nnx
 from shelllcc import parallel
 from shelllcc.data import random_latents
 from shelllcc.models import saving
-from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer
+from shelllcc.models.wan_transformer import LAYERS, LOGICAL_AXES, WanTransformer, stack_blocks, stacked_layout
 from shelllcc.models.wan_transformer import get_config as wan_config
 from shelllcc.training import lora as lora_lib
 from shelllcc.training import optimizers
@@ -51,7 +51,7 @@ def model_section() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32",
         attention_impl="",           # '' (jax default) | xla | cudnn (flash attention on GPU)
         remat_policy="none",
-        scan_blocks=False,           # one lax.scan over the blocks: faster compiles of small models (CPU)
+        scan_layers=True,            # stacked blocks run by one nnx.scan (XLA compiles one block); False: a loop
         pretrained="",               # diffusers transformer/ folder
         init_from="",                # workdir of an earlier sft / reward_finetune run (its model/)
         seed=0,                      # random init when neither of the above is set
@@ -103,7 +103,7 @@ def make_mesh(mesh_cfg):
 def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
     runtime = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                    attention_impl=m.attention_impl or None, remat_policy=m.remat_policy,
-                   scan_blocks=bool(m.scan_blocks))
+                   scan_layers=bool(m.scan_layers))
     if arch is not None:
         return saving.config_from_architecture("wan_transformer", arch, **runtime)
     overrides = {k: int(m[k]) for k in ARCH_OVERRIDES if m[k]}
@@ -141,7 +141,7 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
         from third_party.diffusers_wan import load_transformer
         model = load_transformer(m.pretrained, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                                  mesh=mesh, rules=rules, attention_impl=m.attention_impl or None,
-                                 remat_policy=m.remat_policy)
+                                 remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers))
         return LoadedModel(model, f"diffusers {m.pretrained}")
     if m.init_from:
         path = os.path.join(m.init_from, MODEL_DIR) if os.path.isdir(os.path.join(m.init_from, MODEL_DIR)) \
@@ -154,7 +154,7 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
         model = saving.load_model(path, shardings=lambda _: shardings,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                   attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
-                                  scan_blocks=cfg.scan_blocks)
+                                  scan_layers=cfg.scan_layers)
         return LoadedModel(model, f"saved model {path}")
     cfg = transformer_config(m)
     with sharding_context(mesh, rules):
@@ -269,9 +269,17 @@ def split_trainable(model: nnx.Module, lora_cfg, seed: int):
     return graphdef, trainable, frozen
 
 
-def optimizer_from(config, params) -> tuple[Any, Any]:
+def layer_axes(state: nnx.State) -> dict:
+    """Per parameter of ``state`` (as a pure dict): how many leading axes are stacked layers ('layers')."""
+    return jax.tree.map(lambda v: sum(n == LAYERS for n in (v.get_metadata().get("out_sharding") or ())),
+                        parallel.variables_dict(state), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_from(config, params, layer_axes=None) -> tuple[Any, Any]:
+    """The run's optimizer and schedule; ``layer_axes`` (:func:`layer_axes`) keeps the weight-decay mask
+    of stacked blocks what it is per block (a stacked bias is still a vector)."""
     ocfg = optimizers.OptimizerConfig.from_config(config.optim, config.train.steps)
-    return optimizers.make_optimizer(ocfg, params), optimizers.make_schedule(ocfg)
+    return optimizers.make_optimizer(ocfg, params, layer_axes), optimizers.make_schedule(ocfg)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -330,6 +338,56 @@ def check_frozen_sources(saved: dict | None, current: dict, where: str) -> None:
                          f"was written ({shown}); use a new workdir or the original settings")
 
 
+def _map_block_dicts(tree: Any, fn: Callable[[dict], dict]) -> Any:
+    # every dict holding the DiT's 'blocks': the parameters and the optimizer's copies of them (Adam's moments)
+    holds_blocks = lambda x: isinstance(x, dict) and "blocks" in x  # noqa: E731
+    return jax.tree.map(lambda x: fn(x) if holds_blocks(x) else x, tree, is_leaf=holds_blocks)
+
+
+def restore_checkpoint(ckpt, step: int, target: Any, rng_target: Any):
+    """``ckpt.restore(step, target, rng_target)``, also for a checkpoint written with one entry per block
+    (a run started before stacked blocks, or with ``model.scan_layers=False``) when ``target`` has the
+    stacked layout: its arrays are restored per block at their rows' shardings and stacked onto ``target``'s."""
+    try:
+        return ckpt.restore(step, target, rng_target)
+    except Exception as stacked_error:
+        if not any(stacked_layout(d) for d in _dicts_with_blocks(target)):
+            raise
+
+        def per_block(d: dict) -> dict:
+            if not stacked_layout(d):
+                return d
+
+            def row(a):
+                return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=saving.row_sharding(a.sharding))
+
+            n = {x.shape[0] for x in jax.tree.leaves(d["blocks"])}.pop()
+            return {**d, "blocks": {i: jax.tree.map(row, d["blocks"]) for i in range(n)}}
+
+        try:
+            items, rng, data_state, meta = ckpt.restore(step, _map_block_dicts(target, per_block), rng_target)
+        except Exception:
+            raise stacked_error from None
+        stacked_sh = iter([d for d in _dicts_with_blocks(target) if stacked_layout(d)])
+
+        def stack(d: dict) -> dict:
+            if stacked_layout(d):
+                return d
+            sh = next(stacked_sh)["blocks"]
+            flat = {jax.tree_util.keystr(p): a.sharding for p, a in jax.tree_util.tree_flatten_with_path(sh)[0]}
+            return stack_blocks(d, lambda path, leaves: jax.jit(
+                lambda *xs: jnp.stack(xs), out_shardings=flat[jax.tree_util.keystr(path)])(*leaves))
+
+        print(f"checkpoint {step} holds one entry per block: stacked for scan_layers", flush=True)
+        return _map_block_dicts(items, stack), rng, data_state, meta
+
+
+def _dicts_with_blocks(tree: Any) -> list[dict]:
+    found: list[dict] = []
+    _map_block_dicts(tree, lambda d: found.append(d) or d)
+    return found
+
+
 @dataclasses.dataclass
 class Setup:
     """What a DiT experiment's ``make_loss`` gets to build its loss from."""
@@ -368,7 +426,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     loaded = build_model(config.model, mesh, rules)
     graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
     params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
-    optimizer, schedule = optimizer_from(config, params)
+    optimizer, schedule = optimizer_from(config, params, layer_axes(trainable))
     with sharding_context(mesh, rules):
         param_sh = state_shardings(trainable, mesh)
         frozen_model_sh = state_shardings(frozen_model, mesh)
@@ -409,8 +467,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
-        items, rng, data_state, meta = ckpt.restore(
-            latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        items, rng, data_state, meta = restore_checkpoint(
+            ckpt, latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
         check_frozen_sources(meta.get("frozen_sources"), frozen_sources(config), ckpt.directory)
         state = ts.from_checkpoint_items(items, frozen)
         if data_state is not None:

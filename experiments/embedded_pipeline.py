@@ -215,7 +215,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample = dit_stage_config("sample")
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
-    c.base.model.scan_blocks = True  # compiles in about half the time on a CPU (one block, scanned)
     c.evaluate = embedded_evaluation.default_config()
     return c
 
@@ -562,7 +561,7 @@ def stage_variants(config, paths: Paths) -> None:
 # The base's architecture is stated once, in config.base.model; the fine-tuning and sampling runs load
 # saved models (init_from), whose model.json carries it, and take the base's runtime knobs.
 ARCHITECTURE_KEYS = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size")
-RUNTIME_KEYS = ("scan_blocks",)
+RUNTIME_KEYS = ("scan_layers",)
 
 
 def _like_base(model: ml_collections.ConfigDict, config) -> None:

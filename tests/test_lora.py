@@ -1,5 +1,6 @@
 """LoRA on the tiny Wan transformer: exact identity at init, merge parity, gradients confined to the
-adapters, a training step that leaves the base untouched, parameter count, axis names, target errors."""
+adapters, a training step that leaves the base untouched, parameter count, axis names, target errors, and
+stacked adapters (``scan_layers``) equal to the per-block ones."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shelllcc.models.wan_transformer import Dense, WanTransformer, get_config
+from shelllcc.models.wan_transformer import Dense, WanTransformer, get_config, stack_blocks
 from shelllcc.training.lora import (
     DEFAULT_TARGETS,
     LoRADense,
@@ -42,12 +43,12 @@ def _inputs(cfg, seed=0):
     return latents, timestep, context
 
 
-def _model(seed=0):
-    return WanTransformer(get_config("tiny"), rngs=nnx.Rngs(seed))
+def _model(seed=0, scan_layers=True):
+    return WanTransformer(get_config("tiny", scan_layers=scan_layers), rngs=nnx.Rngs(seed))
 
 
-def _lora_model(seed=0):
-    return apply_lora(_model(seed), rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(100 + seed))
+def _lora_model(seed=0, scan_layers=True):
+    return apply_lora(_model(seed, scan_layers), rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(100 + seed))
 
 
 def _randomize_b(model, seed=1, scale=0.1):
@@ -68,8 +69,8 @@ def test_initial_outputs_equal_base_exactly():
     inputs = _inputs(cfg)
     np.testing.assert_array_equal(np.asarray(base(*inputs)), np.asarray(adapted(*inputs)))
     # base params keep their paths and values; adapters sit beside them
-    assert isinstance(adapted.blocks[0].self_attn.query, LoRADense)
-    assert isinstance(adapted.blocks[0].ffn.up, Dense) and not isinstance(adapted.blocks[0].ffn.up, LoRADense)
+    assert isinstance(adapted.blocks.self_attn.query, LoRADense)
+    assert isinstance(adapted.blocks.ffn.up, Dense) and not isinstance(adapted.blocks.ffn.up, LoRADense)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(base, nnx.Param), nnx.state(adapted, base_filter))
 
 
@@ -86,7 +87,7 @@ def test_merge_matches_adapted_and_removes_adapters():
     np.testing.assert_allclose(np.asarray(merged(*inputs)), y_adapted, rtol=1e-5, atol=1e-5)
     # merged state has exactly the base model's structure (loadable like a plain checkpoint)
     assert jax.tree.structure(nnx.state(merged)) == jax.tree.structure(nnx.state(base))
-    assert _names(merged.blocks[1].cross_attn.out.kernel) == ("heads", "embed")
+    assert _names(merged.blocks.cross_attn.out.kernel) == ("layers", "heads", "embed")
 
 
 def _regression_loss(model, inputs, target):
@@ -157,26 +158,79 @@ def test_param_count_and_axis_names():
     model = _lora_model()
     expected = cfg.num_layers * len(DEFAULT_TARGETS) * RANK * (cfg.dim + cfg.dim)
     assert lora_param_count(model) == expected
-    q = model.blocks[0].self_attn.query
-    assert q.lora_a.shape == (cfg.dim, RANK) and q.lora_b.shape == (RANK, cfg.dim)
+    q = model.blocks.self_attn.query
+    n = cfg.num_layers
+    assert q.lora_a.shape == (n, cfg.dim, RANK) and q.lora_b.shape == (n, RANK, cfg.dim)
     assert q.lora_a.dtype == jnp.float32 and q.lora_b.dtype == jnp.float32
-    assert _names(q.lora_a) == ("embed", None)
-    assert _names(q.lora_b) == (None, "heads")
-    assert _names(model.blocks[0].cross_attn.out.lora_b) == (None, "embed")
+    assert _names(q.lora_a) == ("layers", "embed", None)
+    assert _names(q.lora_b) == ("layers", None, "heads")
+    assert _names(model.blocks.cross_attn.out.lora_b) == ("layers", None, "embed")
     # the base kernel keeps its path and names
-    assert _names(q.kernel) == ("embed", "heads")
+    assert _names(q.kernel) == ("layers", "embed", "heads")
+    # per block: the same adapters without the layer axis
+    per_block = _lora_model(scan_layers=False)
+    assert lora_param_count(per_block) == expected
+    q = per_block.blocks[1].self_attn.query
+    assert q.lora_a.shape == (cfg.dim, RANK) and _names(q.lora_a) == ("embed", None)
+    assert _names(q.lora_b) == (None, "heads")
 
 
 def test_target_patterns():
     cfg = get_config("tiny")
-    # fnmatch pattern: only block 1's FFN up-projection
-    model = apply_lora(_model(), rank=4, alpha=4.0, targets=("blocks.1.ffn.up",), rngs=nnx.Rngs(0))
+    # fnmatch pattern: only block 1's FFN up-projection, which needs one module per block
+    model = apply_lora(_model(scan_layers=False), rank=4, alpha=4.0, targets=("blocks.1.ffn.up",), rngs=nnx.Rngs(0))
     assert lora_param_count(model) == 4 * (cfg.dim + cfg.ffn_dim)
-    model = apply_lora(_model(), rank=2, alpha=2.0, targets=("blocks.*.self_attn.[qk]*",), rngs=nnx.Rngs(0))
-    assert lora_param_count(model) == cfg.num_layers * 2 * 2 * 2 * cfg.dim
+    with pytest.raises(ValueError, match=r"some layers of stacked blocks.*blocks\.ffn\.up \(1 of 2 layers\)"):
+        apply_lora(_model(), rank=4, alpha=4.0, targets=("blocks.1.ffn.up",), rngs=nnx.Rngs(0))
+    # patterns name per-block paths in both layouts
+    for scan_layers in (True, False):
+        model = apply_lora(_model(scan_layers=scan_layers), rank=2, alpha=2.0, targets=("blocks.*.self_attn.[qk]*",),
+                           rngs=nnx.Rngs(0))
+        assert lora_param_count(model) == cfg.num_layers * 2 * 2 * 2 * cfg.dim
     with pytest.raises(ValueError, match="self_attn.qeury"):
         apply_lora(_model(), rank=4, alpha=4.0, targets=("self_attn.query", "self_attn.qeury"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attn.query"):  # suffixes match whole path components only
         apply_lora(_model(), rank=4, alpha=4.0, targets=("attn.query",), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="already applied"):
         apply_lora(_lora_model(), rank=4, alpha=4.0, rngs=nnx.Rngs(0))
+
+
+def test_stacked_adapters_equal_the_per_block_ones():
+    """Same seeds, both layouts: the stacked adapters are the per-block ones stacked (the keys go out in
+    the per-block order), so with the same B the adapted and the merged models agree, and an SGD step
+    moves the adapters alike."""
+    cfg = get_config("tiny")
+    targets = DEFAULT_TARGETS + ("ffn.up", "time_proj")     # block modules and one outside the blocks
+    stacked = apply_lora(_model(), rank=4, alpha=8.0, targets=targets, rngs=nnx.Rngs(5))
+    per_block = apply_lora(_model(scan_layers=False), rank=4, alpha=8.0, targets=targets, rngs=nnx.Rngs(5))
+    lora_s, lora_p = nnx.state(stacked, lora_filter), nnx.state(per_block, lora_filter)
+    want = stack_blocks(nnx.to_pure_dict(lora_p))
+    assert jax.tree.structure(want) == jax.tree.structure(nnx.to_pure_dict(lora_s))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(lora_s), want)
+    assert lora_param_count(stacked) == lora_param_count(per_block)
+
+    rng = np.random.default_rng(0)
+    b_values = jax.tree_util.tree_map_with_path(
+        lambda p, x: (0.1 * rng.standard_normal(x.shape)).astype(np.float32) if "lora_b" in jax.tree_util.keystr(p)
+        else np.asarray(x), nnx.to_pure_dict(lora_p))
+    nnx.replace_by_pure_dict(lora_p, b_values)
+    nnx.update(per_block, lora_p)
+    nnx.replace_by_pure_dict(lora_s, stack_blocks(b_values))
+    nnx.update(stacked, lora_s)
+    inputs = _inputs(cfg)
+    y_s, y_p = np.asarray(stacked(*inputs)), np.asarray(per_block(*inputs))
+    np.testing.assert_allclose(y_s, y_p, rtol=1e-5, atol=1e-5)
+
+    target = jax.random.normal(jax.random.key(7), y_s.shape)
+
+    def sgd_step(model):
+        graphdef, lora, frozen = split_lora(model)
+        grads = jax.grad(lambda s: _regression_loss(nnx.merge(graphdef, s, frozen), inputs, target))(lora)
+        return nnx.to_pure_dict(jax.tree.map(lambda p, g: p - 0.5 * g, lora, grads))
+
+    after_s, after_p = sgd_step(stacked), stack_blocks(sgd_step(per_block))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after_s, after_p)
+
+    merge_lora(stacked), merge_lora(per_block)
+    np.testing.assert_allclose(np.asarray(stacked(*inputs)), np.asarray(per_block(*inputs)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stacked(*inputs)), y_s, rtol=1e-5, atol=1e-5)

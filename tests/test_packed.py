@@ -102,3 +102,58 @@ def test_shipped_models_verify_and_a_corrupt_copy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="benchmark.num_frames"):
         embedded_pipeline._pretrained(c, "vae")
     json.dumps(prov)      # the provenance is plain JSON
+
+
+def test_shipped_base_gives_the_same_output_stacked_and_per_block():
+    """The shipped base is stored per block (``params/blocks.0....``, checksummed). Loaded stacked (the
+    default, converted on load) and per block, it gives the output the code before stacked blocks gave
+    (``tests/fixtures/shipped_base_output.npz``, written at 7288349), in float32 to 1e-5 relative (max
+    abs difference over max abs output): the programs differ only in the order of float32 roundings."""
+    ref = np.load(os.path.join(ROOT, "tests", "fixtures", "shipped_base_output.npz"))
+    manifest = packed.read_manifest(SHIPPED)
+    assert str(ref["base_sha256"]) == manifest["files"]["base"]["sha256"]
+    with np.load(os.path.join(SHIPPED, "base.npz")) as z:
+        assert "params/blocks.0.ffn.up.kernel" in z.files and "params/blocks.ffn.up.kernel" not in z.files
+    stacked, _ = packed.unpack_from_manifest(SHIPPED, "base")
+    per_block, _ = packed.unpack_from_manifest(SHIPPED, "base", scan_layers=False)
+    assert stacked.config.scan_layers and stacked.blocks.ffn.up.kernel.shape[0] == stacked.config.num_layers
+    assert not per_block.config.scan_layers and len(per_block.blocks) == per_block.config.num_layers
+    # the stacked weights are exactly the per-block ones
+    for i in range(per_block.config.num_layers):
+        np.testing.assert_array_equal(np.asarray(stacked.blocks.ffn.up.kernel[...][i]),
+                                      np.asarray(per_block.blocks[i].ffn.up.kernel[...]))
+    args = (ref["latents"], ref["timestep"], ref["context"])
+    scale = np.abs(ref["output"]).max()
+    with jax.default_matmul_precision("float32"):
+        for model in (stacked, per_block):
+            y = np.asarray(jax.jit(lambda a, b, c, m=model: m(a, b, c))(*args))
+            assert np.abs(y - ref["output"]).max() / scale < 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_saved_and_packed_models_hold_the_per_block_layout(tmp_path, scan_layers):
+    """Saving writes one entry per block whatever the layout; each layout loads what the other saved."""
+    from shelllcc.models import saving
+    from shelllcc.models.wan_transformer import convert_layout
+    base = _dit()
+    model = convert_layout(base, scan_layers=scan_layers)
+    per_block = convert_layout(base, scan_layers=False)
+    want = {k: np.asarray(v) for k, v in packed._flat(nnx.to_pure_dict(nnx.state(per_block, nnx.Param))).items()}
+    assert "blocks.1.ffn.up.kernel" in want
+    path = str(tmp_path / "m.npz")
+    packed.pack_model(path, model, dtype="float32")
+    with np.load(path) as z:
+        assert {k[len("params/"):] for k in z.files if k.startswith("params/")} == set(want)
+    saving.save_model(str(tmp_path / "saved"), model)
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        raw = ckptr.restore(str(tmp_path / "saved" / "params"))     # no target: the tree as written
+    assert set(raw["blocks"]) == {"0", "1"}
+    for other in (True, False):
+        for loaded in (packed.unpack_model(path, scan_layers=other),
+                       saving.load_model(str(tmp_path / "saved"), scan_layers=other)):
+            assert loaded.config.scan_layers == other
+            got = packed._flat(nnx.to_pure_dict(nnx.state(convert_layout(loaded, scan_layers=False), nnx.Param)))
+            assert set(got) == set(want)
+            for k in want:
+                np.testing.assert_array_equal(np.asarray(got[k]), want[k])

@@ -5,12 +5,15 @@ The reference is ``tests/fixtures/old_sharding_specs.json.gz``, written at commi
 ``tests/fixtures/dump_old_sharding_specs.py`` with the old ``parallel.tree_shardings`` /
 ``follow_param_shardings``: every parameter and every Adam moment of the tiny, 1.3B and 14B DiT (built
 abstractly) and of the tiny DiT's LoRA adapters, on four meshes (FSDP, data x FSDP, with a 'tensor' axis,
-and an FSDP size of 3 that the tiny model's widths do not divide).
+and an FSDP size of 3 that the tiny model's widths do not divide). The fixture has one entry per block
+(``scan_layers=False``); the stacked blocks (``scan_layers=True``) must give every block's spec behind a
+leading ``None`` (the 'layers' axis, on no mesh axis).
 """
 
 import gzip
 import json
 import os
+import re
 
 import jax
 import pytest
@@ -72,23 +75,40 @@ def _compare(old, case: str, new: dict):
     assert not diff, f"{case}: {len(diff)} of {len(want)} specs differ, e.g. {list(diff.items())[:3]}"
 
 
+def _compare_stacked(old, case: str, new: dict):
+    """``new`` from the stacked blocks: ``['blocks']['ffn']...`` stands for every ``['blocks'][i]['ffn']...``."""
+    want = old["cases"][case]
+    by_stacked: dict[str, set] = {}
+    for key, spec in want.items():
+        stacked_key, n = re.subn(r"\['blocks'\]\[\d+\]", "['blocks']", key)
+        by_stacked.setdefault(stacked_key, set()).add(json.dumps([None] + spec if n else spec))
+    assert set(new) == set(by_stacked), case
+    diff = {k: (by_stacked[k], new[k]) for k in new if by_stacked[k] != {json.dumps(new[k])}}
+    assert not diff, f"{case} (stacked): {len(diff)} specs differ, e.g. {list(diff.items())[:3]}"
+    assert any(k != s for k, s in zip(sorted(want), sorted(by_stacked)))      # blocks were there to stack
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_param_and_adam_specs_equal_the_old_resolver(old, model):
-    cfg = get_config(model)
-    abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param)
+    states = {scan: nnx.state(nnx.eval_shape(lambda: WanTransformer(get_config(model, scan_layers=scan),
+                                                                    rngs=nnx.Rngs(0))), nnx.Param)
+              for scan in (False, True)}
     for mesh_name, mesh in _meshes().items():
         assert {k: int(v) for k, v in mesh.shape.items()} == old["meshes"][mesh_name]
-        params, adam = _new_specs(state, mesh)
+        params, adam = _new_specs(states[False], mesh)
         _compare(old, f"{model}/{mesh_name}/params", params)
         _compare(old, f"{model}/{mesh_name}/adam", adam)
+        params, adam = _new_specs(states[True], mesh)
+        _compare_stacked(old, f"{model}/{mesh_name}/params", params)
+        _compare_stacked(old, f"{model}/{mesh_name}/adam", adam)
     # the fixture is not trivial: FSDP, tensor and replicated specs all occur
     flat = [tuple(map(str, v)) for v in old["cases"][f"{model}/data2_fsdp2_tensor2/params"].values()]
     assert any("fsdp" in v for v in flat) and any("tensor" in v for v in flat) and any(set(v) == {"None"} for v in flat)
 
 
-def test_lora_adapter_specs_equal_the_old_resolver(old):
-    cfg = get_config("tiny")
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_lora_adapter_specs_equal_the_old_resolver(old, scan_layers):
+    cfg = get_config("tiny", scan_layers=scan_layers)
 
     def build():
         model = WanTransformer(cfg, rngs=nnx.Rngs(0))
@@ -96,17 +116,18 @@ def test_lora_adapter_specs_equal_the_old_resolver(old):
         return model
 
     state = nnx.state(nnx.eval_shape(build), lora_lib.lora_filter)
+    compare = _compare_stacked if scan_layers else _compare
     for mesh_name, mesh in _meshes().items():
         params, adam = _new_specs(state, mesh)
-        _compare(old, f"tiny-lora/{mesh_name}/params", params)
-        _compare(old, f"tiny-lora/{mesh_name}/adam", adam)
+        compare(old, f"tiny-lora/{mesh_name}/params", params)
+        compare(old, f"tiny-lora/{mesh_name}/adam", adam)
 
 
 def test_weights_are_born_sharded_under_the_mesh(old):
     """A model built concretely under ``sharding_context`` has its arrays placed at the resolved shardings."""
     mesh = _meshes()["data2_fsdp4"]
     with dit_setup.sharding_context(mesh, parallel.DEFAULT_RULES):
-        model = WanTransformer(get_config("tiny"), rngs=nnx.Rngs(0))
+        model = WanTransformer(get_config("tiny", scan_layers=False), rngs=nnx.Rngs(0))
     got = _specs(jax.tree.map(lambda x: x.sharding, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     want = old["cases"]["tiny/data2_fsdp4/params"]
     assert got.keys() == want.keys()

@@ -1,5 +1,6 @@
-"""Wan2.1 transformer: parity with diffusers through the streaming loader (single and sharded checkpoints),
-parameter counts of the real configs, input and checkpoint errors, remat / bf16 knobs, sharding names."""
+"""Wan2.1 transformer: parity with diffusers through the streaming loader (single and sharded checkpoints,
+stacked and per-block layouts), parameter counts of the real configs, input and checkpoint errors, remat /
+bf16 knobs, sharding names, and the stacked (``scan_layers``) blocks against the per-block ones."""
 
 import json
 import os
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shelllcc import parallel
-from shelllcc.models.wan_transformer import WanTransformer, get_config
+from shelllcc.models.wan_transformer import WanTransformer, convert_layout, get_config, stack_blocks, unstack_blocks
 from tests.helpers import rel_err
 from third_party.wan_transformer_weights import CheckpointMismatchError, config_from_diffusers, load_transformer
 
@@ -95,9 +96,10 @@ def loaded(checkpoints):
     return load_transformer(checkpoints["single"])
 
 
-@pytest.mark.parametrize("kind", ["single", "sharded"])
-def test_parity_with_diffusers(torch_model, checkpoints, kind):
-    model = load_transformer(checkpoints[kind])
+@pytest.mark.parametrize("kind,scan_layers", [("single", True), ("sharded", True), ("single", False)])
+def test_parity_with_diffusers(torch_model, checkpoints, kind, scan_layers):
+    model = load_transformer(checkpoints[kind], scan_layers=scan_layers)
+    assert model.config.scan_layers == scan_layers
     for shape in SHAPES:
         args = inputs(*shape)
         ref = torch_forward(torch_model, *args)
@@ -174,11 +176,13 @@ def _loss_and_grads(model, args):
 
 
 def _with_params_of(config, source):
-    """A model of ``config`` whose parameters are copied from the same paths of ``source``."""
+    """A model of ``config`` whose parameters are copied from the same paths of ``source`` (its first
+    ``config.num_layers`` layers of the stacked blocks)."""
     values = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(source))}
     graphdef, state = nnx.split(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))))
     for path, var in nnx.to_flat_state(state):
-        var.set_value(values[path])
+        value = values[path]
+        var.set_value(value if value.shape == var.shape else value[:var.shape[0]])
     return nnx.merge(graphdef, state)
 
 
@@ -200,21 +204,24 @@ def test_remat_policies_match_no_remat(loaded):
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_bf16_compute_close_to_f32(loaded, checkpoints, param_dtype):
     model = load_transformer(checkpoints["single"], dtype=jnp.bfloat16, param_dtype=param_dtype)
-    assert model.blocks[0].ffn.up.kernel.dtype == param_dtype
-    assert model.blocks[0].modulation_table.dtype == jnp.float32  # kept in float32, as diffusers does
+    assert model.blocks.ffn.up.kernel.dtype == param_dtype
+    assert model.blocks.modulation_table.dtype == jnp.float32  # kept in float32, as diffusers does
     args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
     out = forward(model, *args)
     assert out.dtype == jnp.bfloat16
     assert rel_err(out.astype(jnp.float32), forward(loaded, *args)) < 3e-2
 
 
-def test_logical_axis_names_on_big_weights():
-    model = nnx.eval_shape(lambda: WanTransformer(get_config("wan2.1-t2v-1.3b"), rngs=nnx.Rngs(0)))
-    block = model.blocks[0]
-    assert _names(block.self_attn.query.kernel) == ("embed", "heads")
-    assert _names(block.cross_attn.out.kernel) == ("heads", "embed")
-    assert _names(block.ffn.up.kernel) == ("embed", "mlp")
-    assert _names(block.ffn.down.kernel) == ("mlp", "embed")
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logical_axis_names_on_big_weights(scan_layers):
+    model = nnx.eval_shape(lambda: WanTransformer(get_config("wan2.1-t2v-1.3b", scan_layers=scan_layers),
+                                                  rngs=nnx.Rngs(0)))
+    block, layers = (model.blocks, ("layers",)) if scan_layers else (model.blocks[0], ())
+    assert _names(block.self_attn.query.kernel) == (*layers, "embed", "heads")
+    assert _names(block.cross_attn.out.kernel) == (*layers, "heads", "embed")
+    assert _names(block.ffn.up.kernel) == (*layers, "embed", "mlp")
+    assert _names(block.ffn.down.kernel) == (*layers, "mlp", "embed")
+    assert _names(block.modulation_table) == (*layers, None, None, "embed")
     assert _names(model.time_proj.kernel) == ("embed", "modulation")
     assert _names(model.text_embed.linear_1.kernel) == ("text_embed", "embed")
     assert _names(model.time_embed.linear_1.kernel) == ("freq", "embed")
@@ -222,8 +229,9 @@ def test_logical_axis_names_on_big_weights():
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = _names(var)
         assert names is not None and len(names) == var.ndim, path
-        if var.ndim == 2:
-            assert any(names), path  # every matrix can be sharded by some rule
+        assert (names[0] == "layers") == (scan_layers and path[0] == "blocks"), path
+        if len([n for n in names if n != "layers"]) == 2 and var.ndim == len(layers) + 2:
+            assert any(n for n in names if n != "layers"), path  # every matrix can be sharded by some rule
 
 
 def test_load_onto_mesh_with_rules(loaded, checkpoints):
@@ -231,12 +239,62 @@ def test_load_onto_mesh_with_rules(loaded, checkpoints):
     mesh = parallel.make_mesh(data=2, fsdp=4)
     rules = [("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("text_embed", "fsdp"), ("patch", None)]
     model = load_transformer(checkpoints["single"], mesh=mesh, rules=rules)
-    assert model.blocks[0].ffn.up.kernel[...].sharding.spec == P("fsdp", None)  # fsdp taken by 'embed' first
-    assert model.blocks[0].ffn.down.kernel[...].sharding.spec == P("fsdp", None)
-    assert model.blocks[0].self_attn.query_norm.scale[...].sharding.spec == P(None)
+    # the stacked blocks' leading 'layers' axis is on no mesh axis
+    assert model.blocks.ffn.up.kernel[...].sharding.spec == P(None, "fsdp", None)  # fsdp taken by 'embed' first
+    assert model.blocks.ffn.down.kernel[...].sharding.spec == P(None, "fsdp", None)
+    assert model.blocks.self_attn.query_norm.scale[...].sharding.spec == P(None, None)
     args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
     assert rel_err(forward(model, *args), forward(loaded, *args)) < 1e-5
+    per_block = load_transformer(checkpoints["single"], mesh=mesh, rules=rules, scan_layers=False)
+    assert per_block.blocks[1].ffn.up.kernel[...].sharding.spec == P("fsdp", None)
+    assert rel_err(forward(per_block, *args), forward(loaded, *args)) < 1e-5
     # The project's default rules: FSDP over the model dim, nothing else on a mesh without 'tensor'.
     default = load_transformer(checkpoints["single"], mesh=mesh, rules=parallel.DEFAULT_RULES)
-    assert default.blocks[0].ffn.up.kernel[...].sharding.spec == P("fsdp", None)
-    assert default.blocks[0].self_attn.out.kernel[...].sharding.spec == P(None, "fsdp")
+    assert default.blocks.ffn.up.kernel[...].sharding.spec == P(None, "fsdp", None)
+    assert default.blocks.self_attn.out.kernel[...].sharding.spec == P(None, None, "fsdp")
+
+
+def _params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_stacked_blocks_are_the_per_block_ones_stacked():
+    """A seed gives the same weights in both layouts, so outputs and gradients agree too (float32: the
+    scanned and the unrolled programs differ only in rounding)."""
+    cfg = get_config("tiny", num_layers=3)
+    stacked = WanTransformer(cfg, rngs=nnx.Rngs(3))
+    per_block = WanTransformer(get_config("tiny", num_layers=3, scan_layers=False), rngs=nnx.Rngs(3))
+    assert type(stacked.blocks).__name__ == "WanBlock" and stacked.blocks.ffn.up.kernel.shape == (3, 64, 128)
+    assert len(per_block.blocks) == 3
+    want, got = stack_blocks(_params(per_block)), _params(stacked)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    jax.tree.map(np.testing.assert_array_equal, unstack_blocks(got), _params(per_block))
+    args = tuple(map(jnp.asarray, inputs(*SHAPES[0])))
+    with jax.default_matmul_precision("float32"):
+        (l_s, g_s), (l_p, g_p) = _loss_and_grads(stacked, args), _loss_and_grads(per_block, args)
+        y_s, y_p = forward(stacked, *args), forward(per_block, *args)
+    assert rel_err(y_s, y_p) < 1e-6
+    np.testing.assert_allclose(l_s, l_p, rtol=1e-6)
+    g_s, g_p = nnx.to_pure_dict(g_s), stack_blocks(nnx.to_pure_dict(g_p))
+    errors = [rel_err(a, b) for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_p))]
+    assert max(errors) < 1e-5, max(errors)
+    # and the conversion between layouts keeps the outputs
+    assert rel_err(forward(convert_layout(per_block, scan_layers=True), *args), y_s) < 1e-6
+    assert rel_err(forward(convert_layout(stacked, scan_layers=False), *args), y_p) < 1e-6
+
+
+def _dot_count(model, args) -> int:
+    """Matrix products in the traced forward program (nested jaxprs, e.g. a scan's body, included)."""
+    graphdef = nnx.graphdef(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(*args))(nnx.state(model))
+    return str(jaxpr).count("dot_general[")
+
+
+def test_scanned_program_holds_one_block():
+    """The point of scan_layers: the traced program has one block whatever the depth; the loop has all."""
+    args = tuple(map(jnp.asarray, inputs(*SHAPES[1])))
+    scanned = [_dot_count(WanTransformer(get_config("tiny", num_layers=n), rngs=nnx.Rngs(0)), args) for n in (2, 4)]
+    looped = [_dot_count(WanTransformer(get_config("tiny", num_layers=n, scan_layers=False), rngs=nnx.Rngs(0)), args)
+              for n in (2, 4)]
+    assert scanned[0] == scanned[1] < looped[0] < looped[1]

@@ -7,17 +7,22 @@ the device(s), so the host never holds more than the current tensor besides the 
 
 Layout changes: Linear ``weight [out, in]`` -> ``kernel [in, out]``; Conv3d ``weight [out, in, kt, kh, kw]``
 -> ``kernel [kt, kh, kw, in, out]``; everything else (biases, norm weights, modulation tables) as is.
+With stacked blocks (``scan_layers``, the default) block ``i``'s tensor becomes row ``i`` of the stacked
+parameter (``blocks.3.attn1.to_q.weight`` -> ``blocks.self_attn.query.kernel[3]``): the stacked arrays are
+allocated on the device(s) and filled one layer at a time, so the host still holds one tensor.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+import functools
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from shelllcc import parallel
 from shelllcc.models.wan_transformer import LOGICAL_AXES, WanTransformer, WanTransformerConfig
@@ -42,6 +47,14 @@ _HEAD_KEYS = {"num_attention_heads": 40, "attention_head_dim": 128}
 _IMAGE_TO_VIDEO_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 
 LINEAR, CONV3D, COPY = "linear", "conv3d", "copy"
+
+
+class Target(NamedTuple):
+    """Where a diffusers tensor goes: our parameter ``path``, the layout change ``kind`` and, for the
+    stacked blocks (``scan_layers``), the ``layer`` (row of the leading axis); ``None`` otherwise."""
+    path: str
+    kind: str
+    layer: int | None = None
 
 
 class CheckpointMismatchError(ValueError):
@@ -74,35 +87,42 @@ def config_from_diffusers(config: Mapping[str, Any], **overrides) -> WanTransfor
     return WanTransformerConfig(**fields)
 
 
-def diffusers_key_map(cfg: WanTransformerConfig) -> dict[str, tuple[str, str]]:
-    """Every diffusers tensor name of a T2V checkpoint -> (our parameter path, layout change)."""
-    keys: dict[str, tuple[str, str]] = {}
+def diffusers_key_map(cfg: WanTransformerConfig) -> dict[str, Target]:
+    """Every diffusers tensor name of a T2V checkpoint -> ``Target(our parameter path, layout change, layer)``
+    for ``cfg``'s layout (per-block ``blocks.{i}.*`` or, with ``scan_layers``, row ``i`` of ``blocks.*``)."""
+    keys: dict[str, Target] = {}
+    layer: int | None = None
+
+    def put(src: str, dst: str, kind: str):
+        keys[src] = Target(dst, kind, layer)
 
     def linear(src: str, dst: str):
-        keys[f"{src}.weight"] = (f"{dst}.kernel", LINEAR)
-        keys[f"{src}.bias"] = (f"{dst}.bias", COPY)
+        put(f"{src}.weight", f"{dst}.kernel", LINEAR)
+        put(f"{src}.bias", f"{dst}.bias", COPY)
 
-    keys["patch_embedding.weight"] = ("patch_embed.kernel", CONV3D)
-    keys["patch_embedding.bias"] = ("patch_embed.bias", COPY)
+    put("patch_embedding.weight", "patch_embed.kernel", CONV3D)
+    put("patch_embedding.bias", "patch_embed.bias", COPY)
     linear("condition_embedder.time_embedder.linear_1", "time_embed.linear_1")
     linear("condition_embedder.time_embedder.linear_2", "time_embed.linear_2")
     linear("condition_embedder.time_proj", "time_proj")
     linear("condition_embedder.text_embedder.linear_1", "text_embed.linear_1")
     linear("condition_embedder.text_embedder.linear_2", "text_embed.linear_2")
     for i in range(cfg.num_layers):
-        src, dst = f"blocks.{i}", f"blocks.{i}"
-        keys[f"{src}.scale_shift_table"] = (f"{dst}.modulation_table", COPY)
+        src = f"blocks.{i}"
+        dst, layer = ("blocks", i) if cfg.scan_layers else (f"blocks.{i}", None)
+        put(f"{src}.scale_shift_table", f"{dst}.modulation_table", COPY)
         for attn_src, attn_dst in (("attn1", "self_attn"), ("attn2", "cross_attn")):
             for proj_src, proj_dst in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "out")):
                 linear(f"{src}.{attn_src}.{proj_src}", f"{dst}.{attn_dst}.{proj_dst}")
-            keys[f"{src}.{attn_src}.norm_q.weight"] = (f"{dst}.{attn_dst}.query_norm.scale", COPY)
-            keys[f"{src}.{attn_src}.norm_k.weight"] = (f"{dst}.{attn_dst}.key_norm.scale", COPY)
+            put(f"{src}.{attn_src}.norm_q.weight", f"{dst}.{attn_dst}.query_norm.scale", COPY)
+            put(f"{src}.{attn_src}.norm_k.weight", f"{dst}.{attn_dst}.key_norm.scale", COPY)
         if cfg.cross_attn_norm:
-            keys[f"{src}.norm2.weight"] = (f"{dst}.cross_norm.scale", COPY)
-            keys[f"{src}.norm2.bias"] = (f"{dst}.cross_norm.bias", COPY)
+            put(f"{src}.norm2.weight", f"{dst}.cross_norm.scale", COPY)
+            put(f"{src}.norm2.bias", f"{dst}.cross_norm.bias", COPY)
         linear(f"{src}.ffn.net.0.proj", f"{dst}.ffn.up")
         linear(f"{src}.ffn.net.2", f"{dst}.ffn.down")
-    keys["scale_shift_table"] = ("head_modulation_table", COPY)
+    layer = None
+    put("scale_shift_table", "head_modulation_table", COPY)
     linear("proj_out", "proj_out")
     return keys
 
@@ -141,10 +161,10 @@ def _listing(names: Sequence[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_checkpoint(shapes: Mapping[str, tuple[int, ...]], key_map: Mapping[str, tuple[str, str]],
+def check_checkpoint(shapes: Mapping[str, tuple[int, ...]], key_map: Mapping[str, Target],
                      params: Mapping[str, nnx.Variable]) -> None:
     """Raise ``CheckpointMismatchError`` naming every unexpected, missing or wrongly shaped tensor."""
-    unmapped = sorted(set(params) - {dst for dst, _ in key_map.values()})
+    unmapped = sorted(set(params) - {t.path for t in key_map.values()})
     if unmapped:  # a bug in the key map, not in the checkpoint
         raise AssertionError(f"model parameters without a diffusers key: {unmapped}")
     problems = []
@@ -157,8 +177,9 @@ def check_checkpoint(shapes: Mapping[str, tuple[int, ...]], key_map: Mapping[str
     wrong = []
     for name, shape in shapes.items():
         if name in key_map:
-            dst, kind = key_map[name]
-            want = _source_shape(params[dst].shape, kind)
+            dst, kind, layer = key_map[name]
+            shape_of_one = params[dst].shape if layer is None else params[dst].shape[1:]
+            want = _source_shape(shape_of_one, kind)
             if shape != want:
                 wrong.append(f"{name} {list(shape)} (expected {list(want)})")
     if wrong:
@@ -173,6 +194,24 @@ def _place(host: np.ndarray, dtype, sharding: NamedSharding | None) -> jax.Array
         return jax.device_put(np.ascontiguousarray(host, dtype=dtype))
     return jax.make_array_from_callback(host.shape, sharding,
                                         lambda index: np.ascontiguousarray(host[index], dtype=dtype))
+
+
+def _drop_leading_axis(sharding: NamedSharding | None) -> NamedSharding | None:
+    return None if sharding is None else NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_setter(sharding: NamedSharding | None):
+    """``(stacked, row, i) -> stacked with row i replaced``, in place (donated), kept at ``sharding``."""
+    def set_row(stacked, row, i):
+        return jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0)
+    return jax.jit(set_row, donate_argnums=0, out_shardings=sharding)
+
+
+def _zeros(shape, dtype, sharding: NamedSharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def _named_params(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
@@ -206,10 +245,18 @@ def load_transformer(path: str, *, dtype=jnp.float32, param_dtype=None, mesh: Me
             resolved = parallel.shardings(state, mesh)
         shardings = {".".join(str(p) for p in path): s for path, s in nnx.to_flat_state(resolved)}
 
+    stacked = {t.path for t in key_map.values() if t.layer is not None}
+    for dst in stacked:           # filled row by row below (every row is in the checkpoint: checked above)
+        params[dst].set_value(_zeros(params[dst].shape, params[dst].dtype, shardings[dst]))
     for name, array in iter_tensors(path):
-        dst, kind = key_map[name]
+        dst, kind, layer = key_map[name]
         variable = params[dst]
-        variable.set_value(_place(to_model_layout(array, kind), variable.dtype, shardings[dst]))
+        if layer is None:
+            variable.set_value(_place(to_model_layout(array, kind), variable.dtype, shardings[dst]))
+        else:
+            row = _place(to_model_layout(array, kind), variable.dtype, _drop_leading_axis(shardings[dst]))
+            variable.set_value(_row_setter(shardings[dst])(variable.get_value(), row, np.int32(layer)))
+            del row
         del array
     return nnx.merge(graphdef, state)
 
@@ -219,5 +266,5 @@ def load_config(path: str, **overrides) -> WanTransformerConfig:
     return config_from_diffusers(read_config(path), **overrides)
 
 
-__all__ = ["CheckpointMismatchError", "check_checkpoint", "config_from_diffusers", "diffusers_key_map",
+__all__ = ["CheckpointMismatchError", "Target", "check_checkpoint", "config_from_diffusers", "diffusers_key_map",
            "load_config", "load_transformer", "to_model_layout"]

@@ -17,6 +17,7 @@ parameters whose names or shapes do not match the stored architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from shelllcc.models import saving
+from shelllcc.models.wan_transformer import convert_layout
 
 MANIFEST = "MANIFEST.json"
 _PREFIX = "params/"
@@ -64,7 +66,7 @@ def pack_model(path: str, model: nnx.Module, *, dtype: str = "float16", extra: d
     if dtype not in ("float16", "float32"):
         raise ValueError(f"pack dtype must be 'float16' or 'float32', got {dtype!r}")
     kind = saving.model_kind(model)
-    params = _flat(nnx.state(model, nnx.Param).to_pure_dict())
+    params = _flat(saving.disk_params(kind, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     big = {k: float(np.max(np.abs(v))) for k, v in params.items()
            if dtype == "float16" and np.issubdtype(v.dtype, np.floating) and v.size and np.max(np.abs(v)) > 6e4}
     if big:
@@ -115,11 +117,15 @@ def unpack_model(path: str, *, expected_sha256: str | None = None, expected_byte
     """The model stored in ``path``, parameters cast to the model's parameter dtype (float32 by default).
 
     ``expected_sha256`` / ``expected_bytes`` (from the manifest) are checked before anything is read;
-    ``runtime``: the runtime knobs :func:`shelllcc.models.saving.load_model` accepts.
+    ``runtime``: the runtime knobs :func:`shelllcc.models.saving.load_model` accepts. A DiT's blocks are
+    stored one per entry (``params/blocks.0....``); with ``scan_layers`` they are stacked after reading.
     """
     meta, params = _read(path, expected_sha256, expected_bytes)
     kind = meta["kind"]
     config = saving.config_from_architecture(kind, meta["architecture"], **runtime)
+    stacked = kind == "wan_transformer" and config.scan_layers
+    if stacked:                  # read into the per-block layout the file holds, then stack
+        config = dataclasses.replace(config, scan_layers=False)
     abstract = saving.abstract_model(kind, config, dtype=runtime.get("dtype"), param_dtype=runtime.get("param_dtype"))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     target = _flat(jax.tree.map(lambda a: np.zeros((), a.dtype), state.to_pure_dict()))
@@ -140,7 +146,8 @@ def unpack_model(path: str, *, expected_sha256: str | None = None, expected_byte
 
     filled = jax.tree_util.tree_map_with_path(fill, state.to_pure_dict())
     state.replace_by_pure_dict(filled)
-    return nnx.merge(graphdef, state, rest)
+    model = nnx.merge(graphdef, state, rest)
+    return convert_layout(model, scan_layers=True) if stacked else model
 
 
 def write_manifest(directory: str, files: dict[str, dict], provenance: dict) -> str:

@@ -6,6 +6,15 @@ stored; runtime knobs (compute and parameter dtype, attention kernel, remat poli
 
     save_model("run/model", model)
     model = load_model("run/model", dtype=jnp.bfloat16, attention_impl="cudnn")
+
+Layout of the DiT's blocks: saved models (and packed ones, :mod:`shelllcc.models.packed`) always hold one
+entry per block (``blocks/0/...``, ``blocks/1/...``), whatever ``scan_layers`` the model ran with; a
+stacked model (``scan_layers=True``: one array per parameter with a leading layer axis) is unstacked when
+saved and stacked again when loaded. Why per-block: every model saved or shipped before stacked blocks
+existed has that layout (``configs/pretrained/demo/base.npz`` is checksummed and cannot change), so keeping
+it means one format on disk, readable by old and new code alike, and it keeps ``scan_layers`` a runtime
+knob like the remat policy (chosen when loading, not part of the architecture). The cost, a copy of the
+blocks' weights while saving or loading a stacked model, is paid once per save or load, not per step.
 """
 
 from __future__ import annotations
@@ -22,11 +31,11 @@ from flax import nnx
 
 from shelllcc.models.patch_vae import PatchVAE, PatchVAEConfig
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig
-from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig
+from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig, stack_blocks, stacked_layout, unstack_blocks
 from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
 
 MODEL_JSON = "model.json"
-_RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_blocks"),
+_RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers"),
             "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": ()}
 _CLASSES = {"wan_transformer": (WanTransformer, WanTransformerConfig), "wan_vae": (WanVAE, WanVAEConfig),
             "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig)}
@@ -63,14 +72,30 @@ def config_from_architecture(kind: str, arch: dict, **runtime) -> Any:
     return cfg_cls(**fields, **{k: v for k, v in runtime.items() if k in _RUNTIME[kind]})
 
 
+def disk_params(kind: str, params: dict) -> dict:
+    """``params`` (a pure dict) in the layout saved and packed models hold: the DiT's blocks one per entry."""
+    if kind == "wan_transformer" and stacked_layout(params):
+        return unstack_blocks(params)
+    return params
+
+
+def row_sharding(sharding: Any) -> Any:
+    """The sharding of one row of a stacked array (its leading layer axis dropped)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
 def save_model(directory: str, model: nnx.Module, params: Any = None, extra: dict | None = None) -> str:
     """Write ``model``'s architecture and parameters (or ``params``, a pure dict replacing them, e.g.
-    trained weights that were never merged back into ``model``) under ``directory``."""
+    trained weights that were never merged back into ``model``) under ``directory``; the DiT's blocks
+    one entry per block (module docstring)."""
     kind = model_kind(model)
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     if params is None:
-        params = nnx.state(model, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = disk_params(kind, params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, "params"), params, force=True)
         ckptr.wait_until_finished()
@@ -101,24 +126,40 @@ def abstract_model(kind: str, config: Any, *, param_dtype: Any = None, dtype: An
 
 def load_model(directory: str, *, shardings: Any = None, **runtime) -> nnx.Module:
     """Rebuild a saved model. ``runtime``: ``dtype``, ``param_dtype``, ``attention_impl``,
-    ``remat_policy`` as the kind accepts. ``shardings``: ``fn(abstract pure-dict params) -> tree of
-    shardings`` placing each array (default: one device)."""
+    ``remat_policy``, ``scan_layers`` as the kind accepts. ``shardings``: ``fn(abstract pure-dict params)
+    -> tree of shardings`` placing each array (default: one device); with stacked blocks the saved
+    per-block arrays are restored at their rows' shardings and stacked onto the given ones."""
     info = read_model_json(directory)
     kind = info["kind"]
     config = config_from_architecture(kind, info["architecture"], **runtime)
     abstract = abstract_model(kind, config, dtype=runtime.get("dtype"), param_dtype=runtime.get("param_dtype"))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = params.to_pure_dict()
+    target = nnx.to_pure_dict(params)
     placed = shardings(target) if shardings is not None else jax.tree.map(
         lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, placed)
+    stacked = kind == "wan_transformer" and stacked_layout(target)
+    if stacked:
+        row = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=row_sharding(a.sharding))  # noqa: E731
+        n = config.num_layers
+        disk_target = {**target, "blocks": {i: jax.tree.map(row, target["blocks"]) for i in range(n)}}
+    else:
+        disk_target = target
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(os.path.join(os.path.abspath(directory), "params"), target)
+            restored = ckptr.restore(os.path.join(os.path.abspath(directory), "params"), disk_target)
         except ValueError as e:
             raise ValueError(f"saved model {directory!r} does not match its model.json architecture: {e}") from e
+    if stacked:
+        block_sh = {jax.tree_util.keystr(p): s.sharding
+                    for p, s in jax.tree_util.tree_flatten_with_path(target["blocks"])[0]}
+
+        def stack(path, leaves):
+            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=block_sh[jax.tree_util.keystr(path)])(*leaves)
+
+        restored = stack_blocks(restored, stack)
     return nnx.merge(graphdef, restored, rest)
 
 
 __all__ = ["save_model", "load_model", "read_model_json", "architecture", "config_from_architecture",
-           "abstract_model", "model_kind", "MODEL_JSON"]
+           "abstract_model", "model_kind", "disk_params", "row_sharding", "MODEL_JSON"]

@@ -53,7 +53,8 @@ TEXT_EMBED = "text_embed"  # text encoder dim
 FREQ = "freq"              # sinusoidal timestep features
 MODULATION = "modulation"  # the 6 * D time projection
 PATCH = "patch"            # P * C_out of the output head
-LOGICAL_AXES = (EMBED, MLP, HEADS, TEXT_EMBED, FREQ, MODULATION, PATCH)
+LAYERS = "layers"          # leading axis of the stacked blocks' parameters (scan_layers); no rule maps it
+LOGICAL_AXES = (EMBED, MLP, HEADS, TEXT_EMBED, FREQ, MODULATION, PATCH, LAYERS)
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
@@ -93,10 +94,12 @@ class WanTransformerConfig:
     materialises the [heads, N, N] logits), ``'xla'`` or ``'cudnn'`` (flash attention on GPU: bf16/fp16
     compute, head_dim a multiple of 8; its backward needs even sequence lengths).
     ``remat_policy``: a key of ``REMAT_POLICIES``, applied per block.
-    ``scan_blocks``: run the blocks as one ``lax.scan`` over their weights stacked at call time (the
-    parameters stay one entry per block). XLA then compiles one block instead of ``num_layers``: the
-    6-block DiT of the embedded benchmark compiles its training step in about a third of the time on a
-    CPU. Costs a stacked copy of the blocks' weights per call, so it is meant for small models.
+    ``scan_layers``: the blocks' parameters are stacked, one array per parameter with a leading layer
+    axis (logical name ``'layers'``, mapped to no mesh axis; built by ``nnx.vmap``), and the blocks run
+    as one ``nnx.scan``: XLA compiles one block instead of ``num_layers``. Off: one module per block
+    (``blocks.0``, ``blocks.1``, ...), run by a Python loop. Both give the same parameters for a seed
+    (stacked = the per-block ones stacked) and the same outputs; saved and packed models always hold the
+    per-block layout (``shelllcc.models.saving``), so this is a runtime knob, not part of the architecture.
     """
 
     dim: int = 1536
@@ -117,7 +120,7 @@ class WanTransformerConfig:
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat_policy: str = "none"
-    scan_blocks: bool = False
+    scan_layers: bool = True
 
     def __post_init__(self):
         # normalise so that configs compare and hash by value
@@ -178,20 +181,21 @@ def born_sharded() -> bool:
 
 
 class KeyStream:
-    """Fresh PRNG keys ``fold_in(key, i)``, i = 1, 2, ... counted in Python.
+    """Fresh PRNG keys ``fold_in(key, start + i)``, i = 1, 2, ... counted in Python.
 
     Used instead of drawing from ``nnx.Rngs`` per parameter: each ``nnx.Rngs`` draw updates a counter
     Variable, and under ``nnx.eval_shape`` every such update costs time proportional to the trace so
     far (jax builds an error message with the tracer's provenance), which made abstract construction
-    quadratic in depth (13 s for the 1.3B model). One draw per model keeps it linear.
+    quadratic in depth (13 s for the 1.3B model). One draw per model keeps it linear. ``start`` may be
+    traced (under ``nnx.vmap`` each stacked block starts where its per-block twin would).
     """
 
-    def __init__(self, key: jax.Array):
-        self.key, self.count = key, 0
+    def __init__(self, key: jax.Array, start: Any = 0):
+        self.key, self.start, self.count = key, start, 0
 
     def __call__(self) -> jax.Array:
         self.count += 1
-        return jax.random.fold_in(self.key, self.count)
+        return jax.random.fold_in(self.key, self.start + self.count)
 
 
 def _param(keys: KeyStream, init, shape, dtype, axes) -> nnx.Param:
@@ -424,6 +428,78 @@ def _run_block(block: WanBlock, x, context, time_mod, rope_cos, rope_sin):
     return block(x, context, time_mod, (rope_cos, rope_sin))
 
 
+def _stacked_blocks(cfg: WanTransformerConfig, keys: KeyStream) -> WanBlock:
+    """``cfg.num_layers`` blocks as one ``WanBlock`` whose parameters have a leading ``'layers'`` axis.
+
+    Built by ``nnx.vmap`` over the layer index; block ``i`` draws the keys its per-block twin draws from
+    ``keys`` (``KeyStream`` with a per-layer start), so the stacked parameters equal the per-block ones
+    stacked, whatever the layout (``nnx.split_rngs`` would split the key instead and change them).
+    """
+    probe = KeyStream(keys.key)
+    nnx.eval_shape(lambda: WanBlock(cfg, keys=probe))          # how many keys one block draws
+    per_block, first = probe.count, keys.count
+    keys.count += per_block * cfg.num_layers
+    starts = first + per_block * jnp.arange(cfg.num_layers, dtype=jnp.uint32)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    def make(start):
+        return WanBlock(cfg, keys=KeyStream(keys.key, start))
+
+    blocks = make(starts)
+    # the leading axis gets its logical name (nnx.vmap adds it; set here where a flax version does not)
+    for _, variable in nnx.iter_graph(blocks):
+        if isinstance(variable, nnx.Variable):
+            names = variable.get_metadata().get("out_sharding")
+            if names is not None and len(names) == variable.ndim - 1:
+                variable.set_metadata(out_sharding=(LAYERS, *names))
+    return blocks
+
+
+def stacked_layout(params: dict) -> bool:
+    """Whether ``params`` (a pure dict of a ``WanTransformer``'s parameters) holds the stacked blocks."""
+    blocks = params.get("blocks", {})
+    return bool(blocks) and not all(isinstance(k, int) or str(k).isdigit() for k in blocks)
+
+
+def stack_blocks(params: dict, stack=None) -> dict:
+    """Per-block parameters (``{'blocks': {0: tree, 1: tree, ...}, ...}``; keys ints or digit strings, as
+    orbax and packed files give them) -> the ``scan_layers`` layout (``{'blocks': tree}``, each leaf the
+    blocks' leaves stacked on a new leading axis). ``stack(path, leaves) -> array`` does the stacking
+    (default ``np.stack`` / ``jnp.stack``), e.g. onto a sharding. Other entries are kept as they are."""
+    blocks = params["blocks"]
+    ordered = [blocks[k] for k in sorted(blocks, key=int)]
+    if [int(k) for k in sorted(blocks, key=int)] != list(range(len(ordered))):
+        raise ValueError(f"per-block parameters need blocks 0..{len(ordered) - 1}, got {sorted(blocks, key=int)}")
+
+    def default(_, leaves):
+        return np.stack(leaves) if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack(leaves)
+
+    stack = stack or default
+    stacked = jax.tree_util.tree_map_with_path(lambda path, *leaves: stack(path, leaves), *ordered)
+    return {**params, "blocks": stacked}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The ``scan_layers`` layout -> per-block parameters (``{'blocks': {0: tree, 1: tree, ...}}``)."""
+    blocks = params["blocks"]
+    n = {x.shape[0] for x in jax.tree.leaves(blocks)}
+    if len(n) != 1:
+        raise ValueError(f"stacked blocks with different leading (layer) sizes {sorted(n)}")
+    return {**params, "blocks": {i: jax.tree.map(lambda x: x[i], blocks) for i in range(n.pop())}}
+
+
+def convert_layout(model: "WanTransformer", scan_layers: bool) -> "WanTransformer":
+    """``model`` with its blocks stacked (``scan_layers=True``) or one module per block, same values;
+    ``model`` itself when it has that layout already. For plain models (no LoRA adapters)."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    cfg = dataclasses.replace(model.config, scan_layers=scan_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0))))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    nnx.replace_by_pure_dict(state, stack_blocks(params) if scan_layers else unstack_blocks(params))
+    return nnx.merge(graphdef, state)
+
+
 class WanTransformer(nnx.Module):
     """The Wan2.1 T2V transformer; see the module docstring for the forward pass."""
 
@@ -435,23 +511,33 @@ class WanTransformer(nnx.Module):
         self.time_embed = TimestepEmbedder(cfg, keys=keys)
         self.time_proj = Dense(cfg.dim, 6 * cfg.dim, (EMBED, MODULATION), **kw)
         self.text_embed = TextEmbedder(cfg, keys=keys)
-        self.blocks = nnx.List([WanBlock(cfg, keys=keys) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, keys)
+        else:
+            self.blocks = nnx.List([WanBlock(cfg, keys=keys) for _ in range(cfg.num_layers)])
         self.head_modulation_table = _param(keys, nnx.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim),
                                             jnp.float32, (None, None, EMBED))
         self.proj_out = Dense(cfg.dim, cfg.patch_volume * cfg.out_channels, (EMBED, PATCH), **kw)
 
-    def _scan_blocks(self, x, context, time_mod, rope_cos, rope_sin):
-        graphdef = nnx.graphdef(self.blocks[0])
-        states = [nnx.state(b) for b in self.blocks]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    def _run_blocks(self, x, context, time_mod, rope_cos, rope_sin):
+        cfg = self.config
+        run = _run_block
+        if cfg.remat_policy != "none":
+            # graph_updates=False: as for the scan below (a block's variables may belong to an outer trace)
+            run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat_policy], graph_updates=False)
+        if not cfg.scan_layers:
+            for block in self.blocks:
+                x = run(block, x, context, time_mod, rope_cos, rope_sin)
+            return x
 
-        def body(h, state):
-            return _run_block(nnx.merge(graphdef, state), h, context, time_mod, rope_cos, rope_sin)
+        # graph_updates=False: the blocks only flow in (nothing to send back), and their variables may
+        # belong to an outer trace (a model merged inside jax.grad from closed-over state)
+        @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: LAYERS}, graph_updates=False)
+        def scan(block, h, context, time_mod, rope_cos, rope_sin):
+            return run(block, h, context, time_mod, rope_cos, rope_sin)
 
-        if self.config.remat_policy != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy])
-        x, _ = jax.lax.scan(lambda h, st: (body(h, st), None), x, stacked)
-        return x
+        return scan(self.blocks, x, context, time_mod, rope_cos, rope_sin)
 
     def _check_inputs(self, latents, timestep, context) -> tuple[int, int, int]:
         cfg = self.config
@@ -489,14 +575,7 @@ class WanTransformer(nnx.Module):
         context = self.text_embed(context.astype(cfg.dtype))
         rope_cos, rope_sin = (jnp.asarray(a) for a in rope_tables(grid, cfg.head_dim, cfg.rope_theta))
 
-        if cfg.scan_blocks and len(self.blocks) > 1:
-            x = self._scan_blocks(x, context, time_mod, rope_cos, rope_sin)
-        else:
-            run = _run_block
-            if cfg.remat_policy != "none":
-                run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat_policy])
-            for block in self.blocks:
-                x = run(block, x, context, time_mod, rope_cos, rope_sin)
+        x = self._run_blocks(x, context, time_mod, rope_cos, rope_sin)
 
         shift, scale = jnp.split(self.head_modulation_table[...] + temb.astype(jnp.float32)[:, None, :], 2, axis=1)
         x = (_layer_norm_f32(x, cfg.eps) * (1.0 + scale) + shift).astype(cfg.dtype)

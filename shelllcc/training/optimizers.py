@@ -109,23 +109,30 @@ def check_patterns(params: Any, patterns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} patterns {dead} match no parameter (paths look like: {examples}, ...)")
 
 
-def decay_mask(params: Any, decay_vectors: bool = False) -> Any:
-    """Bool tree: which parameters weight decay applies to (matrices, or everything)."""
-    return jax.tree.map(lambda x: decay_vectors or len(getattr(x, "shape", ())) >= 2, params)
+def decay_mask(params: Any, decay_vectors: bool = False, layer_axes: Any = None) -> Any:
+    """Bool tree: which parameters weight decay applies to (matrices, or everything). ``layer_axes``: a
+    tree like ``params`` giving each parameter's number of leading stacked-layer axes (the DiT's
+    ``scan_layers`` blocks), which do not count: a stacked bias ``[L, out]`` is a vector; default none."""
+    if layer_axes is None:
+        layer_axes = jax.tree.map(lambda _: 0, params)
+    return jax.tree.map(lambda x, n: decay_vectors or len(getattr(x, "shape", ())) - n >= 2, params, layer_axes)
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, params: Any = None, layer_axes: Any = None) -> optax.GradientTransformation:
     """``clip_by_global_norm -> adamw(schedule, decay mask)``; parameters matching ``cfg.freeze`` get
     ``set_to_zero`` instead (optax ``multi_transform``, so they carry no Adam moments).
 
     ``params`` is used for its structure and shapes only (abstract arrays are fine). It may be left
-    out when ``cfg.freeze`` is empty: the decay mask is then computed from the tree the optimizer is
-    given (optax calls a callable mask on it), which gives the same mask.
+    out when ``cfg.freeze`` is empty and no ``layer_axes`` are given: the decay mask is then computed
+    from the tree the optimizer is given (optax calls a callable mask on it), which gives the same mask.
+    ``layer_axes``: see :func:`decay_mask`.
     """
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    mask = (decay_mask(params, cfg.decay_vectors) if params is not None
+    if params is None and layer_axes is not None:
+        raise ValueError("make_optimizer: layer_axes needs params (the tree they describe)")
+    mask = (decay_mask(params, cfg.decay_vectors, layer_axes) if params is not None
             else lambda tree: decay_mask(tree, cfg.decay_vectors))
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=mask))
