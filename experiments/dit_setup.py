@@ -71,6 +71,9 @@ def data_section() -> ml_collections.ConfigDict:
         latent_dtype="float32",
         # per-channel normalisation x -> (x - mean) / std applied to cached latents (empty: none)
         latent_mean=(), latent_std=(),
+        # a cache field on the latent grid [T, H, W] handed to the loss as batch["weight_map"] (empty: none),
+        # e.g. the embedded benchmark's "object_mask" for sft's flow.region_weight
+        weight_field="",
         # source='random': latent [T, H, W, C] and text [L, D] shapes
         random_latent_shape=(3, 8, 8, 16), random_text_shape=(8, 32),
     ))
@@ -194,16 +197,20 @@ def describe_params(params: Any) -> str:
 # ------------------------------------------------------------------------------------------ data
 
 class _Normalize:
-    def __init__(self, mean, std, dtype):
+    def __init__(self, mean, std, dtype, weight_field: str = ""):
         self.mean = None if not len(mean) else np.asarray(mean, np.float32)
         self.std = None if not len(std) else np.asarray(std, np.float32)
         self.dtype = np.dtype(dtype) if dtype != "bfloat16" else jnp.bfloat16
+        self.weight_field = weight_field
 
     def __call__(self, batch: dict) -> dict:
         lat = np.asarray(batch["latents"], np.float32)
         if self.mean is not None:
             lat = (lat - self.mean) / self.std
-        return {"latents": lat.astype(self.dtype), "context": np.asarray(batch["text_embeddings"], np.float32)}
+        out = {"latents": lat.astype(self.dtype), "context": np.asarray(batch["text_embeddings"], np.float32)}
+        if self.weight_field:
+            out["weight_map"] = np.asarray(batch[self.weight_field], np.float32)
+        return out
 
 
 def host_batches(d: ml_collections.ConfigDict, seed: int):
@@ -214,6 +221,8 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
     if d.batch_size % n_proc:
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by {n_proc} processes")
     if d.source == "random":
+        if d.get("weight_field", ""):
+            raise ValueError(f"data.weight_field={d.weight_field!r} needs data.source='cache' (random latents have no fields)")
         return random_latents.RandomLatentBatches(seed, d.batch_size, d.random_latent_shape, d.random_text_shape,
                                    jax.process_index(), n_proc)
     if d.source != "cache":
@@ -226,9 +235,18 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
     if d.latent_mean and len(d.latent_mean) != lat_shape[-1]:
         raise ValueError(f"data.latent_mean has {len(d.latent_mean)} entries; cache {d.cache_dir!r} latents have "
                          f"{lat_shape[-1]} channels")
+    weight_field = d.get("weight_field", "")
+    if weight_field:
+        fields = cache.info["fields"]
+        if weight_field not in fields:
+            raise ValueError(f"data.weight_field={weight_field!r} is not a field of cache {d.cache_dir!r} "
+                             f"(fields: {sorted(fields)})")
+        if tuple(fields[weight_field]["shape"]) != lat_shape[:-1]:
+            raise ValueError(f"data.weight_field={weight_field!r} has shape {tuple(fields[weight_field]['shape'])} in "
+                             f"cache {d.cache_dir!r}; the latent grid is {lat_shape[:-1]}")
     ds = readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed,
                               transform=None)
-    return _Mapped(iter(ds), _Normalize(d.latent_mean, d.latent_std, d.latent_dtype))
+    return _Mapped(iter(ds), _Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field))
 
 
 class _Mapped:

@@ -75,7 +75,7 @@ from experiments.embedded_workdir import (
 )
 from experiments.embedded_workdir import builder as _builder
 from experiments.overrides import apply_overrides, parse_overrides
-from shelllcc.data import latent_cache, moving_textures
+from shelllcc.data import latent_cache, latent_grid, moving_textures
 from shelllcc.evaluation import checkpoint_rule
 from shelllcc.evaluation import classifier as clf_lib
 from shelllcc.evaluation.report import load_metrics
@@ -83,6 +83,7 @@ from shelllcc.manifold import io as manifold_io
 from shelllcc.models import packed, saving
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
 
+OBJECT_MASK = "object_mask"      # the dataset's and the caches' field: the object's coverage (cache: per latent)
 STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "variants", "sample",
           "evaluate")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,6 +190,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.train.steps, c.base.data.batch_size, c.base.optim.warmup_steps = 1000, 16, 50
     c.base.optim.learning_rate = 1e-3
     c.base.flow.text_dropout = 0.1   # classifier-free guidance needs the unconditional model too
+    c.base.data.weight_field = OBJECT_MASK   # for flow.region_weight (the object against the textured background)
     # 4 x 4 latent positions per token: 48 tokens per clip
     c.base.model.patch_size = (1, 4, 4)
     c.base.model.dim, c.base.model.num_layers, c.base.model.num_heads, c.base.model.ffn_dim = 192, 6, 4, 768
@@ -411,12 +413,18 @@ def stage_cache(config, paths: Paths) -> None:
     vae = train_vae.load(paths.vae)
     encode_video = latent_cache.vae_video_encoder(vae)
     encode_text = latent_cache.text_encoder_fn(saving.load_model(paths.text_encoder))
+    # the object mask rides along on the latent grid: a loss may weigh the object apart from the background
+    vcfg, frames = vae.config, config.benchmark.num_frames
+    grid = (vcfg.latent_frames(frames), config.benchmark.height // vcfg.spatial_factor,
+            config.benchmark.width // vcfg.spatial_factor)
     for split in SPLITS:
         if split == "validation" and not config.benchmark.validation_size:
             continue
-        latent_cache.encode_to_cache(builder.as_data_source(split), paths.cache(split), encode_video=encode_video,
+        source = latent_grid.PooledField(builder.as_data_source(split), OBJECT_MASK, grid, causal=True)
+        latent_cache.encode_to_cache(source, paths.cache(split), encode_video=encode_video,
                                      encode_text=encode_text, batch_size=config.cache.batch_size,
-                                     shard_size=config.cache.shard_size, keep_fields=("index",) + ATTRIBUTE_FIELDS,
+                                     shard_size=config.cache.shard_size,
+                                     keep_fields=("index", OBJECT_MASK) + ATTRIBUTE_FIELDS,
                                      source_description=f"{builder.info.full_name} {split}")
 
 

@@ -1,8 +1,9 @@
 """Experiment ``sft``: rectified-flow training / fine-tuning of the Wan DiT on a latent cache.
 
 The step (``shelllcc.training.step.make_train_step`` around :func:`loss_fn`) minimises
-``mean((v_theta(x_s, 1000 s, c) - (eps - x0))^2)`` with ``x_s = (1 - s) x0 + s eps`` and ``s`` drawn
-from ``flow.sigma_distribution`` (then shifted by ``flow.shift``). Full fine-tuning or LoRA.
+``mean(w (v_theta(x_s, 1000 s, c) - (eps - x0))^2)`` (``w = 1`` unless ``flow.region_weight``) with
+``x_s = (1 - s) x0 + s eps`` and ``s`` drawn from ``flow.sigma_distribution`` (then shifted by
+``flow.shift``). Full fine-tuning or LoRA.
 
 Writes under ``workdir``: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``parameters.txt`` and
 ``model/`` (the final DiT, LoRA merged; ``--config.model.init_from=WORKDIR`` of a later run loads it).
@@ -18,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup
-from shelllcc.flow.objectives import drop_text, sft_loss
+from shelllcc.flow.objectives import drop_text, region_weights, sft_loss
 from shelllcc.flow.timesteps import sample_training_sigmas
 
 
@@ -27,7 +28,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-4
     # text_dropout: the share of examples trained with the null (all-zero) prompt, so that the model
     # also predicts the unconditional velocity that classifier-free guidance needs
-    c.flow = dict(sigma_distribution="logit_normal", sigma_mean=0.0, sigma_std=1.0, shift=1.0, text_dropout=0.0)
+    # region_weight: with data.weight_field (a [0, 1] map on the latent grid, e.g. the embedded
+    # benchmark's object mask), latents in the region weigh 1 + region_weight times the others
+    # (objectives.region_weights), so that a small object is not drowned by a large textured background
+    c.flow = dict(sigma_distribution="logit_normal", sigma_mean=0.0, sigma_std=1.0, shift=1.0, text_dropout=0.0,
+                  region_weight=0.0)
     return c
 
 
@@ -41,6 +46,11 @@ def make_loss(config: ml_collections.ConfigDict):
     sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)   # validates the name
     dropout = float(config.flow.text_dropout)
     drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), dropout)                          # validates the rate
+    region_weight = float(config.flow.get("region_weight", 0.0))
+    if region_weight < 0:
+        raise ValueError(f"flow.region_weight must be >= 0, got {region_weight}")
+    if region_weight and not config.data.get("weight_field", ""):
+        raise ValueError(f"flow.region_weight={region_weight} needs data.weight_field (a region map in the cache)")
 
     def build(setup: dit_setup.Setup):
         def loss_fn(params, frozen, batch, key):
@@ -49,7 +59,8 @@ def make_loss(config: ml_collections.ConfigDict):
             x0 = batch["latents"]
             eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
             context = drop_text(jax.random.fold_in(key, 2), batch["context"], dropout)
-            return sft_loss(model, x0, eps, context, k_s, sigma_sampler=sampler)
+            weights = region_weights(batch["weight_map"], region_weight) if region_weight else None
+            return sft_loss(model, x0, eps, context, k_s, sigma_sampler=sampler, weights=weights)
         return loss_fn, {}, {}
 
     return build

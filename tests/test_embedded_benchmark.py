@@ -26,6 +26,11 @@ def test_examples_equal_the_generator(tmp_path):
             want = mt.generate_example(mt.split_seed(3, split), int(ex["index"]), cfg.clip_spec())
             np.testing.assert_array_equal(ex["video"], want["video"])
             assert ex["video"].shape == (5, 32, 32, 3) and ex["video"].dtype == np.uint8
+            # the stored mask is the generator's coverage to within uint8 rounding, and it is where the clip
+            # differs from the same clip's pixels elsewhere: fully covered pixels carry the object's colour
+            assert ex["object_mask"].dtype == np.uint8 and ex["object_mask"].shape == (5, 32, 32)
+            np.testing.assert_allclose(ex["object_mask"] / 255.0, want["mask"], atol=0.5 / 255 + 1e-7)
+            assert (ex["object_mask"] == 255).any(axis=(1, 2)).all()        # the object is in every frame
             caption = ex["caption"].decode() if isinstance(ex["caption"], bytes) else ex["caption"]
             assert caption == want["caption"]
             assert eb.decode_labels(ex) == want["attributes"]

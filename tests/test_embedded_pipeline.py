@@ -63,6 +63,26 @@ def test_every_stage_runs_and_reports(quick_run):
             assert im.size[0] > 100 and im.size[1] > 100, png
 
 
+def test_cache_holds_the_object_mask_on_the_latent_grid(quick_run):
+    from shelllcc.data import latent_cache
+    from shelllcc.data.latent_grid import pool_to_latent_grid
+    workdir, _ = quick_run
+    c = demo.get_config("quick")
+    paths = embedded_pipeline.Paths(str(workdir))
+    cache = latent_cache.open_cache(paths.train_cache)
+    source = embedded_pipeline._builder(c, paths).as_data_source("train")
+    for i in (0, len(cache) - 1):
+        rec = cache[i]
+        ex = source[int(rec["index"])]
+        grid = rec["latents"].shape[:3]
+        assert rec["object_mask"].shape == grid
+        np.testing.assert_allclose(rec["object_mask"], pool_to_latent_grid(ex["object_mask"] / 255.0, grid), atol=1e-6)
+        assert 0 < rec["object_mask"].mean() < 0.5        # the object is there, and smaller than the frame
+    # the base trained with the object weighted: its loss log carries the unweighted loss beside it
+    metrics = [json.loads(line) for line in open(os.path.join(paths.base, "metrics.jsonl"))]
+    assert any("sft_unweighted" in m for m in metrics) == bool(c.base.flow.region_weight)
+
+
 def test_trajectories_and_picks(quick_run):
     workdir, _ = quick_run
     c = demo.get_config("quick")

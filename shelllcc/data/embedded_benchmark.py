@@ -60,8 +60,9 @@ class BenchmarkConfig(tfds.core.BuilderConfig):
 class MovingTextures(tfds.core.GeneratorBasedBuilder):
     """Textured shapes in motion, with captions and attribute labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "object_mask: the object's coverage per pixel (uint8, 255 = inside)."}
     BUILDER_CONFIGS = [BenchmarkConfig()]
     name = NAME
 
@@ -72,6 +73,9 @@ class MovingTextures(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             features=tfds.features.FeaturesDict({
                 "video": video_feature(cfg.num_frames, cfg.height, cfg.width),
+                # where the object is: lets a loss or a metric look at the object apart from the background
+                "object_mask": tfds.features.Tensor(shape=(cfg.num_frames, cfg.height, cfg.width), dtype=np.uint8,
+                                                    encoding=tfds.features.Encoding.ZLIB),
                 "caption": tfds.features.Text(),
                 "index": np.int64,
                 **labels,
@@ -93,7 +97,13 @@ class MovingTextures(tfds.core.GeneratorBasedBuilder):
         spec = cfg.clip_spec()
         seed = mt.split_seed(cfg.seed, split)
         for index, ex in enumerate(_render(seed, size, spec)):
-            yield index, {"video": ex["video"], "caption": ex["caption"], "index": index, **ex["labels"]}
+            yield index, {"video": ex["video"], "object_mask": mask_to_uint8(ex["mask"]), "caption": ex["caption"],
+                          "index": index, **ex["labels"]}
+
+
+def mask_to_uint8(mask: np.ndarray) -> np.ndarray:
+    """Coverage in [0, 1] -> uint8 (255 = inside), rounded: the stored form of ``object_mask``."""
+    return np.clip(np.rint(np.asarray(mask, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _render_one(args) -> dict:

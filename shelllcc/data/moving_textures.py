@@ -305,13 +305,15 @@ def generate_clip(rng_or_seed: np.random.Generator | int, attributes: Mapping[st
 
 
 def generate_example(seed: int, index: int, config: ClipSpec = ClipSpec()) -> dict:
-    """Clip ``index`` of the split with seed ``seed``: depends on ``(seed, index)`` only."""
+    """Clip ``index`` of the split with seed ``seed``: depends on ``(seed, index)`` only. ``mask`` is the
+    object's coverage ``float32 [T, H, W]`` (see :func:`generate_clip`)."""
     rng = clip_rng(seed, index)
     attributes = sample_attributes(rng)
     variant = int(rng.integers(len(CAPTION_TEMPLATES)))
-    video = generate_clip(rng, attributes, config)
+    video, mask = generate_clip(rng, attributes, config, return_mask=True)
     return {
         "video": video,
+        "mask": mask,
         "caption": caption(attributes, variant),
         "attributes": dict(attributes),
         "labels": attribute_labels(attributes),
@@ -321,7 +323,7 @@ def generate_example(seed: int, index: int, config: ClipSpec = ClipSpec()) -> di
 def generate_split(seed: int, num_clips: int, config: ClipSpec = ClipSpec(), start: int = 0
                    ) -> Iterator[dict]:
     """Yield clips ``start .. start + num_clips - 1`` as dicts
-    ``{video, caption, attributes, labels}``; pass a :func:`split_seed` as ``seed``.
+    ``{video, mask, caption, attributes, labels}``; pass a :func:`split_seed` as ``seed``.
 
     ``start`` lets a builder shard a split across workers with identical results.
     """

@@ -151,25 +151,44 @@ def drop_text(key, context, rate: float):
 
 
 def sft_loss(velocity_fn: VelocityFn, x0, eps, context, key, *,
-             sigma_sampler: SigmaSampler | None = None, s=None):
+             sigma_sampler: SigmaSampler | None = None, s=None, weights=None):
     """Plain rectified-flow matching (the ``sft`` experiment and the no-reward control).
 
     ::
 
         s     ~ sigma_sampler(key, [B])  or  U[0, 1)          (or the given ``s``)
         x     = (1 - s) x0 + s eps
-        loss  = mean((v_theta(x, 1000 s, c) - (eps - x0))^2)
+        loss  = mean(w * (v_theta(x, 1000 s, c) - (eps - x0))^2)      (w = 1 without ``weights``)
 
     ``sigma_sampler(key, shape) -> s`` is e.g.
     ``functools.partial(sample_training_sigmas, distribution="logit_normal", shift=3.0)``.
+    ``weights``: broadcasts against ``x0`` (e.g. a per-latent region weight ``[B, T, H, W, 1]``); the
+    caller normalises it (a mean of 1 keeps the loss on the plain loss's scale).
 
-    Returns ``(loss, metrics)`` with metrics ``loss``, ``sft``, ``s_mean``, ``s_min``, ``s_max``.
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``sft``, ``s_mean``, ``s_min``, ``s_max``, and
+    with ``weights`` also ``sft_unweighted`` (the plain mean, comparable across weightings).
     """
     s = _noise_levels(key, s, x0.shape[0], 0.0, 1.0, sigma_sampler)
     x = add_noise(x0, eps, s)
     v = velocity_fn(x, model_timestep(s), context)
-    loss = flow_matching_loss(v, x0, eps)
-    return loss, {"loss": loss, "sft": loss, **_s_metrics(s)}
+    loss = flow_matching_loss(v, x0, eps, weights)
+    metrics = {"loss": loss, "sft": loss, **_s_metrics(s)}
+    if weights is not None:
+        metrics["sft_unweighted"] = flow_matching_loss(v, x0, eps)
+    return loss, metrics
 
 
-__all__ = ["one_step_from_noise", "noised_data", "sft_loss", "drop_text"]
+def region_weights(region, weight: float):
+    """Per-latent loss weights from a region map ``region [B, T, H, W]`` in [0, 1]::
+
+        w = (1 + weight * region) / mean_{T,H,W}(1 + weight * region)      -> [B, T, H, W, 1]
+
+    Each example's weights average 1, so ``weight = 0`` is the plain loss and any weight keeps its
+    scale; a region covering a fraction ``a`` of the clip gets ``(1 + weight) a / (1 + weight a)`` of it.
+    """
+    w = 1.0 + float(weight) * jnp.asarray(region, jnp.float32)
+    w = w / jnp.mean(w, axis=tuple(range(1, w.ndim)), keepdims=True)
+    return w[..., None]
+
+
+__all__ = ["one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
