@@ -140,6 +140,11 @@ def test_bad_inputs(data, trained, tmp_path):
         clf.accuracy({"shape": np.zeros(3)}, {"shape": np.zeros(4)})
     with pytest.raises(FileNotFoundError):
         clf.load_classifier(str(tmp_path / "missing"))
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "classifier.json").write_text("{}")
+    with pytest.raises(ValueError, match="former format"):
+        clf.load_classifier(str(legacy))
 
 
 def test_locate_object_tracks_the_true_centroid():

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -45,15 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, serialization
+from flax import nnx
 
 from shelllcc.data.moving_textures import ATTRIBUTES, DIRECTION_VECTORS, DIRECTIONS
+from shelllcc.models import saving
 
 # Brightest channel above which a pixel belongs to the object: every object colour has a channel
 # >= 0.92 on its texture's bright phase, the muted background stays below ~0.31 in every channel.
 BRIGHT = 0.45
-CONFIG_JSON = "classifier.json"
-PARAMS_FILE = "params.msgpack"
+LEGACY_CONFIG_JSON = "classifier.json"     # the former format's file: refused with a clear message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,8 +495,10 @@ def accuracy(pred: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving: DIR/classifier.json (config) + DIR/params.msgpack (the state as a pure dict). msgpack keeps
-# it one small file with no checkpointing machinery; the config rebuilds the exact module.
+# Saving: the project's one model format (shelllcc.models.saving: model.json + orbax params).
+
+KIND = "video_classifier"
+saving.register_kind(KIND, VideoClassifier, ClassifierConfig)
 
 
 def save_classifier(path: str, model: VideoClassifier, config: ClassifierConfig | None = None) -> str:
@@ -505,41 +506,21 @@ def save_classifier(path: str, model: VideoClassifier, config: ClassifierConfig 
     returns the absolute path."""
     if config is not None and config != model.config:
         raise ValueError(f"config {config} differs from the model's own {model.config}")
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    cfg = dataclasses.asdict(model.config)
-    with open(os.path.join(path, CONFIG_JSON), "w") as f:
-        json.dump(cfg, f, indent=2)
-    state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    with open(os.path.join(path, PARAMS_FILE), "wb") as f:
-        f.write(serialization.msgpack_serialize(state))
-    return path
+    return saving.save_model(path, model)
 
 
 def load_classifier(path: str) -> VideoClassifier:
     """Rebuild a classifier written by :func:`save_classifier`."""
-    cfg_path = os.path.join(os.path.abspath(path), CONFIG_JSON)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"no saved classifier at {path!r} (missing {CONFIG_JSON})")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{cfg_path} has unknown fields {sorted(unknown)}")
-    config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    model = nnx.eval_shape(lambda: VideoClassifier(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model)
-    with open(os.path.join(os.path.abspath(path), PARAMS_FILE), "rb") as f:
-        restored = serialization.msgpack_restore(f.read())
-    target = nnx.to_pure_dict(abstract)
-    if jax.tree.structure(target) != jax.tree.structure(restored):
-        raise ValueError(f"saved parameters in {path!r} do not match the architecture in {CONFIG_JSON}")
-    for t, r in zip(jax.tree.leaves(target), jax.tree.leaves(restored)):
-        if t.shape != r.shape:
-            raise ValueError(f"saved parameter of shape {r.shape} where the architecture needs {t.shape}")
-    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, restored))
-    return nnx.merge(graphdef, abstract)
+    if os.path.exists(os.path.join(os.path.abspath(path), LEGACY_CONFIG_JSON)):
+        raise ValueError(f"{path!r} holds a classifier in the former format ({LEGACY_CONFIG_JSON} + msgpack); "
+                         "train it again (delete the directory, or the workdir's stages/classifier.DONE)")
+    try:
+        kind = saving.read_model_json(path)["kind"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no saved classifier at {path!r} (missing {saving.MODEL_JSON})") from None
+    if kind != KIND:
+        raise ValueError(f"{path!r} holds a {kind!r} model, not a {KIND}")
+    return saving.load_model(path)
 
 
 __all__ = ["ClassifierConfig", "VideoClassifier", "train_classifier", "predict", "features", "accuracy",

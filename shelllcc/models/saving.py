@@ -1,7 +1,8 @@
 """Saving and loading the project's NNX models: ``DIR/model.json`` (kind + architecture) + ``DIR/params`` (orbax).
 
 Kinds: ``wan_transformer`` (:class:`WanTransformerConfig`), ``wan_vae`` (:class:`WanVAEConfig`),
-``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`). Only the architecture is
+``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`), and those other packages
+add with :func:`register_kind` (``video_classifier``). Only the architecture is
 stored; runtime knobs (compute and parameter dtype, attention kernel, remat policy) are chosen when loading::
 
     save_model("run/model", model)
@@ -39,6 +40,14 @@ _RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat
             "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": ()}
 _CLASSES = {"wan_transformer": (WanTransformer, WanTransformerConfig), "wan_vae": (WanVAE, WanVAEConfig),
             "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig)}
+
+
+def register_kind(kind: str, module_cls: type, config_cls: type, runtime: tuple[str, ...] = ()) -> None:
+    """Make a model of another package savable here (e.g. the evaluation's video classifier), so that it
+    uses this one format instead of its own. ``runtime``: config fields chosen when loading, not saved."""
+    if kind in _CLASSES and _CLASSES[kind] != (module_cls, config_cls):
+        raise ValueError(f"model kind {kind!r} is already registered for {_CLASSES[kind][0].__name__}")
+    _CLASSES[kind], _RUNTIME[kind] = (module_cls, config_cls), tuple(runtime)
 
 
 def model_kind(model: nnx.Module) -> str:
@@ -161,5 +170,5 @@ def load_model(directory: str, *, shardings: Any = None, **runtime) -> nnx.Modul
     return nnx.merge(graphdef, restored, rest)
 
 
-__all__ = ["save_model", "load_model", "read_model_json", "architecture", "config_from_architecture",
+__all__ = ["register_kind", "save_model", "load_model", "read_model_json", "architecture", "config_from_architecture",
            "abstract_model", "model_kind", "disk_params", "row_sharding", "MODEL_JSON"]
