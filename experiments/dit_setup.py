@@ -24,17 +24,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 from flax import nnx
 
 from shelllcc import parallel
-from shelllcc.data import random_latents
+from shelllcc.data import latent_cache, random_latents, readers
 from shelllcc.models import saving
 from shelllcc.models.wan_transformer import LAYERS, LOGICAL_AXES, WanTransformer, stack_blocks, stacked_layout
 from shelllcc.models.wan_transformer import get_config as wan_config
+from shelllcc.training import checkpoints, loop, metric_writers, optimizers
 from shelllcc.training import lora as lora_lib
-from shelllcc.training import optimizers
 from shelllcc.training import train_state as ts
 from shelllcc.training.step import LossFn, jit_train_step, make_train_step, microbatch_count, train_state_shardings
+from third_party.diffusers_wan import load_transformer
 
 ARCH_OVERRIDES = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim")
 MODEL_DIR = "model"           # where a run exports its final DiT (loadable by init_from / sample)
@@ -135,21 +137,28 @@ class LoadedModel:
     source: str                      # human-readable origin of the weights
 
 
+def init_from_model(init_from: str) -> tuple[str, dict]:
+    """``(saved model directory, its model.json)`` for ``model.init_from``: an earlier run's workdir (its
+    ``model/``) or a saved model directory itself; anything but a ``wan_transformer`` is refused."""
+    path = os.path.join(init_from, MODEL_DIR) if os.path.isdir(os.path.join(init_from, MODEL_DIR)) else init_from
+    info = saving.read_model_json(path)
+    if info["kind"] != "wan_transformer":
+        raise ValueError(f"model.init_from {init_from!r} holds a {info['kind']!r} model, not a wan_transformer")
+    return path, info
+
+
 def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
     """The DiT with weights from ``pretrained``, ``init_from`` or a seeded random init, sharded by ``rules``
     (flax resolves the parameters' logical axis names under :func:`sharding_context`)."""
     if m.pretrained and m.init_from:
         raise ValueError("set at most one of model.pretrained (a diffusers folder) and model.init_from (a workdir)")
     if m.pretrained:
-        from third_party.diffusers_wan import load_transformer
         model = load_transformer(m.pretrained, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                                  mesh=mesh, rules=rules, attention_impl=m.attention_impl or None,
                                  remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers))
         return LoadedModel(model, f"diffusers {m.pretrained}")
     if m.init_from:
-        path = os.path.join(m.init_from, MODEL_DIR) if os.path.isdir(os.path.join(m.init_from, MODEL_DIR)) \
-            else m.init_from
-        info = saving.read_model_json(path)
+        path, info = init_from_model(m.init_from)
         cfg = transformer_config(m, info["architecture"])
         with sharding_context(mesh, rules):
             abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
@@ -190,13 +199,14 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
 
 
 def describe_params(params: Any) -> str:
-    from clu import parameter_overview
     return parameter_overview.get_parameter_overview(params, include_stats=False)
 
 
 # ------------------------------------------------------------------------------------------ data
 
 class _Normalize:
+    """One cache record -> the step's example: normalised latents, float32 text, the weight map if asked."""
+
     def __init__(self, mean, std, dtype, weight_field: str = ""):
         self.mean = None if not len(mean) else np.asarray(mean, np.float32)
         self.std = None if not len(std) else np.asarray(std, np.float32)
@@ -229,7 +239,6 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
         raise ValueError(f"unknown data.source {d.source!r}; expected 'cache' or 'random'")
     if not d.cache_dir:
         raise ValueError("data.source='cache' needs --config.data.cache_dir=/path/to/latent/cache")
-    from shelllcc.data import latent_cache, readers
     cache = latent_cache.open_cache(d.cache_dir)
     lat_shape = tuple(cache.info["fields"]["latents"]["shape"])
     if d.latent_mean and len(d.latent_mean) != lat_shape[-1]:
@@ -244,33 +253,14 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
         if tuple(fields[weight_field]["shape"]) != lat_shape[:-1]:
             raise ValueError(f"data.weight_field={weight_field!r} has shape {tuple(fields[weight_field]['shape'])} in "
                              f"cache {d.cache_dir!r}; the latent grid is {lat_shape[:-1]}")
+    # per example, in grain's reader threads; the iterator keeps grain's own state for exact resume
     ds = readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed,
-                              transform=None)
-    return _Mapped(iter(ds), _Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field))
-
-
-class _Mapped:
-    """An iterator with state whose items pass through ``fn`` (keeps the wrapped iterator's state)."""
-
-    def __init__(self, it, fn):
-        self._it, self._fn = it, fn
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self._fn(next(self._it))
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
+                              transform=_Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field))
+    return iter(ds)
 
 
 def device_batches(host_iter, mesh, prefetch: int):
-    from shelllcc.data.readers import prefetch_to_device
-    return prefetch_to_device(host_iter, size=max(prefetch, 1), sharding=parallel.batch_sharding(mesh))
+    return readers.prefetch_to_device(host_iter, size=max(prefetch, 1), sharding=parallel.batch_sharding(mesh))
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -431,7 +421,6 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     frozen inputs it needs (a manifold, a reference model) with their shardings; they are placed in
     ``state.frozen`` next to ``"model"``.
     """
-    from shelllcc.training import checkpoints, loop, metric_writers
 
     mesh = make_mesh(config.mesh)
     rules = sharding_rules(config)

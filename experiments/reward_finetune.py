@@ -35,6 +35,7 @@ from shelllcc.manifold import io as manifold_io
 from shelllcc.manifold.params import ManifoldConfig, init_params
 from shelllcc.rewards import manifold_distance
 from shelllcc.rewards.manifold_distance import KINDS
+from third_party.shell_lcc_reference import load_manifold as load_reference
 
 OBJECTIVES = ("one_step", "noised_data", "sft")
 
@@ -74,7 +75,6 @@ def load_reward_manifold(r: ml_collections.ConfigDict, latent_channels: int):
         anchors = jax.random.normal(jax.random.fold_in(key, 1), (rc.num_anchors, dim))
         return init_params(key, cfg, anchors), cfg, {"shell_band_target": 1.0}
     if src.endswith((".pt", ".pth")):
-        from third_party.shell_lcc_reference import load_manifold as load_reference
         params, cfg = load_reference(src)[:2]
         return params, cfg, {}
     path = os.path.join(src, "manifold") if os.path.isdir(os.path.join(src, "manifold")) else src

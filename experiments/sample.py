@@ -51,13 +51,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from experiments import config_entry, dit_setup
 from shelllcc import parallel
+from shelllcc.data import latent_cache
 from shelllcc.evaluation import media
 from shelllcc.flow import samplers
 from shelllcc.flow.timesteps import wan_sampling_schedule
 from shelllcc.models import saving
+from shelllcc.models.wan_vae import config_from_diffusers
+from third_party.diffusers_wan import load_config
+from third_party.diffusers_wan import load_vae as load_diffusers_vae
+from third_party.safetensors_checkpoint import read_config
 
 SAMPLES_DIR = "samples"
 SOURCES = ("cache", "file")
@@ -129,7 +135,6 @@ def read_prompt_file(path: str) -> list[str]:
 def load_text_encoder(path: str) -> tuple[Callable[[Sequence[str]], np.ndarray], str]:
     """``(captions -> embeddings [B, L, D] float32, description)`` for a saved small ``TextEncoder``
     directory or a umT5 ``.npz`` text cache."""
-    from shelllcc.data import latent_cache
 
     if not path:
         raise ValueError("prompts.text_encoder is empty: give a saved TextEncoder directory or a umT5 .npz cache")
@@ -159,7 +164,6 @@ def load_text_encoder(path: str) -> tuple[Callable[[Sequence[str]], np.ndarray],
 
 
 def _open_cache(cache_dir: str):
-    from shelllcc.data import latent_cache
     if not os.path.isdir(cache_dir):
         raise ValueError(f"prompts.cache_dir {cache_dir!r} does not exist")
     try:
@@ -218,15 +222,9 @@ def planned_transformer_config(m: ml_collections.ConfigDict):
     if m.pretrained and m.init_from:
         raise ValueError("set at most one of model.pretrained (a diffusers folder) and model.init_from (a workdir)")
     if m.pretrained:
-        from third_party.wan_transformer_weights import load_config
         return load_config(m.pretrained)
     if m.init_from:
-        path = os.path.join(m.init_from, dit_setup.MODEL_DIR) \
-            if os.path.isdir(os.path.join(m.init_from, dit_setup.MODEL_DIR)) else m.init_from
-        info = saving.read_model_json(path)
-        if info["kind"] != "wan_transformer":
-            raise ValueError(f"model.init_from {m.init_from!r} holds a {info['kind']!r} model, not a wan_transformer")
-        return dit_setup.transformer_config(m, info["architecture"])
+        return dit_setup.transformer_config(m, dit_setup.init_from_model(m.init_from)[1]["architecture"])
     return dit_setup.transformer_config(m)
 
 
@@ -238,8 +236,6 @@ def planned_vae_config(v: ml_collections.ConfigDict):
     if v.dir and v.pretrained:
         raise ValueError("set at most one of vae.dir (a saved VAE) and vae.pretrained (a diffusers vae folder)")
     if v.pretrained:
-        from shelllcc.models.wan_vae import config_from_diffusers
-        from third_party.safetensors_checkpoint import read_config
         try:
             return config_from_diffusers(read_config(v.pretrained))
         except FileNotFoundError as e:
@@ -316,7 +312,6 @@ def _to_global(x: np.ndarray, sharding) -> jax.Array:
 def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -433,7 +428,6 @@ class LatentDecoder:
 def load_vae(v: ml_collections.ConfigDict):
     dtype = jnp.dtype(v.dtype)
     if v.pretrained:
-        from third_party.diffusers_wan import load_vae as load_diffusers_vae
         return load_diffusers_vae(v.pretrained, dtype=dtype, param_dtype=jnp.float32)
     return saving.load_model(v.dir, dtype=dtype, param_dtype=jnp.float32)
 

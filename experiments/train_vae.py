@@ -33,9 +33,11 @@ from flax import nnx
 
 from experiments import config_entry, dit_setup
 from shelllcc import parallel
+from shelllcc.data import embedded_benchmark, readers
 from shelllcc.evaluation import detail
 from shelllcc.models import saving
 from shelllcc.models.patch_vae import PatchVAE, PatchVAEConfig, with_latent_stats
+from shelllcc.training import checkpoints, loop, metric_writers
 from shelllcc.training import train_state as ts
 from shelllcc.training.step import jit_train_step, make_train_step, train_state_shardings
 
@@ -76,13 +78,11 @@ def model_config(m: ml_collections.ConfigDict) -> PatchVAEConfig:
 
 def open_source(d: ml_collections.ConfigDict, split: str):
     """The dataset's ``split`` as a random-access source (building the embedded benchmark if needed)."""
-    from shelllcc.data import readers
     if d.dataset:
         return readers.open_split(d.dataset, split, d.data_dir or None)
     if not d.data_dir:
         raise ValueError("set data.dataset (a TFDS builder directory or name) or data.data_dir (where the "
                          "embedded benchmark is built)")
-    from shelllcc.data import embedded_benchmark
     return embedded_benchmark.build(d.data_dir).as_data_source(split)
 
 
@@ -173,8 +173,6 @@ def _videos(source, n: int) -> np.ndarray:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> PatchVAE:
-    from shelllcc.data import readers
-    from shelllcc.training import checkpoints, loop, metric_writers
 
     d = config.data
     cfg = model_config(config.model)
