@@ -459,3 +459,22 @@ def test_non_finite_cache_records_are_skipped_and_named(tmp_path):
     assert splits.train_patches.shape[0] + splits.test_latents.reshape(-1, 16).shape[0] == 7 * 2 * 4 * 4
     assert np.all(np.isfinite(splits.train_patches))
 
+
+def test_fit_whose_stage_skipped_most_steps_fails_and_saves_no_manifold(tmp_path, monkeypatch):
+    """Every stage-1 batch from step 2 on holds a NaN: the fit stops with TrainingFailed at the end of
+    stage 1 (6 of 8 steps skipped) and writes no manifold, so no reward run can pick one up."""
+    from shelllcc.errors import TrainingFailed
+    cfg = _quick_config(**{"stage1.steps": 8, "stage2.steps": 4})
+    real = _BATCH
+
+    def batch(pool_, seed, stage, step, batch_size):
+        b = real(pool_, seed, stage, step, batch_size)
+        if stage == 1 and step >= 2:
+            b = b.copy()
+            b[0, 0] = np.nan
+        return b
+
+    monkeypatch.setattr(fit_manifold, "_batch", batch)
+    with pytest.raises(TrainingFailed, match="6 of the 8 steps up to step 8 .* skipped"):
+        fit_manifold.run(cfg, str(tmp_path))
+    assert not os.path.exists(tmp_path / "manifold") and not os.path.exists(tmp_path / "distances.json")
