@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from experiments import config_entry
-from shelllcc import parallel
+from shelllcc import errors, parallel
 from shelllcc.data import latent_files, synthetic_latents
 from shelllcc.data.latent_cache import open_cache
 from shelllcc.manifold import fit, io
@@ -255,6 +255,13 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
         # the checkpoint's stage says which optimizer's state it holds; the restore target is built
         # abstractly (re-running the anchor init, a k-means, would be wasted)
         stage = ckpt.meta(latest)["stage"]
+        # a stage-1 checkpoint past the new stage1.steps would run no stage 1, then start stage 2 late; a
+        # stage-2 one before it, or past the end, has no place in this config's schedule
+        if (stage == 1 and latest > n1) or (stage == 2 and not n1 <= latest <= total):
+            ckpt.close()
+            raise errors.UserError(
+                f"{ckpt_dir} holds a stage-{stage} checkpoint at step {latest}, which config stage1.steps={n1}, "
+                f"stage2.steps={n2} does not reach; resume with the steps it was written with, or use a new workdir")
         abstract = jax.eval_shape(lambda p: fit.init_state(p, opt[stage], stage), io.abstract_params(mconfig))
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                               ts.checkpoint_items(abstract))

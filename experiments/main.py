@@ -31,6 +31,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.config_checks import check_config
 from experiments.overrides import apply_overrides
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
@@ -173,6 +174,9 @@ def main(argv):
 def run_variants(config, workdir: str) -> None:
     """Run the config, or each variant of an ablation in ``workdir/<name>`` (finished ones skipped)."""
     variants = expand_variants(config)
+    # every variant before the first runs: a bad value in the last one must not cost the others' hours
+    for name, variant in variants:
+        check_config(variant, f"config (variant {name!r})" if name else "config")
     for i, (name, variant) in enumerate(variants):
         vdir = os.path.join(workdir, name) if name else workdir
         if name:

@@ -7,6 +7,7 @@ costs milliseconds a row; ``test_the_real_command_line`` runs it as a subprocess
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,22 +80,118 @@ def test_flag_errors(case, argv, name, tmp_path, monkeypatch, capsys):
 
 
 def test_the_real_command_line(tmp_path):
-    """As a subprocess: a flag error and an experiment's own check each give exit 2 and one stderr line;
-    --debug and SHELLLCC_DEBUG=1 show the traceback above that line."""
+    """As a subprocess: an experiment's own check gives exit 2 and one stderr line; SHELLLCC_DEBUG=1 shows
+    the traceback above that line."""
     def run(*argv, env=None):
         return subprocess.run([sys.executable, "-m", "experiments.main", *argv, f"--workdir={tmp_path / 'w'}"],
                               cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
-    for argv in ([QUICK, "--config.stage1.stepz=3"], [QUICK, "--config.data.source=cache"]):
-        proc = run(*argv)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-    proc = run(QUICK, "--config.data.source=npy", "--debug")
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.source='npy' needs")
+    proc = run(QUICK, "--config.data.source=cache")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: data.source='cache' needs --config.data.cache.dir=/path/to/latent/cache"], proc.stderr
     proc = run(QUICK, "--config.stage1.steps=abc", env=dict(os.environ, SHELLLCC_DEBUG="1"))
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: flag --config.stage1.steps=abc")
     assert not (tmp_path / "w" / "manifold").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    assert run_cli([QUICK, "--config.data.source=npy", "--debug", f"--workdir={tmp_path / 'w'}"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: data.source='npy' needs")
+
+
+# ------------------------------------------------------------------------------------------ config values
+# (case, overrides, what the line must name); refused before the workdir is created
+CONFIG_VALUES = [
+    ("negative stage-1 steps", ["--config.stage1.steps=-5"], "stage1.steps=-5"),
+    ("negative stage-2 steps", ["--config.stage2.steps=-100"], "stage2.steps=-100"),
+    ("zero stage-1 steps", ["--config.stage1.steps=0"], "stage1.steps=0"),
+    ("zero batch", ["--config.stage2.batch_size=0"], "stage2.batch_size=0"),
+    ("test fraction above 1", ["--config.data.test_fraction=2.0"], "data.test_fraction=2.0"),
+    ("test fraction 0", ["--config.data.test_fraction=0.0"], "data.test_fraction=0.0"),
+    ("test fraction 1", ["--config.data.test_fraction=1.0"], "data.test_fraction=1.0"),
+    ("log_every 0", ["--config.log_every=0"], "log_every=0"),
+    ("checkpoint_every 0", ["--config.checkpoint_every=0"], "checkpoint_every=0"),
+    ("keep_checkpoints 0", ["--config.keep_checkpoints=0"], "keep_checkpoints=0"),
+    ("unknown dtype", ["--config.compute_dtype=float17"], "compute_dtype='float17'"),
+    ("2-element patch", ["--config.manifold.patch_size=(1, 2)"], "manifold.patch_size=(1, 2)"),
+    ("zero patch", ["--config.manifold.patch_size=(1, 0, 1)"], "manifold.patch_size=(1, 0, 1)"),
+    ("negative learning rate", ["--config.stage1.learning_rate=-0.001"], "stage1.learning_rate=-0.001"),
+    ("nan learning rate", ["--config.stage2.learning_rate=nan"], "stage2.learning_rate=nan"),
+    ("negative warmup", ["--config.stage1.warmup_steps=-1"], "stage1.warmup_steps=-1"),
+    ("negative grad clip", ["--config.stage1.grad_clip=-1.0"], "stage1.grad_clip=-1.0"),
+    ("zero anchors", ["--config.manifold.num_anchors=0"], "manifold.num_anchors=0"),
+    ("negative kmeans iterations", ["--config.manifold.kmeans_iters=-1"], "manifold.kmeans_iters=-1"),
+    ("negative patch bound", ["--config.data.max_train_patches=-1"], "data.max_train_patches=-1"),
+    ("zero eval chunk", ["--config.eval.chunk_size=0"], "eval.chunk_size=0"),
+]
+
+
+@pytest.mark.parametrize("case,argv,name", CONFIG_VALUES, ids=[c[0] for c in CONFIG_VALUES])
+def test_config_values(case, argv, name, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, *argv, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, name)
+    assert not workdir.exists()
+
+
+def test_ablation_variant_with_a_bad_value_is_refused_before_any_variant_runs(tmp_path, monkeypatch, capsys):
+    """The last variant's bad value stops the ablation before the first variant's hours are spent."""
+    config = tmp_path / "abl.py"
+    config.write_text("import ml_collections\nfrom configs import synthetic_manifold\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    c = ml_collections.ConfigDict()\n"
+                      "    c.ablation = dict(base=synthetic_manifold.get_config('quick'),\n"
+                      "                      variants=(('a', {}), ('b', {'log_every': 0})))\n"
+                      "    return c\n")
+    workdir = tmp_path / "w"
+    assert run_cli([f"--config={config}", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "variant 'b'", "log_every=0")
+    assert not workdir.exists()
+
+
+def test_every_shipped_config_passes_the_checks():
+    import importlib
+
+    from configs import wan21_pipeline
+    from experiments import embedded_pipeline
+    from experiments.config_checks import check_config
+    args = {"ablation": [None, "kinds"], "demo": [None, "quick", "pretrain", "from_scratch", "long", "authors"],
+            "synthetic_manifold": [None, "quick"], "wan21_manifold": [None],
+            "wan21_reward": ["1.3b-lora", "1.3b-full", "14b-lora", "14b-full"],
+            "embedded": list(embedded_pipeline.DIT_STAGES), "wan21_pipeline": list(wan21_pipeline.STAGES)}
+    for name, arg_list in args.items():
+        for arg in arg_list:
+            for vname, variant in cli_main.expand_variants(importlib.import_module(f"configs.{name}").get_config(arg)):
+                check_config(variant, f"configs/{name}.py:{arg} {vname}")
+    for name in cli_main.EXPERIMENTS:
+        check_config(importlib.import_module(f"experiments.{name}").default_config(), name)
+
+
+# ------------------------------------------------------------------------------------------ resumes
+@pytest.fixture(scope="module")
+def finished_fit(tmp_path_factory):
+    """A finished SMALL fit: checkpoints at 4, 8 (the stage boundary, stage 1) and 12 (stage 2)."""
+    workdir = tmp_path_factory.mktemp("fit") / "w"
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_cli([*SMALL, "--config.keep_checkpoints=5", f"--workdir={workdir}"], mp) == 0
+    assert (workdir / "manifold").exists()
+    return workdir
+
+
+@pytest.mark.parametrize("case", ["stage-2 checkpoint past the new end", "stage-1 checkpoint past the new stage 1"])
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(case, finished_fit, tmp_path, monkeypatch, capsys):
+    """``stage1.steps`` lowered below the checkpoint's step: refused (it skipped stage 2's calibration)."""
+    workdir = tmp_path / "w"
+    shutil.copytree(finished_fit / "checkpoints", workdir / "checkpoints")
+    if case.startswith("stage-1"):
+        shutil.rmtree(workdir / "checkpoints" / "orbax" / "12")
+    steps = sorted(os.listdir(workdir / "checkpoints" / "orbax"))
+    assert run_cli([*SMALL, "--config.stage1.steps=4", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "stage1.steps=4", "at step " + ("12" if case.startswith("stage-2") else "8"))
+    assert_nothing_trusted(workdir)
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == steps
 
 
 # ------------------------------------------------------------------------------------------ input data
