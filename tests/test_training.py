@@ -226,6 +226,35 @@ def test_loop_reports_the_running_skip_count_not_its_mean():
     assert writer.scalars[5]["skipped"] == 2.0 and writer.scalars[10]["skipped"] == 2.0
 
 
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_sigterm_right_after_a_periodic_save_saves_nothing_twice(tmp_path, asynchronous):
+    """SIGTERM while the periodic save of step s is being written: the guard's save at s is the same
+    checkpoint and is not written again (orbax raised StepAlreadyExistsError, exit 1 instead of 143)."""
+    from shelllcc.training import loop
+    from shelllcc.training.checkpoints import Checkpointer, Preempted, PreemptionGuard
+
+    guard = PreemptionGuard()
+
+    def batches():
+        for k in range(100):
+            if k == 3:              # during step 3; its periodic save of step 4 is then the guard's step
+                guard.request()
+            yield k
+
+    def step_fn(state, k, rng):
+        return state.replace(step=state.step + 1, params={"w": state.params["w"] + 1.0}), {"loss": jnp.float32(1.0)}
+
+    state = ts.create({"w": jnp.zeros((256, 1024))}, optax.sgd(0.1))    # 1 MiB: the async write is still running
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2, asynchronous=asynchronous)
+    with pytest.raises(Preempted, match="at step 4"):
+        loop.train(step_fn, state, jax.random.PRNGKey(0), batches(),
+                   settings=loop.LoopSettings(total_steps=10, log_every=5, checkpoint_every=1), checkpointer=ckpt,
+                   writer=_Recorder(), guard=guard)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+
+
 def test_microbatch_accumulation_equals_full_batch():
     """k microbatches of a mean loss give the full batch's loss and gradient (and one update)."""
     w = {"w": jnp.arange(6.0).reshape(3, 2) / 5}
