@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -208,3 +209,121 @@ def test_data_source_errors(tmp_path, monkeypatch, capsys):
         assert run_cli([QUICK, *argv, f"--workdir={workdir}"], monkeypatch) == 2, argv
         assert_one_line_error(capsys, name)
         assert_nothing_trusted(workdir)
+
+
+# ------------------------------------------------------------------------------------------ input files
+def _npy_folder(tmp_path, kind: str):
+    """A folder of .npy latents every one of which is bad in the same way."""
+    folder = tmp_path / kind
+    folder.mkdir()
+    good = np.random.default_rng(0).standard_normal((1, 2, 8, 8, 16)).astype(np.float32)
+    for i in range(3):
+        path = folder / f"v{i}.npy"
+        if kind == "truncated":
+            np.save(path, good)
+            path.write_bytes(path.read_bytes()[:200])
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "nan":
+            bad = good.copy()
+            bad[0, 0, 0, 0, i] = np.nan
+            np.save(path, bad)
+        elif kind == "wrong_rank":
+            np.save(path, good[0, 0])
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "nan", "wrong_rank"])
+def test_npy_files_none_usable(kind, tmp_path, monkeypatch, capsys):
+    folder = _npy_folder(tmp_path, kind)
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, "--config.data.source=npy", f"--config.data.npy.pattern={folder}/*.npy",
+                    f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, f"{folder}/v0.npy", f"{folder}/v2.npy")
+    assert_nothing_trusted(workdir)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    from tests.helpers import write_tiny_latent_cache
+    return write_tiny_latent_cache(str(tmp_path_factory.mktemp("cache") / "c"), n=8, size=32)
+
+
+def _damaged_cache(src: str, tmp_path, kind: str) -> str:
+    out = str(tmp_path / f"cache_{kind}")
+    shutil.copytree(src, out)
+    shard = os.path.join(out, "cache-00000-of-00001.array_record")
+    json_path = os.path.join(out, "cache.json")
+    if kind == "truncated cache.json":
+        text = open(json_path).read()
+        open(json_path, "w").write(text[: len(text) // 2])
+    elif kind == "corrupted shard":            # same size: only reading it finds the damage
+        data = bytearray(open(shard, "rb").read())
+        data[2000:2400] = bytes(b ^ 0xFF for b in data[2000:2400])
+        open(shard, "wb").write(bytes(data))
+    elif kind == "truncated shard":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[: len(data) // 2])
+    elif kind == "missing shard":
+        os.remove(shard)
+    return out
+
+
+CACHE_DAMAGE = [("truncated cache.json", "cache.json"), ("corrupted shard", "cache-00000-of-00001.array_record"),
+                ("truncated shard", "cache-00000-of-00001.array_record"),
+                ("missing shard", "cache-00000-of-00001.array_record")]
+
+
+@pytest.mark.parametrize("kind,name", CACHE_DAMAGE, ids=[c[0] for c in CACHE_DAMAGE])
+def test_damaged_latent_cache(kind, name, tiny_cache, tmp_path, monkeypatch, capsys):
+    cache = _damaged_cache(tiny_cache, tmp_path, kind)
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, "--config.data.source=cache", f"--config.data.cache.dir={cache}", f"--workdir={workdir}"],
+                   monkeypatch) == 2
+    assert_one_line_error(capsys, cache, name)
+    assert_nothing_trusted(workdir)
+
+
+def _saved_manifold(tmp_path):
+    from shelllcc.manifold import io
+    from tests.helpers import random_manifold
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    return io.save_manifold(str(tmp_path / "m"), params, cfg)
+
+
+@pytest.mark.parametrize("kind", ["truncated manifold.json", "empty manifold.json", "anchors changed in manifold.json",
+                                  "params deleted"])
+def test_damaged_manifold(kind, tmp_path):
+    """What ``reward.manifold=DIR`` loads: an InputFileError (exit 2 from main) naming the file."""
+    from shelllcc.errors import InputFileError
+    from shelllcc.manifold import io
+    directory = _saved_manifold(tmp_path)
+    json_path = os.path.join(directory, "manifold.json")
+    text = open(json_path).read()
+    if kind == "truncated manifold.json":
+        open(json_path, "w").write(text[: len(text) // 2])
+    elif kind == "empty manifold.json":
+        open(json_path, "w").write("")
+    elif kind == "anchors changed in manifold.json":
+        open(json_path, "w").write(text.replace('"num_anchors": 8', '"num_anchors": 9'))
+    else:
+        shutil.rmtree(os.path.join(directory, "params"))
+    with pytest.raises(InputFileError) as e:
+        io.load_manifold(directory)
+    assert (os.path.join(directory, "params") if kind in ("anchors changed in manifold.json", "params deleted")
+            else json_path) in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "not a checkpoint"])
+def test_damaged_reference_checkpoint(kind, tmp_path):
+    pytest.importorskip("torch")
+    from shelllcc.errors import InputFileError
+    from tests.helpers import random_manifold
+    from third_party import shell_lcc_reference
+    path = str(tmp_path / "ref.pt")
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    shell_lcc_reference.save_manifold(params, cfg, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write({"truncated": data[: len(data) // 2], "empty": b"", "not a checkpoint": b"hello"}[kind])
+    with pytest.raises(InputFileError, match=str(tmp_path / "ref.pt")):
+        shell_lcc_reference.load_manifold(path)
