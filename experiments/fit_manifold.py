@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from experiments import config_entry
-from shelllcc import parallel
+from shelllcc import errors, parallel
 from shelllcc.data import latent_files, synthetic_latents
 from shelllcc.data.latent_cache import open_cache
 from shelllcc.manifold import fit, io
@@ -77,12 +77,14 @@ class LatentSplits:
     train_patches: np.ndarray   # [N, D]
     test_latents: np.ndarray    # [B, T, H, W, C]
     description: str
+    skipped: list[str] = dataclasses.field(default_factory=list)   # "<file or record>: <why>", one per input left out
 
 
 def load_latents(config) -> LatentSplits:
     d = config.data
     patch = tuple(config.manifold.patch_size)
     rng = np.random.default_rng(config.seed)
+    skipped: list[str] = []
     if d.source == "synthetic":
         s = d.synthetic
         mixture = synthetic_latents.make_shell_mixture(config.seed, s.dim, s.num_components, s.sigma, s.center_scale)
@@ -97,8 +99,9 @@ def load_latents(config) -> LatentSplits:
         desc = f"{report['used']} of {report['files']} files matching {d.npy.pattern!r}, {latents.shape[0]} latents"
         if report["skipped"]:
             desc += f"; skipped {report['skipped']}"
+        skipped = [line for lines in report["skipped_files"].values() for line in lines]
     elif d.source == "cache":
-        latents, desc = _cache_latents(d.cache)
+        latents, desc, skipped = _cache_latents(d.cache)
     else:
         raise ValueError(f"unknown data.source {d.source!r}; expected 'synthetic', 'npy' or 'cache'")
     if latents.shape[0] < 2:
@@ -111,24 +114,39 @@ def load_latents(config) -> LatentSplits:
     patches = np.asarray(patchify(jnp.asarray(train), patch)).reshape(-1, dim)
     if d.max_train_patches and patches.shape[0] > d.max_train_patches:
         patches = patches[rng.choice(patches.shape[0], d.max_train_patches, replace=False)]
-    return LatentSplits(train_patches=patches, test_latents=test, description=desc)
+    return LatentSplits(train_patches=patches, test_latents=test, description=desc, skipped=skipped)
 
 
-def _cache_latents(c) -> tuple[np.ndarray, str]:
+def _cache_latents(c) -> tuple[np.ndarray, str, list[str]]:
     if not c.dir:
         raise ValueError("data.source='cache' needs --config.data.cache.dir=/path/to/latent/cache")
     if len(c.latent_mean) != len(c.latent_std):
         raise ValueError(f"data.cache.latent_mean has {len(c.latent_mean)} entries, latent_std {len(c.latent_std)}")
     cache = open_cache(c.dir, latent_dtype=np.float32)
     n = len(cache) if not c.max_examples else min(c.max_examples, len(cache))
-    latents = np.stack([cache[i]["latents"] for i in range(n)])
+    kept, skipped = [], []
+    for i in range(n):
+        ex = cache[i]
+        bad = int(ex["latents"].size - np.count_nonzero(np.isfinite(ex["latents"])))
+        if bad:
+            # a NaN clip poisons the anchor init and every step after it (see latent_files)
+            skipped.append(f"{c.dir}: record {i} (source index {int(ex.get('source_index', i))}): "
+                           f"{bad} non-finite values")
+        else:
+            kept.append(ex["latents"])
+    if not kept:
+        raise ValueError(f"none of the {n} latents read from the cache {c.dir!r} is finite")
+    latents = np.stack(kept)
     if len(c.latent_mean):
         if len(c.latent_mean) != latents.shape[-1]:
             raise ValueError(f"data.cache.latent_mean has {len(c.latent_mean)} entries; cache {c.dir!r} latents "
                              f"have {latents.shape[-1]} channels")
         latents = (latents - np.asarray(c.latent_mean, np.float32)) / np.asarray(c.latent_std, np.float32)
     norm = " (normalised)" if len(c.latent_mean) else ""
-    return latents, f"{n} of {len(cache)} latents{norm} from the cache {c.dir!r}, each {latents.shape[1:]}"
+    desc = f"{n} of {len(cache)} latents{norm} from the cache {c.dir!r}, each {latents.shape[1:]}"
+    if skipped:
+        desc += f"; skipped {{'non_finite': {len(skipped)}}}"
+    return latents, desc, skipped
 
 
 def _batch(pool: np.ndarray, seed: int, stage: int, step: int, batch_size: int) -> np.ndarray:
@@ -237,6 +255,13 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
         # the checkpoint's stage says which optimizer's state it holds; the restore target is built
         # abstractly (re-running the anchor init, a k-means, would be wasted)
         stage = ckpt.meta(latest)["stage"]
+        # a stage-1 checkpoint past the new stage1.steps would run no stage 1, then start stage 2 late; a
+        # stage-2 one before it, or past the end, has no place in this config's schedule
+        if (stage == 1 and latest > n1) or (stage == 2 and not n1 <= latest <= total):
+            ckpt.close()
+            raise errors.UserError(
+                f"{ckpt_dir} holds a stage-{stage} checkpoint at step {latest}, which config stage1.steps={n1}, "
+                f"stage2.steps={n2} does not reach; resume with the steps it was written with, or use a new workdir")
         abstract = jax.eval_shape(lambda p: fit.init_state(p, opt[stage], stage), io.abstract_params(mconfig))
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                               ts.checkpoint_items(abstract))
@@ -286,6 +311,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     splits = load_latents(config)
     pool = splits.train_patches
     print(f"data: {splits.description}", flush=True)
+    for line in splits.skipped:
+        print(f"  skipped {line}", flush=True)
     print(f"train patches: {pool.shape[0]} x D={pool.shape[1]}; test latents: {splits.test_latents.shape}", flush=True)
 
     m = config.manifold

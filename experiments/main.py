@@ -12,6 +12,11 @@ Ablations: a config with an ``ablation`` section (``ablation.base``, a config of
 ``ablation.variants``, a tuple of ``(name, {dotted.key: value})``) runs every variant one after another
 in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``).
 SIGTERM stops the whole ablation after the running variant saved its checkpoint (exit code 143).
+
+Exit codes: 0 done; 2 a user error (a config value or flag, an input file, a refused resume), printed as
+one line ``error: ...`` naming the key, file or shape; 3 a run that failed without saving its result
+(diverged, most steps non-finite); 143 preempted (SIGTERM, checkpoint saved); 1 anything else (a bug:
+traceback). ``--debug`` or ``SHELLLCC_DEBUG=1`` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.config_checks import check_config
 from experiments.overrides import apply_overrides
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
@@ -35,7 +43,53 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize(): auto = when the environment describes several "
                                  "processes (JAX_COORDINATOR_ADDRESS, Slurm, Open MPI, multi-host TPU).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of user errors (also: SHELLLCC_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERROR_EXIT = 2
+
+
+def _debug(argv=None) -> bool:
+    if os.environ.get("SHELLLCC_DEBUG", "") not in ("", "0"):
+        return True
+    if argv is not None:        # before the flags are parsed
+        return any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv)
+    return flags.FLAGS.is_parsed() and _DEBUG.value
+
+
+def _fail(message: str, exit_code: int, argv=None):
+    """Print ``error: <message>`` as one line (the traceback first with --debug) and exit."""
+    if _debug(argv):
+        traceback.print_exc()
+    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+def _one_line_flag_error(e: Exception) -> str:
+    # a config file that raised comes back as a flag error whose text holds the whole traceback; its
+    # last line (the exception) is what the user acts on
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)
+
+
+def parse_flags(argv):
+    """absl's flag parsing with its errors (bad value, unknown or misspelt ``--config.*`` key, a config file
+    that raised) as one ``error:`` line and exit code 2, instead of a traceback or ``FATAL`` and exit 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(_one_line_flag_error(e), USER_ERROR_EXIT, argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections' answer to --config.<key that does not exist>: the key and a did-you-mean
+        text = str(e).replace("\\", "")
+        found = re.search(r"'(\w+)", text)
+        key = found.group(1) if found else text
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        suggestion = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)
+        hint = suggestion.group(0) if suggestion else ""
+        _fail(f"{named[0] if named else key}: no such config key. {hint}".strip(), USER_ERROR_EXIT, argv)
 
 
 def expand_variants(config) -> list[tuple[str, object]]:
@@ -92,9 +146,16 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
+    try:
+        config.get("experiment")
+    except OSError as e:
+        # config_flags defers a missing or unreadable config file to the first use of the config
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        _fail(f"--config: {lines[-1]}", USER_ERROR_EXIT)
     apply_cpu_compile_flags(config)
     from shelllcc.training import distributed
     distributed.maybe_initialize(_DISTRIBUTED.value)
+    from shelllcc.errors import TrainingFailed, UserError
     from shelllcc.training.checkpoints import Preempted
 
     try:
@@ -102,11 +163,20 @@ def main(argv):
     except Preempted as e:
         print(f"preempted: {e}", flush=True)
         sys.exit(Preempted.exit_code)
+    except TrainingFailed as e:
+        _fail(str(e), TrainingFailed.exit_code)
+    # ValueError / FileNotFoundError: what the experiments' own checks of config values and input files
+    # raise (their messages name the key or file); anything else is a bug and keeps its traceback
+    except (UserError, ValueError, FileNotFoundError) as e:
+        _fail(str(e), USER_ERROR_EXIT)
 
 
 def run_variants(config, workdir: str) -> None:
     """Run the config, or each variant of an ablation in ``workdir/<name>`` (finished ones skipped)."""
     variants = expand_variants(config)
+    # every variant before the first runs: a bad value in the last one must not cost the others' hours
+    for name, variant in variants:
+        check_config(variant, f"config (variant {name!r})" if name else "config")
     for i, (name, variant) in enumerate(variants):
         vdir = os.path.join(workdir, name) if name else workdir
         if name:
@@ -121,4 +191,4 @@ def run_variants(config, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

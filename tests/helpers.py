@@ -29,21 +29,29 @@ def rel_err(a, b) -> float:
 
 
 def write_tiny_latent_cache(out_dir: str, n: int = 24, frames: int = 5, size: int = 16, channels: int = 16,
-                            text_len: int = 6, text_dim: int = 32, seed: int = 0) -> str:
+                            text_len: int = 6, text_dim: int = 32, seed: int = 0, nan_clips: tuple = ()) -> str:
     """A latent cache of ``n`` clips through fixed random numpy "encoders" (no models needed): latents
-    ``[1 + (frames - 1) // 4, size // 8, size // 8, channels]``, text ``[text_len, text_dim]``."""
+    ``[1 + (frames - 1) // 4, size // 8, size // 8, channels]``, text ``[text_len, text_dim]``; the clips
+    of ``nan_clips`` get one NaN latent value each (as a diverged encoder would write them)."""
     from shelllcc.data import latent_cache
 
     rng = np.random.default_rng(seed)
     proj = rng.standard_normal((3 * 64, channels)).astype(np.float32) / 8.0
     table = rng.standard_normal((257, text_dim)).astype(np.float32)
 
+    encoded = [0]
+
     def encode_video(video):
         v = np.asarray(video, np.float32) / 127.5 - 1.0            # [B, T, H, W, 3]
         b, t, h, w, _ = v.shape
         v = v[:, ::4]                                              # T' = 1 + (T - 1) // 4
         v = v.reshape(b, v.shape[1], h // 8, 8, w // 8, 8, 3).transpose(0, 1, 2, 4, 3, 5, 6)
-        return v.reshape(b, v.shape[1], h // 8, w // 8, 3 * 64) @ proj
+        out = v.reshape(b, v.shape[1], h // 8, w // 8, 3 * 64) @ proj
+        for j in range(b):     # batches arrive in source order, none padded while n is a multiple of 4
+            if encoded[0] + j in nan_clips:
+                out[j, 0, 0, 0, 0] = np.nan
+        encoded[0] += b
+        return out
 
     def encode_text(captions):
         emb = np.zeros((len(captions), text_len, text_dim), np.float32)

@@ -422,3 +422,59 @@ def test_cache_source_normalises_like_the_dit_experiments(tmp_path):
     c.data.cache.latent_mean = mean[:4]
     with pytest.raises(ValueError, match="latent_mean has 4 entries"):
         fit_manifold.load_latents(c)
+
+
+def test_non_finite_latent_files_are_skipped_and_named(tmp_path, capsys):
+    """One file with 16 NaNs and one with a single inf among good ones: both left out at loading, each
+    named, so no NaN patch can become an anchor (it did, and every step of the fit was skipped)."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    for i in range(5):
+        np.save(folder / f"v{i}.npy", rng.standard_normal((1, 2, 8, 8, 16)).astype(np.float32))
+    nan = rng.standard_normal((1, 2, 8, 8, 16)).astype(np.float32)
+    nan.reshape(-1)[rng.choice(nan.size, 16, replace=False)] = np.nan
+    np.save(folder / "nan.npy", nan)
+    inf = rng.standard_normal((1, 2, 8, 8, 16)).astype(np.float32)
+    inf[0, 1, 2, 3, 4] = np.inf
+    np.save(folder / "inf.npy", inf)
+    latents, report = load_latent_files(str(folder / "*.npy"))
+    assert report["used"] == 5 and report["skipped"] == {"non_finite": 2} and np.all(np.isfinite(latents))
+    named = report["skipped_files"]["non_finite"]
+    assert any("nan.npy: 16 non-finite" in line for line in named) and any("inf.npy: 1 non-finite" in line
+                                                                          for line in named)
+    cfg = _quick_config(**{"data.source": "npy", "data.npy.pattern": str(folder / "*.npy"), "data.test_fraction": 0.2})
+    splits = fit_manifold.load_latents(cfg)
+    assert np.all(np.isfinite(splits.train_patches)) and np.all(np.isfinite(splits.test_latents))
+    assert len(splits.skipped) == 2 and "'non_finite': 2" in splits.description
+
+
+def test_non_finite_cache_records_are_skipped_and_named(tmp_path):
+    from tests.helpers import write_tiny_latent_cache
+    cache_dir = write_tiny_latent_cache(str(tmp_path / "cache"), n=8, size=32, nan_clips=(5,))
+    c = fit_manifold.default_config()
+    c.data.source, c.data.cache.dir, c.data.test_fraction = "cache", cache_dir, 0.25
+    splits = fit_manifold.load_latents(c)
+    assert splits.skipped == [f"{cache_dir}: record 5 (source index 5): 1 non-finite values"]
+    assert splits.train_patches.shape[0] + splits.test_latents.reshape(-1, 16).shape[0] == 7 * 2 * 4 * 4
+    assert np.all(np.isfinite(splits.train_patches))
+
+
+def test_fit_whose_stage_skipped_most_steps_fails_and_saves_no_manifold(tmp_path, monkeypatch):
+    """Every stage-1 batch from step 2 on holds a NaN: the fit stops with TrainingFailed at the end of
+    stage 1 (6 of 8 steps skipped) and writes no manifold, so no reward run can pick one up."""
+    from shelllcc.errors import TrainingFailed
+    cfg = _quick_config(**{"stage1.steps": 8, "stage2.steps": 4})
+    real = _BATCH
+
+    def batch(pool_, seed, stage, step, batch_size):
+        b = real(pool_, seed, stage, step, batch_size)
+        if stage == 1 and step >= 2:
+            b = b.copy()
+            b[0, 0] = np.nan
+        return b
+
+    monkeypatch.setattr(fit_manifold, "_batch", batch)
+    with pytest.raises(TrainingFailed, match="6 of the 8 steps up to step 8 .* skipped"):
+        fit_manifold.run(cfg, str(tmp_path))
+    assert not os.path.exists(tmp_path / "manifold") and not os.path.exists(tmp_path / "distances.json")

@@ -171,6 +171,90 @@ def test_loop_eta_counts_the_later_phase():
     assert writer.scalars[8]["eta_s"] * writer.scalars[8]["steps_per_s"] == pytest.approx(30, rel=1e-6)
 
 
+class _Recorder:
+    def __init__(self):
+        self.scalars = {}
+
+    def write_scalars(self, step, scalars):
+        self.scalars[step] = dict(scalars)
+
+    def write_texts(self, step, texts):
+        pass
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["exploding", "skipping"])
+def test_loop_fails_a_diverged_run_before_its_final_save(tmp_path, case):
+    """A loss growing 10x a step (lr 1e3 reached 4.8e16 and exited 0), or most steps skipped as non-finite:
+    TrainingFailed at a log point, naming the step; the checkpoints written before stay, no final one."""
+    from shelllcc.errors import TrainingFailed
+    from shelllcc.training import loop
+    from shelllcc.training.checkpoints import Checkpointer
+
+    def step_fn(state, k, rng):
+        if case == "exploding":
+            return state.replace(step=state.step + 1), {"loss": jnp.float32(10.0 ** k), "skipped": state.skipped}
+        skip = jnp.int32(k >= 3)
+        return (state.replace(step=state.step + 1, skipped=state.skipped + skip),
+                {"loss": jnp.where(skip, jnp.nan, 1.0), "skipped": (state.skipped + skip).astype(jnp.float32)})
+
+    state = ts.create({"w": jnp.zeros(2)}, optax.sgd(0.1))
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=10, asynchronous=False)
+    writer = _Recorder()
+    want = "diverged: loss 5.5e\\+08 at step 10" if case == "exploding" else "17 of the 20 steps up to step 20"
+    with pytest.raises(TrainingFailed, match=want):
+        loop.train(step_fn, state, jax.random.PRNGKey(0), iter(range(100)),
+                   settings=loop.LoopSettings(total_steps=40, log_every=2, checkpoint_every=4), checkpointer=ckpt,
+                   writer=writer)
+    assert max(ckpt.all_steps()) < 40
+    ckpt.close()
+
+
+def test_loop_reports_the_running_skip_count_not_its_mean():
+    from shelllcc.training import loop
+
+    def step_fn(state, k, rng):
+        skip = jnp.int32(k in (1, 2))
+        new = state.replace(step=state.step + 1, skipped=state.skipped + skip)
+        return new, {"loss": jnp.float32(1.0), "skipped": new.skipped.astype(jnp.float32)}
+
+    writer = _Recorder()
+    loop.train(step_fn, ts.create({"w": jnp.zeros(2)}, optax.sgd(0.1)), jax.random.PRNGKey(0), iter(range(100)),
+               settings=loop.LoopSettings(total_steps=10, log_every=5), checkpointer=None, writer=writer)
+    assert writer.scalars[5]["skipped"] == 2.0 and writer.scalars[10]["skipped"] == 2.0
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_sigterm_right_after_a_periodic_save_saves_nothing_twice(tmp_path, asynchronous):
+    """SIGTERM while the periodic save of step s is being written: the guard's save at s is the same
+    checkpoint and is not written again (orbax raised StepAlreadyExistsError, exit 1 instead of 143)."""
+    from shelllcc.training import loop
+    from shelllcc.training.checkpoints import Checkpointer, Preempted, PreemptionGuard
+
+    guard = PreemptionGuard()
+
+    def batches():
+        for k in range(100):
+            if k == 3:              # during step 3; its periodic save of step 4 is then the guard's step
+                guard.request()
+            yield k
+
+    def step_fn(state, k, rng):
+        return state.replace(step=state.step + 1, params={"w": state.params["w"] + 1.0}), {"loss": jnp.float32(1.0)}
+
+    state = ts.create({"w": jnp.zeros((256, 1024))}, optax.sgd(0.1))    # 1 MiB: the async write is still running
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2, asynchronous=asynchronous)
+    with pytest.raises(Preempted, match="at step 4"):
+        loop.train(step_fn, state, jax.random.PRNGKey(0), batches(),
+                   settings=loop.LoopSettings(total_steps=10, log_every=5, checkpoint_every=1), checkpointer=ckpt,
+                   writer=_Recorder(), guard=guard)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+
+
 def test_microbatch_accumulation_equals_full_batch():
     """k microbatches of a mean loss give the full batch's loss and gradient (and one update)."""
     w = {"w": jnp.arange(6.0).reshape(3, 2) / 5}

@@ -227,6 +227,20 @@ def test_build_and_read_import_no_tensorflow(folder, tmp_path):
     assert "NO_TF (20, 8, 8, 3) 30.0" in proc.stdout
 
 
+def test_module_command_of_the_readme(folder, tmp_path):
+    """README step 1, ``python -m shelllcc.data.video_folder VIDEOS TFDS T H W FPS``: the builder class was
+    ``__main__.VideoFolder`` under -m and TFDS refused it ("'__main__' is not a package")."""
+    small = tmp_path / "small"
+    small.mkdir()
+    shutil.copy(folder / "clip.mov", small / "clip.mov")
+    (small / "clip.txt").write_text("mov")
+    proc = subprocess.run([sys.executable, "-m", "shelllcc.data.video_folder", str(small), str(tmp_path / "data"),
+                           "20", "8", "8", "30"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{vf.NAME}/" in proc.stdout and "clips of 20x8x8" in proc.stdout
+    assert os.path.isdir(tmp_path / "data" / vf.NAME)
+
+
 def test_config_validation_and_names():
     with pytest.raises(ValueError, match="num_frames must be positive"):
         vf.VideoFolderConfig(video_dir="x", num_frames=0)

@@ -34,6 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from shelllcc.errors import InputFileError
 from shelllcc.manifold.params import (
     BatchNormStats,
     CoderParams,
@@ -109,9 +110,15 @@ def load_manifold(path: str | os.PathLike, *, trusted: bool = False) -> tuple[Ma
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except FileNotFoundError:
+        raise
     except (pickle.UnpicklingError, RuntimeError) as e:
         hint = "" if trusted else " If the file is trusted and holds other pickled objects, pass trusted=True."
-        raise ValueError(f"{path}: could not read as a torch checkpoint: {e}.{hint}") from e
+        raise InputFileError(f"{path}: could not read as a torch checkpoint: {e}.{hint}") from e
+    except Exception as e:
+        # a truncated, empty or foreign file: torch answers "[Errno 22] Invalid argument", a bare EOFError
+        # or whatever the unpickler trips on (KeyError: 101), none naming the file
+        raise InputFileError(f"{path}: truncated, empty or not a torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         what = f"a dict with keys {sorted(map(str, ckpt))}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a reference manifold checkpoint: expected a dict with a 'model' state "

@@ -69,6 +69,7 @@ import msgpack
 import numpy as np
 
 from shelllcc.data import text_cache
+from shelllcc.errors import InputFileError
 
 FORMAT = "shelllcc_latent_cache"
 FORMAT_VERSION = 1
@@ -258,6 +259,15 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)  # readers and a resumed run see either the old or the new file, never half
 
 
+def _read_cache_json(json_path: str) -> dict:
+    try:
+        with open(json_path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{json_path}: not readable as JSON ({e}); the cache description is damaged: "
+                             f"encode the cache again into a new directory") from e
+
+
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -366,8 +376,7 @@ def encode_to_cache(
         "source_description": source_description,
     }
     if os.path.exists(json_path):
-        with open(json_path) as f:
-            info = json.load(f)
+        info = _read_cache_json(json_path)
         diffs = [f"{k}: cache has {info.get(k)!r}, this run {spec[k]!r}" for k in _RESUME_KEYS
                  if info.get(k) != spec[k]]
         if diffs:
@@ -559,11 +568,34 @@ class LatentCache:
             raise IndexError(f"index {i} out of range for a cache of {n} examples")
         return i % n
 
+    def _shard_of(self, i: int) -> str:
+        end = 0
+        for path in self._paths:
+            end += self.info["finished_shards"][os.path.basename(path)]["records"]
+            if i < end:
+                return path
+        return self._paths[-1]
+
+    def _unreadable(self, indices: Sequence[int], e: Exception) -> InputFileError:
+        # the reader's own message (e.g. "Corrupted Riegeli/records file") names neither shard nor cache
+        shards = sorted({self._shard_of(i) for i in indices})
+        return InputFileError(f"latent cache {self.out_dir!r}: record(s) {list(indices)[:8]} in shard "
+                              f"{', '.join(shards)} cannot be read ({type(e).__name__}: {e}); the shard is damaged: "
+                              f"check it with open_cache(dir, verify=True) and encode the cache again")
+
     def __getitem__(self, i: int) -> dict:
-        return self._decode(self._records[self._check(i)])
+        i = self._check(i)
+        try:
+            return self._decode(self._records[i])
+        except Exception as e:
+            raise self._unreadable([i], e) from e
 
     def __getitems__(self, indices: Sequence[int]) -> list:
-        return [self._decode(r) for r in self._records.__getitems__([self._check(i) for i in indices])]
+        indices = [self._check(i) for i in indices]
+        try:
+            return [self._decode(r) for r in self._records.__getitems__(indices)]
+        except Exception as e:
+            raise self._unreadable(indices, e) from e
 
     def __repr__(self) -> str:
         return f"LatentCache({self.out_dir!r}, {len(self)} examples, {len(self._paths)} shards)"
@@ -580,8 +612,7 @@ def open_cache(out_dir: str, *, latent_dtype: Any = None, verify: bool = False) 
     json_path = os.path.join(out_dir, CACHE_JSON)
     if not os.path.exists(json_path):
         raise FileNotFoundError(f"no latent cache at {out_dir!r} (missing {CACHE_JSON})")
-    with open(json_path) as f:
-        info = json.load(f)
+    info = _read_cache_json(json_path)
     if info.get("format") != FORMAT:
         raise ValueError(f"{json_path!r} is not a {FORMAT} description")
     if info.get("format_version") != FORMAT_VERSION:

@@ -29,9 +29,9 @@ def load_latent_files(pattern: str, layout: str = "channels_last", key: str | No
                       ) -> tuple[np.ndarray, dict]:
     """Read every file matching ``pattern``; return ``(latents [B, T, H, W, C] float32, report)``.
 
-    Files that cannot be read, hold no latent of the right rank, or whose latent shape differs from
-    the most common one are skipped and counted by reason in ``report``; if none is usable it is an
-    error.
+    Files that cannot be read, hold no latent of the right rank, hold a NaN or inf anywhere, or whose
+    latent shape differs from the most common one are skipped and counted by reason in ``report``
+    (``report["skipped_files"]`` names each file); if none is usable it is an error.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown latent layout {layout!r}; expected one of {LAYOUTS}")
@@ -52,6 +52,12 @@ def load_latent_files(pattern: str, layout: str = "channels_last", key: str | No
         except (OSError, ValueError, KeyError, EOFError) as e:
             reason = type(e).__name__
             skipped.setdefault(reason, []).append(f"{path}: {e}")
+            continue
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            # one NaN patch becomes a k-means++ anchor and every step of the fit is then skipped: the
+            # whole file goes, since which of its latents to trust is not known
+            skipped.setdefault("non_finite", []).append(f"{path}: {bad} non-finite values")
             continue
         loaded_arrays.append((path, arr))
     shapes = [arr.shape[1:] for _, arr in loaded_arrays]

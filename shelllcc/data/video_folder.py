@@ -403,7 +403,9 @@ def extract_clips(path: str, config: VideoFolderConfig) -> list[dict]:
 # Builder
 # --------------------------------------------------------------------------------------------------
 
-class VideoFolder(tfds.core.GeneratorBasedBuilder):
+# Under -m this body also runs as __main__, whose copy must leave the name to the imported module's
+# (see the end of the file); TFDS refuses a second registration of one name.
+class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
     """Clips with captions from a local folder of videos (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -577,11 +579,18 @@ __all__ = ["NAME", "SKIP_REASONS", "VIDEO_EXTENSIONS", "NoClipsError", "VideoFol
            "resample_indices", "resize_frame", "split_of"]
 
 
-if __name__ == "__main__":  # python -m shelllcc.data.video_folder VIDEO_DIR DATA_DIR [num_frames height width fps]
-    if len(sys.argv) < 3:
+def main(argv: list[str]) -> None:
+    """``python -m shelllcc.data.video_folder VIDEO_DIR DATA_DIR [T H W FPS]``."""
+    if len(argv) < 2:
         raise SystemExit("usage: python -m shelllcc.data.video_folder VIDEO_DIR DATA_DIR [T H W FPS]")
-    extra = sys.argv[3:]
     kw = {}
-    for key, cast, val in zip(("num_frames", "height", "width", "fps"), (int, int, int, float), extra):
+    for key, cast, val in zip(("num_frames", "height", "width", "fps"), (int, int, int, float), argv[2:]):
         kw[key] = cast(val)
-    build(sys.argv[2], VideoFolderConfig(video_dir=sys.argv[1], **kw))
+    build(argv[1], VideoFolderConfig(video_dir=argv[0], **kw))
+
+
+if __name__ == "__main__":
+    # Under -m this file runs as __main__, and TFDS derives a builder's module path from its class
+    # ("'__main__' is not a package"): build with the classes of the imported module instead.
+    from shelllcc.data import video_folder as _module
+    _module.main(sys.argv[1:])

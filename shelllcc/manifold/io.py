@@ -8,6 +8,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from shelllcc.errors import InputFileError
 from shelllcc.manifold.params import ManifoldConfig, ManifoldParams, check_params, init_params
 
 CONFIG_FILE = "manifold.json"
@@ -39,10 +40,22 @@ def load_manifold(directory: str) -> tuple[ManifoldParams, ManifoldConfig, dict]
     cfg_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: {directory} is not a saved manifold")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    config = ManifoldConfig.from_dict(meta["config"])
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, "params"), abstract_params(config))
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        config = ManifoldConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise InputFileError(f"{cfg_path}: not a readable manifold description ({type(e).__name__}: {e}); "
+                             f"fit the manifold again") from e
+    params_dir = os.path.join(directory, "params")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(params_dir, abstract_params(config))
+    except Exception as e:
+        # orbax's failures (missing or damaged arrays, shapes that disagree with manifold.json) come as
+        # hundreds of lines of asyncio traceback; the last line of its message holds the cause
+        cause = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise InputFileError(f"{params_dir}: the manifold's arrays cannot be restored for the config in {cfg_path} "
+                             f"({type(e).__name__}: {cause[-1] if cause else ''})") from e
     check_params(params, config)
     return params, config, meta.get("extra", {})

@@ -1,0 +1,329 @@
+"""Bad inputs, as a careful user would try them, through ``python -m experiments.main``: each ends with exit
+code 2 and one line ``error: ...`` naming the key, file or shape to change, and writes nothing a later run
+would trust (no manifold, no checkpoint, no workdir at all when the config is refused before starting).
+
+The command line runs in this process (``experiments.main``'s own flag parser and ``main``) so the table
+costs milliseconds a row; ``test_the_real_command_line`` runs it as a subprocess once per kind of failure.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import main as cli_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = "--config=configs/synthetic_manifold.py:quick"
+# a fit small enough to run in seconds: 8 + 4 steps, a checkpoint every 4
+SMALL = [QUICK, "--config.stage1.steps=8", "--config.stage2.steps=4", "--config.checkpoint_every=4",
+         "--config.log_every=4", "--config.stage1.batch_size=64", "--config.stage2.batch_size=64"]
+
+
+def _reset_flags() -> None:
+    flags.FLAGS.unparse_flags()
+    # config_flags defines a flag per --config.<key> override it parses; a second parse would define it again
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+
+
+def run_cli(argv: list[str], monkeypatch) -> int:
+    """``python -m experiments.main ARGV`` in this process; its exit code."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["main", *argv])   # config_flags reads its overrides from sys.argv
+    _reset_flags()
+    try:
+        cli_main.main(cli_main.parse_flags(["main", *argv]))
+    except SystemExit as e:
+        return e.code
+    finally:
+        _reset_flags()
+    return 0
+
+
+def assert_one_line_error(capsys, *names: str) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def assert_nothing_trusted(workdir) -> None:
+    for name in ("manifold", "distances.json"):
+        assert not os.path.exists(os.path.join(workdir, name)), name
+
+
+# ------------------------------------------------------------------------------------------------ flags
+# (case, argv after the workdir, what the line must name)
+FLAG_ERRORS = [
+    ("unknown config arg", ["--config=configs/synthetic_manifold.py:quik"], "'quik'"),
+    ("missing config file", ["--config=configs/no_such_config.py"], "configs/no_such_config.py"),
+    ("misspelt key", [QUICK, "--config.stage1.stepz=3"], "--config.stage1.stepz"),
+    ("misspelt section", [QUICK, "--config.stage3.steps=3"], "stage3"),
+    ("not a number", [QUICK, "--config.stage1.steps=abc"], "--config.stage1.steps=abc"),
+    ("float for an int", [QUICK, "--config.log_every=2.5"], "--config.log_every=2.5"),
+    ("unknown distributed mode", [QUICK, "--distributed=maybe"], "--distributed"),
+]
+
+
+@pytest.mark.parametrize("case,argv,name", FLAG_ERRORS, ids=[c[0] for c in FLAG_ERRORS])
+def test_flag_errors(case, argv, name, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    assert run_cli([*argv, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, name)
+    assert not workdir.exists()
+
+
+def test_the_real_command_line(tmp_path):
+    """As a subprocess: an experiment's own check gives exit 2 and one stderr line; SHELLLCC_DEBUG=1 shows
+    the traceback above that line."""
+    def run(*argv, env=None):
+        return subprocess.run([sys.executable, "-m", "experiments.main", *argv, f"--workdir={tmp_path / 'w'}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+    proc = run(QUICK, "--config.data.source=cache")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: data.source='cache' needs --config.data.cache.dir=/path/to/latent/cache"], proc.stderr
+    proc = run(QUICK, "--config.stage1.steps=abc", env=dict(os.environ, SHELLLCC_DEBUG="1"))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: flag --config.stage1.steps=abc")
+    assert not (tmp_path / "w" / "manifold").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    assert run_cli([QUICK, "--config.data.source=npy", "--debug", f"--workdir={tmp_path / 'w'}"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: data.source='npy' needs")
+
+
+# ------------------------------------------------------------------------------------------ config values
+# (case, overrides, what the line must name); refused before the workdir is created
+CONFIG_VALUES = [
+    ("negative stage-1 steps", ["--config.stage1.steps=-5"], "stage1.steps=-5"),
+    ("negative stage-2 steps", ["--config.stage2.steps=-100"], "stage2.steps=-100"),
+    ("zero stage-1 steps", ["--config.stage1.steps=0"], "stage1.steps=0"),
+    ("zero batch", ["--config.stage2.batch_size=0"], "stage2.batch_size=0"),
+    ("test fraction above 1", ["--config.data.test_fraction=2.0"], "data.test_fraction=2.0"),
+    ("test fraction 0", ["--config.data.test_fraction=0.0"], "data.test_fraction=0.0"),
+    ("test fraction 1", ["--config.data.test_fraction=1.0"], "data.test_fraction=1.0"),
+    ("log_every 0", ["--config.log_every=0"], "log_every=0"),
+    ("checkpoint_every 0", ["--config.checkpoint_every=0"], "checkpoint_every=0"),
+    ("keep_checkpoints 0", ["--config.keep_checkpoints=0"], "keep_checkpoints=0"),
+    ("unknown dtype", ["--config.compute_dtype=float17"], "compute_dtype='float17'"),
+    ("2-element patch", ["--config.manifold.patch_size=(1, 2)"], "manifold.patch_size=(1, 2)"),
+    ("zero patch", ["--config.manifold.patch_size=(1, 0, 1)"], "manifold.patch_size=(1, 0, 1)"),
+    ("negative learning rate", ["--config.stage1.learning_rate=-0.001"], "stage1.learning_rate=-0.001"),
+    ("nan learning rate", ["--config.stage2.learning_rate=nan"], "stage2.learning_rate=nan"),
+    ("negative warmup", ["--config.stage1.warmup_steps=-1"], "stage1.warmup_steps=-1"),
+    ("negative grad clip", ["--config.stage1.grad_clip=-1.0"], "stage1.grad_clip=-1.0"),
+    ("zero anchors", ["--config.manifold.num_anchors=0"], "manifold.num_anchors=0"),
+    ("negative kmeans iterations", ["--config.manifold.kmeans_iters=-1"], "manifold.kmeans_iters=-1"),
+    ("negative patch bound", ["--config.data.max_train_patches=-1"], "data.max_train_patches=-1"),
+    ("zero eval chunk", ["--config.eval.chunk_size=0"], "eval.chunk_size=0"),
+]
+
+
+@pytest.mark.parametrize("case,argv,name", CONFIG_VALUES, ids=[c[0] for c in CONFIG_VALUES])
+def test_config_values(case, argv, name, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, *argv, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, name)
+    assert not workdir.exists()
+
+
+def test_ablation_variant_with_a_bad_value_is_refused_before_any_variant_runs(tmp_path, monkeypatch, capsys):
+    """The last variant's bad value stops the ablation before the first variant's hours are spent."""
+    config = tmp_path / "abl.py"
+    config.write_text("import ml_collections\nfrom configs import synthetic_manifold\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    c = ml_collections.ConfigDict()\n"
+                      "    c.ablation = dict(base=synthetic_manifold.get_config('quick'),\n"
+                      "                      variants=(('a', {}), ('b', {'log_every': 0})))\n"
+                      "    return c\n")
+    workdir = tmp_path / "w"
+    assert run_cli([f"--config={config}", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "variant 'b'", "log_every=0")
+    assert not workdir.exists()
+
+
+def test_every_shipped_config_passes_the_checks():
+    import importlib
+
+    from configs import wan21_pipeline
+    from experiments import embedded_pipeline
+    from experiments.config_checks import check_config
+    args = {"ablation": [None, "kinds"], "demo": [None, "quick", "pretrain", "from_scratch", "long", "authors"],
+            "synthetic_manifold": [None, "quick"], "wan21_manifold": [None],
+            "wan21_reward": ["1.3b-lora", "1.3b-full", "14b-lora", "14b-full"],
+            "embedded": list(embedded_pipeline.DIT_STAGES), "wan21_pipeline": list(wan21_pipeline.STAGES)}
+    for name, arg_list in args.items():
+        for arg in arg_list:
+            for vname, variant in cli_main.expand_variants(importlib.import_module(f"configs.{name}").get_config(arg)):
+                check_config(variant, f"configs/{name}.py:{arg} {vname}")
+    for name in cli_main.EXPERIMENTS:
+        check_config(importlib.import_module(f"experiments.{name}").default_config(), name)
+
+
+# ------------------------------------------------------------------------------------------ resumes
+@pytest.fixture(scope="module")
+def finished_fit(tmp_path_factory):
+    """A finished SMALL fit: checkpoints at 4, 8 (the stage boundary, stage 1) and 12 (stage 2)."""
+    workdir = tmp_path_factory.mktemp("fit") / "w"
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_cli([*SMALL, "--config.keep_checkpoints=5", f"--workdir={workdir}"], mp) == 0
+    assert (workdir / "manifold").exists()
+    return workdir
+
+
+@pytest.mark.parametrize("case", ["stage-2 checkpoint past the new end", "stage-1 checkpoint past the new stage 1"])
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(case, finished_fit, tmp_path, monkeypatch, capsys):
+    """``stage1.steps`` lowered below the checkpoint's step: refused (it skipped stage 2's calibration)."""
+    workdir = tmp_path / "w"
+    shutil.copytree(finished_fit / "checkpoints", workdir / "checkpoints")
+    if case.startswith("stage-1"):
+        shutil.rmtree(workdir / "checkpoints" / "orbax" / "12")
+    steps = sorted(os.listdir(workdir / "checkpoints" / "orbax"))
+    assert run_cli([*SMALL, "--config.stage1.steps=4", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "stage1.steps=4", "at step " + ("12" if case.startswith("stage-2") else "8"))
+    assert_nothing_trusted(workdir)
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == steps
+
+
+# ------------------------------------------------------------------------------------------ input data
+def test_data_source_errors(tmp_path, monkeypatch, capsys):
+    cases = [
+        (["--config.data.source=videos"], "data.source"),
+        (["--config.data.source=npy"], "data.npy.pattern"),
+        (["--config.data.source=cache"], "data.cache.dir"),
+        (["--config.data.source=npy", f"--config.data.npy.pattern={tmp_path}/none/*.npy"], f"{tmp_path}/none/*.npy"),
+        (["--config.data.source=cache", f"--config.data.cache.dir={tmp_path}/none"], f"{tmp_path}/none"),
+    ]
+    for i, (argv, name) in enumerate(cases):
+        workdir = tmp_path / f"w{i}"
+        assert run_cli([QUICK, *argv, f"--workdir={workdir}"], monkeypatch) == 2, argv
+        assert_one_line_error(capsys, name)
+        assert_nothing_trusted(workdir)
+
+
+# ------------------------------------------------------------------------------------------ input files
+def _npy_folder(tmp_path, kind: str):
+    """A folder of .npy latents every one of which is bad in the same way."""
+    folder = tmp_path / kind
+    folder.mkdir()
+    good = np.random.default_rng(0).standard_normal((1, 2, 8, 8, 16)).astype(np.float32)
+    for i in range(3):
+        path = folder / f"v{i}.npy"
+        if kind == "truncated":
+            np.save(path, good)
+            path.write_bytes(path.read_bytes()[:200])
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "nan":
+            bad = good.copy()
+            bad[0, 0, 0, 0, i] = np.nan
+            np.save(path, bad)
+        elif kind == "wrong_rank":
+            np.save(path, good[0, 0])
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "nan", "wrong_rank"])
+def test_npy_files_none_usable(kind, tmp_path, monkeypatch, capsys):
+    folder = _npy_folder(tmp_path, kind)
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, "--config.data.source=npy", f"--config.data.npy.pattern={folder}/*.npy",
+                    f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, f"{folder}/v0.npy", f"{folder}/v2.npy")
+    assert_nothing_trusted(workdir)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    from tests.helpers import write_tiny_latent_cache
+    return write_tiny_latent_cache(str(tmp_path_factory.mktemp("cache") / "c"), n=8, size=32)
+
+
+def _damaged_cache(src: str, tmp_path, kind: str) -> str:
+    out = str(tmp_path / f"cache_{kind}")
+    shutil.copytree(src, out)
+    shard = os.path.join(out, "cache-00000-of-00001.array_record")
+    json_path = os.path.join(out, "cache.json")
+    if kind == "truncated cache.json":
+        text = open(json_path).read()
+        open(json_path, "w").write(text[: len(text) // 2])
+    elif kind == "corrupted shard":            # same size: only reading it finds the damage
+        data = bytearray(open(shard, "rb").read())
+        data[2000:2400] = bytes(b ^ 0xFF for b in data[2000:2400])
+        open(shard, "wb").write(bytes(data))
+    elif kind == "truncated shard":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[: len(data) // 2])
+    elif kind == "missing shard":
+        os.remove(shard)
+    return out
+
+
+CACHE_DAMAGE = [("truncated cache.json", "cache.json"), ("corrupted shard", "cache-00000-of-00001.array_record"),
+                ("truncated shard", "cache-00000-of-00001.array_record"),
+                ("missing shard", "cache-00000-of-00001.array_record")]
+
+
+@pytest.mark.parametrize("kind,name", CACHE_DAMAGE, ids=[c[0] for c in CACHE_DAMAGE])
+def test_damaged_latent_cache(kind, name, tiny_cache, tmp_path, monkeypatch, capsys):
+    cache = _damaged_cache(tiny_cache, tmp_path, kind)
+    workdir = tmp_path / "w"
+    assert run_cli([QUICK, "--config.data.source=cache", f"--config.data.cache.dir={cache}", f"--workdir={workdir}"],
+                   monkeypatch) == 2
+    assert_one_line_error(capsys, cache, name)
+    assert_nothing_trusted(workdir)
+
+
+def _saved_manifold(tmp_path):
+    from shelllcc.manifold import io
+    from tests.helpers import random_manifold
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    return io.save_manifold(str(tmp_path / "m"), params, cfg)
+
+
+@pytest.mark.parametrize("kind", ["truncated manifold.json", "empty manifold.json", "anchors changed in manifold.json",
+                                  "params deleted"])
+def test_damaged_manifold(kind, tmp_path):
+    """What ``reward.manifold=DIR`` loads: an InputFileError (exit 2 from main) naming the file."""
+    from shelllcc.errors import InputFileError
+    from shelllcc.manifold import io
+    directory = _saved_manifold(tmp_path)
+    json_path = os.path.join(directory, "manifold.json")
+    text = open(json_path).read()
+    if kind == "truncated manifold.json":
+        open(json_path, "w").write(text[: len(text) // 2])
+    elif kind == "empty manifold.json":
+        open(json_path, "w").write("")
+    elif kind == "anchors changed in manifold.json":
+        open(json_path, "w").write(text.replace('"num_anchors": 8', '"num_anchors": 9'))
+    else:
+        shutil.rmtree(os.path.join(directory, "params"))
+    with pytest.raises(InputFileError) as e:
+        io.load_manifold(directory)
+    assert (os.path.join(directory, "params") if kind in ("anchors changed in manifold.json", "params deleted")
+            else json_path) in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "not a checkpoint"])
+def test_damaged_reference_checkpoint(kind, tmp_path):
+    pytest.importorskip("torch")
+    from shelllcc.errors import InputFileError
+    from tests.helpers import random_manifold
+    from third_party import shell_lcc_reference
+    path = str(tmp_path / "ref.pt")
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    shell_lcc_reference.save_manifold(params, cfg, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write({"truncated": data[: len(data) // 2], "empty": b"", "not a checkpoint": b"hello"}[kind])
+    with pytest.raises(InputFileError, match=str(tmp_path / "ref.pt")):
+        shell_lcc_reference.load_manifold(path)
