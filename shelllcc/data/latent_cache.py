@@ -68,6 +68,7 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from shelllcc.checksums import sha256_file
 from shelllcc.data import text_cache
 from shelllcc.errors import InputFileError
 
@@ -268,14 +269,6 @@ def _read_cache_json(json_path: str) -> dict:
                              f"encode the cache again into a new directory") from e
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _as_text(x: Any) -> str:
     if isinstance(x, bytes):  # TFDS Text features decode to bytes in the data-source API
         return x.decode("utf-8")
@@ -474,7 +467,7 @@ def encode_to_cache(
                 final = os.path.join(out_dir, name)
                 os.replace(tmp_path, final)  # the shard appears complete or not at all
                 info["finished_shards"][name] = {"records": shard_records, "bytes": os.path.getsize(final),
-                                                 "sha256": _file_sha256(final)}
+                                                 "sha256": sha256_file(final)}
                 _write_json_atomic(json_path, info)
 
             now = time.time()
@@ -630,7 +623,7 @@ def open_cache(out_dir: str, *, latent_dtype: Any = None, verify: bool = False) 
         if os.path.getsize(path) != meta["bytes"]:
             raise ValueError(f"latent cache {out_dir!r}: shard {name} has {os.path.getsize(path)} bytes, "
                              f"cache.json says {meta['bytes']}")
-        if verify and _file_sha256(path) != meta["sha256"]:
+        if verify and sha256_file(path) != meta["sha256"]:
             raise ValueError(f"latent cache {out_dir!r}: shard {name} fails its SHA-256 check")
     return LatentCache(out_dir, info, latent_dtype=latent_dtype)
 

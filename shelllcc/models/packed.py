@@ -18,7 +18,6 @@ parameters whose names or shapes do not match the stored architecture.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -30,20 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shelllcc.checksums import sha256_file
 from shelllcc.models import saving
 from shelllcc.models.wan_transformer import convert_layout
 
 MANIFEST = "MANIFEST.json"
 _PREFIX = "params/"
 _META = "model.json"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _name(path) -> str:
