@@ -73,7 +73,8 @@ def test_cache_holds_the_object_mask_on_the_latent_grid(quick_run):
     source = embedded_pipeline._builder(c, paths).as_data_source("train")
     for i in (0, len(cache) - 1):
         rec = cache[i]
-        ex = source[int(rec["index"])]
+        ex = source[int(rec["source_index"])]
+        assert int(ex["index"]) == int(rec["index"])
         grid = rec["latents"].shape[:3]
         assert rec["object_mask"].shape == grid
         np.testing.assert_allclose(rec["object_mask"], pool_to_latent_grid(ex["object_mask"] / 255.0, grid), atol=1e-6)
