@@ -327,3 +327,17 @@ def test_damaged_reference_checkpoint(kind, tmp_path):
     open(path, "wb").write({"truncated": data[: len(data) // 2], "empty": b"", "not a checkpoint": b"hello"}[kind])
     with pytest.raises(InputFileError, match=str(tmp_path / "ref.pt")):
         shell_lcc_reference.load_manifold(path)
+
+
+# ------------------------------------------------------------------------------------------ workdir records
+def test_a_refused_run_leaves_config_json_to_the_run_before(tmp_path, monkeypatch, capsys):
+    """config.json belongs to the run that made the workdir's outputs; the refused run is in the history."""
+    import json
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"earlier": "run"}')
+    assert run_cli([QUICK, "--config.data.source=npy", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "data.npy.pattern")
+    assert (workdir / "config.json").read_text() == '{"earlier": "run"}'
+    (entry,) = [json.load(open(workdir / "config_history" / n)) for n in os.listdir(workdir / "config_history")]
+    assert entry["outcome"].startswith("refused: data.source='npy' needs") and entry["config"]["data"]["source"] == "npy"
