@@ -6,7 +6,9 @@ The command line runs in this process (``experiments.main``'s own flag parser an
 costs milliseconds a row; ``test_the_real_command_line`` runs it as a subprocess once per kind of failure.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -332,7 +334,6 @@ def test_damaged_reference_checkpoint(kind, tmp_path):
 # ------------------------------------------------------------------------------------------ workdir records
 def test_a_refused_run_leaves_config_json_to_the_run_before(tmp_path, monkeypatch, capsys):
     """config.json belongs to the run that made the workdir's outputs; the refused run is in the history."""
-    import json
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "config.json").write_text('{"earlier": "run"}')
@@ -341,3 +342,118 @@ def test_a_refused_run_leaves_config_json_to_the_run_before(tmp_path, monkeypatc
     assert (workdir / "config.json").read_text() == '{"earlier": "run"}'
     (entry,) = [json.load(open(workdir / "config_history" / n)) for n in os.listdir(workdir / "config_history")]
     assert entry["outcome"].startswith("refused: data.source='npy' needs") and entry["config"]["data"]["source"] == "npy"
+
+
+# ------------------------------------------------------------------------------------------ resumes with changes
+# the DiT's resume refusals end to end; slow (a DiT's compile), test_resume_settings_name_what_changed is
+# their fast counterpart
+@pytest.fixture(scope="module")
+def finished_reward_run(tmp_path_factory):
+    """A 2-step reward fine-tuning of a randomly initialised tiny DiT against a saved manifold: a checkpoint at
+    step 2; the config file takes the workdir-independent settings, the tests their changes as flags."""
+    from shelllcc.manifold import io
+    from tests.helpers import random_manifold, write_tiny_latent_cache
+    root = tmp_path_factory.mktemp("reward")
+    cache = write_tiny_latent_cache(str(root / "cache"), n=16, size=32)
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    manifold = io.save_manifold(str(root / "manifold"), params, cfg)
+    config = root / "reward.py"
+    config.write_text("from experiments import reward_finetune\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    c = reward_finetune.default_config()\n"
+                      f"    c.data.cache_dir, c.reward.manifold = {cache!r}, {manifold!r}\n"
+                      "    c.data.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 8, 2, 1, 2\n"
+                      "    c.model.num_heads, c.mesh.devices = 2, 1\n"
+                      "    return c\n")
+    workdir = root / "w"
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_cli([f"--config={config}", f"--workdir={workdir}"], mp) == 0
+    return config, workdir, manifold
+
+
+def test_resume_settings_name_what_changed():
+    """The settings a DiT checkpoint records, without a run: each change is refused naming its key."""
+    from experiments import dit_setup, reward_finetune
+    from shelllcc.errors import UserError
+    from shelllcc.models.wan_transformer import get_config as wan_config
+    from shelllcc.training.checkpoints import check_resume_settings
+    from tests.helpers import random_manifold
+
+    def settings(edit=lambda c: None, seed=0):
+        c = reward_finetune.default_config()
+        c.data.source = "random"
+        edit(c)
+        heads = c.model.num_heads or 2
+        return dit_setup.resume_settings(c, wan_config("tiny", num_heads=heads),
+                                         {"manifold": random_manifold(seed, dim=16, num_anchors=8, hidden_dim=8)[0]})
+
+    saved = json.loads(json.dumps(settings()))       # as the checkpoint's meta holds them
+    check_resume_settings(saved, settings(), "ckpt")
+    for edit, name in [(lambda c: setattr(c.model, "num_heads", 4), "model.num_heads: checkpoint 2, now 4"),
+                       (lambda c: setattr(c.data, "batch_size", 4), "data.batch_size: checkpoint 8, now 4"),
+                       (lambda c: setattr(c.reward, "kind", "lcc"), "reward.kind: checkpoint 'shell', now 'lcc'")]:
+        with pytest.raises(UserError, match=re.escape(name)):
+            check_resume_settings(saved, settings(edit), "ckpt")
+    with pytest.raises(UserError, match=re.escape("reward.manifold (its content)")):
+        check_resume_settings(saved, settings(seed=1), "ckpt")
+
+
+RESUME_CHANGES = [
+    ("num_heads (same shapes, another function)", ["--config.model.num_heads=4"], "model.num_heads: checkpoint 2, now 4"),
+    ("batch size (the data state counts batches)", ["--config.data.batch_size=4"], "data.batch_size: checkpoint 8, now 4"),
+    ("data source", ["--config.data.source=random", "--config.data.random_latent_shape=(1, 4, 4, 16)"],
+     "data.source: checkpoint 'cache', now 'random'"),
+    ("reward kind", ["--config.reward.kind=lcc"], "reward.kind: checkpoint 'shell', now 'lcc'"),
+    ("objective", ["--config.objective.name=noised_data"], "objective.name: checkpoint 'one_step', now 'noised_data'"),
+    ("another manifold at the same path", [], "reward.manifold (its content)"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,argv,name", RESUME_CHANGES, ids=[c[0] for c in RESUME_CHANGES])
+def test_resume_with_a_changed_setting_is_refused(case, argv, name, finished_reward_run, tmp_path, monkeypatch,
+                                                  capsys):
+    config, finished, manifold = finished_reward_run
+    workdir = tmp_path / "w"
+    shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
+    if case.startswith("another manifold"):
+        # replaced where the checkpoint's run read it (put back afterwards: the fixture is shared)
+        from shelllcc.manifold import io
+        from tests.helpers import random_manifold
+        shutil.copytree(manifold, tmp_path / "backup")
+        shutil.rmtree(manifold)
+        io.save_manifold(manifold, *random_manifold(1, dim=16, num_anchors=8, hidden_dim=8))
+    try:
+        code = run_cli([f"--config={config}", "--config.train.steps=4", *argv, f"--workdir={workdir}"], monkeypatch)
+    finally:
+        if (tmp_path / "backup").exists():
+            shutil.rmtree(manifold)
+            shutil.copytree(tmp_path / "backup", manifold)
+    assert code == 2
+    assert_one_line_error(capsys, name, str(workdir / "checkpoints"))
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == ["2"] and not (workdir / "model").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_the_manifold_moved_but_unchanged_is_accepted(finished_reward_run, tmp_path, monkeypatch):
+    """Content, not the path: the same manifold copied elsewhere resumes."""
+    config, finished, manifold = finished_reward_run
+    workdir = tmp_path / "w"
+    shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
+    moved = shutil.copytree(manifold, tmp_path / "moved")
+    assert run_cli([f"--config={config}", f"--config.reward.manifold={moved}", "--config.train.steps=3",
+                    f"--workdir={workdir}"], monkeypatch) == 0
+    assert (workdir / "model").exists()
+
+
+@pytest.mark.parametrize("case,argv,name", [
+    ("other data", ["--config.data.synthetic.sigma=0.4"], "data (the training patches)"),
+    ("other anchor count", ["--config.manifold.num_anchors=8"], "manifold.num_anchors: checkpoint 16, now 8")])
+def test_fit_resume_on_other_data_is_refused(case, argv, name, finished_fit, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished_fit / "checkpoints", workdir / "checkpoints")
+    steps = sorted(os.listdir(workdir / "checkpoints" / "orbax"))
+    assert run_cli([*SMALL, *argv, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, name, str(workdir / "checkpoints"))
+    assert_nothing_trusted(workdir)
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == steps
