@@ -15,6 +15,9 @@ Ablations: a config with an ``ablation`` section (``ablation.base``, a config of
 in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``).
 SIGTERM stops the whole ablation after the running variant saved its checkpoint (exit code 143).
 
+One run at a time in a workdir: a run holds ``WORKDIR/.lock`` (host, pid); a second one is refused with
+exit code 2, and a lock left by a run that died (same host, pid gone) is taken over with a note.
+
 Exit codes: 0 done; 2 a user error (a config value or flag, an input file, a refused resume), printed as
 one line ``error: ...`` naming the key, file or shape; 3 a run that failed without saving its result
 (diverged, most steps non-finite); 143 preempted (SIGTERM, checkpoint saved); 1 anything else (a bug:
@@ -237,6 +240,21 @@ def run_variants(config, workdir: str) -> None:
     # every variant before the first runs: a bad value in the last one must not cost the others' hours
     for name, variant in variants:
         check_config(variant, f"config (variant {name!r})" if name else "config")
+    import jax
+
+    from shelllcc.locks import DirectoryLock
+    # one run at a time in a workdir (process 0 holds it for a multi-process run)
+    lock = DirectoryLock(workdir, what="workdir") if jax.process_index() == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        _run_all(variants, workdir)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run_all(variants, workdir: str) -> None:
     for i, (name, variant) in enumerate(variants):
         vdir = os.path.join(workdir, name) if name else workdir
         if name:

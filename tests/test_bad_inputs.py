@@ -340,6 +340,7 @@ def test_a_refused_run_leaves_config_json_to_the_run_before(tmp_path, monkeypatc
     assert run_cli([QUICK, "--config.data.source=npy", f"--workdir={workdir}"], monkeypatch) == 2
     assert_one_line_error(capsys, "data.npy.pattern")
     assert (workdir / "config.json").read_text() == '{"earlier": "run"}'
+    assert not (workdir / ".lock").exists()             # released for the next run
     (entry,) = [json.load(open(workdir / "config_history" / n)) for n in os.listdir(workdir / "config_history")]
     assert entry["outcome"].startswith("refused: data.source='npy' needs") and entry["config"]["data"]["source"] == "npy"
 
@@ -457,3 +458,65 @@ def test_fit_resume_on_other_data_is_refused(case, argv, name, finished_fit, tmp
     assert_one_line_error(capsys, name, str(workdir / "checkpoints"))
     assert_nothing_trusted(workdir)
     assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == steps
+
+
+# ------------------------------------------------------------------------------------------ one run per workdir
+@pytest.fixture
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _lock_held_by(directory, pid, host=None):
+    import socket
+
+    from shelllcc import locks
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, locks.LOCK_FILE), "w") as f:
+        json.dump({"host": host or socket.gethostname(), "pid": pid, "started": locks._start_time(pid),
+                   "since": "earlier", "command": "python -m experiments.main ..."}, f)
+
+
+def test_a_second_run_in_a_workdir_is_refused(live_process, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    _lock_held_by(workdir, live_process)
+    assert run_cli([QUICK, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, f"workdir {workdir} is in use by pid {live_process}")
+    assert sorted(os.listdir(workdir)) == [".lock"]        # no config.json, no checkpoint
+
+
+def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
+    from shelllcc import locks
+    _lock_held_by(tmp_path, 1, host="elsewhere")
+    with pytest.raises(locks.DirectoryLocked, match="pid 1 on host elsewhere.*remove the lock file"):
+        locks.DirectoryLock(str(tmp_path)).acquire()
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
+    from shelllcc import locks
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock_held_by(tmp_path, dead.pid)
+    with locks.DirectoryLock(str(tmp_path)) as lock:
+        assert json.load(open(lock.path))["pid"] == os.getpid()
+        assert f"took over the stale lock {lock.path} of pid {dead.pid}" in capsys.readouterr().err
+    assert not os.path.exists(lock.path)
+    # a pid reused by another process (a start time other than the lock's) is stale too
+    _lock_held_by(tmp_path, os.getpid())
+    data = json.load(open(tmp_path / locks.LOCK_FILE))
+    json.dump(dict(data, started="1"), open(tmp_path / locks.LOCK_FILE, "w"))
+    with locks.DirectoryLock(str(tmp_path)):
+        assert "took over the stale lock" in capsys.readouterr().err
+
+
+def test_two_cache_encoders_on_one_directory(live_process, tmp_path):
+    """The second encoder is refused before it writes; the first one's cache stays as it was."""
+    from shelllcc import locks
+    from tests.helpers import write_tiny_latent_cache
+    out = tmp_path / "cache"
+    _lock_held_by(out, live_process)
+    with pytest.raises(locks.DirectoryLocked, match=f"latent cache {out} is in use by pid {live_process}"):
+        write_tiny_latent_cache(str(out), n=8, size=32)
+    assert sorted(os.listdir(out)) == [".lock"]
