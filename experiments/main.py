@@ -12,7 +12,8 @@ a run refused for a user error leaves ``config.json`` as it was.
 
 Ablations: a config with an ``ablation`` section (``ablation.base``, a config of any experiment, and
 ``ablation.variants``, a tuple of ``(name, {dotted.key: value})``) runs every variant one after another
-in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``).
+in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``, which records a
+hash of the variant's config: one that finished with another config is refused, naming the change).
 SIGTERM stops the whole ablation after the running variant saved its checkpoint (exit code 143).
 
 One run at a time in a workdir: a run holds ``WORKDIR/.lock`` (host, pid); a second one is refused with
@@ -38,6 +39,7 @@ from ml_collections import config_flags
 
 from experiments.config_checks import check_config
 from experiments.overrides import apply_overrides
+from shelllcc.errors import UserError
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
 DONE_FILE = "DONE"
@@ -255,17 +257,24 @@ def run_variants(config, workdir: str) -> None:
 
 
 def _run_all(variants, workdir: str) -> None:
+    from experiments import stage_markers
     for i, (name, variant) in enumerate(variants):
         vdir = os.path.join(workdir, name) if name else workdir
+        done = os.path.join(vdir, DONE_FILE)
+        rec = stage_markers.record({"config": variant}, {}) if name else None
         if name:
-            if os.path.exists(os.path.join(vdir, DONE_FILE)):
+            old = stage_markers.read(done)
+            if old is not None and old.get("hash") == rec["hash"]:
                 print(f"=== variant {i + 1}/{len(variants)} {name}: already done, skipped", flush=True)
                 continue
+            if old is not None:
+                # its folder holds a finished run of another config: resuming it would only re-export that run
+                raise UserError(f"ablation variant {name!r} in {vdir} finished with another config "
+                                f"({stage_markers.what_changed(old, rec)}); remove {vdir} to run it again")
             print(f"=== variant {i + 1}/{len(variants)} {name} -> {vdir}", flush=True)
         run_one(variant, vdir)
         if name:
-            with open(os.path.join(vdir, DONE_FILE), "w") as f:
-                f.write("done\n")
+            stage_markers.write(done, rec)
 
 
 if __name__ == "__main__":

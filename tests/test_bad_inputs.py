@@ -520,3 +520,20 @@ def test_two_cache_encoders_on_one_directory(live_process, tmp_path):
     with pytest.raises(locks.DirectoryLocked, match=f"latent cache {out} is in use by pid {live_process}"):
         write_tiny_latent_cache(str(out), n=8, size=32)
     assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_an_ablation_variant_finished_with_another_config_is_refused(tmp_path, monkeypatch, capsys):
+    """Its DONE records the config it finished with; 'already done, skipped' would report the old run."""
+    from configs import synthetic_manifold
+    from experiments import stage_markers
+    config = tmp_path / "abl.py"
+    config.write_text("import ml_collections\nfrom configs import synthetic_manifold\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    return ml_collections.ConfigDict({'ablation': dict(\n"
+                      "        base=synthetic_manifold.get_config('quick'), variants=(('a', {}),))})\n")
+    earlier = synthetic_manifold.get_config("quick")
+    earlier.log_every = 5
+    stage_markers.write(str(tmp_path / "w" / "a" / "DONE"), stage_markers.record({"config": earlier}, {}))
+    assert run_cli([f"--config={config}", f"--workdir={tmp_path / 'w'}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "variant 'a'", "config.log_every: 5 -> 10", "remove")
+    assert sorted(os.listdir(tmp_path / "w" / "a")) == ["DONE"]
