@@ -85,10 +85,18 @@ def test_rerun_with_a_change_redoes_the_stage_and_keeps_a_config_history(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[stage 1/10: dataset] config changed (benchmark.train_size: 64 -> 32): redoing it" in proc.stdout
     assert json.load(open(w / "stages" / "dataset.DONE"))["settings"]["benchmark"]["train_size"] == 32
+    # interrupted under other settings: what it left is not resumed from
+    os.rename(w / "stages" / "dataset.DONE", w / "stages" / "dataset.STARTED")
+    (w / "data" / "left_by_the_interrupted_run").write_text("")
+    proc = _main(w, "--config.benchmark.train_size=48")
+    assert "[stage 1/10: dataset] an unfinished run of it had other settings (config changed (benchmark.train_size: " \
+           "32 -> 48)); starting it over" in proc.stdout
+    assert not (w / "data" / "left_by_the_interrupted_run").exists()
+    assert not (w / "stages" / "dataset.STARTED").exists()
     # a refused run (a check of the pipeline's own) leaves config.json to the run that made the outputs
     proc = _main(w, "--config.run_variants=('control', 'control')")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: config.run_variants")
-    assert json.load(open(w / "config.json"))["benchmark"]["train_size"] == 32
+    assert json.load(open(w / "config.json"))["benchmark"]["train_size"] == 48
     history = [json.load(open(w / "config_history" / n)) for n in sorted(os.listdir(w / "config_history"))]
-    assert [h["config"]["benchmark"]["train_size"] for h in history] == [64, 32]
-    assert [h["outcome"] for h in history] == ["finished", "finished"]
+    assert [h["config"]["benchmark"]["train_size"] for h in history] == [64, 32, 48]
+    assert [h["outcome"] for h in history] == ["finished"] * 3
