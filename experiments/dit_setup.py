@@ -331,8 +331,32 @@ def frozen_sources(config) -> dict:
     out = {"model.pretrained": m.pretrained, "model.init_from": m.init_from,
            "model.seed": m.seed if not (m.pretrained or m.init_from) else None,
            "lora.rank": config.lora.rank, "lora.alpha": config.lora.alpha, "lora.targets": list(config.lora.targets)}
+    return out
+
+
+# frozen inputs of a loss (make_loss's extra_frozen) by the setting they come from; 'reference' is a copy
+# of the starting weights, covered by frozen_sources
+FROZEN_INPUT_SETTINGS = {"manifold": "reward.manifold (its content)", "reward_target": "reward.shell_band_target"}
+
+
+def resume_settings(config, model_config, extra_frozen: dict) -> dict:
+    """What a resumed run must share with its checkpoint beyond the shapes the restore checks: the model's
+    architecture (``num_heads`` splits the same weights another way), the batch size (the data iterator's
+    state counts batches), the data and the loss, and the content of its frozen inputs (a manifold replaced
+    at the same path is another reward)."""
+    out = {f"model.{k}": v for k, v in saving.architecture(model_config, "wan_transformer").items()}
+    out["data.batch_size"], out["data.source"] = config.data.batch_size, config.data.source
+    if config.data.source == "cache" and config.data.cache_dir:
+        info = latent_cache.open_cache(config.data.cache_dir).info
+        out["data.cache_dir (its cache)"] = {"num_examples": info.get("num_examples"), "created": info.get("created"),
+                                             "source": info.get("source_description")}
+    if "objective" in config:
+        out["objective.name"] = config.objective.name
     if "reward" in config:
-        out["reward.manifold"] = config.reward.manifold
+        out["reward.kind"] = config.reward.kind
+    for k, v in sorted(extra_frozen.items()):
+        if k != "reference":
+            out[FROZEN_INPUT_SETTINGS.get(k, f"frozen input {k!r}")] = checkpoints.tree_sha256(v)
     return out
 
 
@@ -444,6 +468,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     frozen_sh = {"model": frozen_model_sh, **extra_sh}
     abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
     state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
+    resume = resume_settings(config, loaded.model.config, extra_frozen)
     step_fn = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
 
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -472,11 +497,19 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
         with sharding_context(mesh, rules):     # the optimizer state is born sharded like its parameters
             state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
     else:
+        # before the arrays: a changed setting is named, not reported as a shape the restore cannot match
+        saved = ckpt.meta(latest)
+        try:
+            check_frozen_sources(saved.get("frozen_sources"), frozen_sources(config), ckpt.directory)
+            checkpoints.check_resume_settings(saved.get("resume_settings"), resume,
+                                              f"{ckpt.directory} (step {latest})")
+        except ValueError:
+            ckpt.close()
+            raise
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
         items, rng, data_state, meta = restore_checkpoint(
             ckpt, latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
-        check_frozen_sources(meta.get("frozen_sources"), frozen_sources(config), ckpt.directory)
         state = ts.from_checkpoint_items(items, frozen)
         if data_state is not None:
             host_iter.set_state(data_state)
@@ -494,7 +527,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
         with checkpoints.PreemptionGuard() as guard:
             state = loop.train(step_fn, state, rng, batches, settings=settings, checkpointer=ckpt, writer=writer,
                                guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment,
-                                                                         "frozen_sources": frozen_sources(config)},
+                                                                         "frozen_sources": frozen_sources(config),
+                                                                         "resume_settings": resume},
                                on_eval=hook)
     finally:
         batches.close() if hasattr(batches, "close") else None

@@ -1,7 +1,12 @@
 """Experiment ``embedded_pipeline``: the whole method on the embedded benchmark, stage by stage, in one run.
 
-Stages (each in its own directory of ``workdir``; a finished stage leaves ``stages/<stage>.DONE`` and a
-rerun skips it; an interrupted stage resumes from its checkpoints, an interrupted variant run restarts):
+Stages (each in its own directory of ``workdir``; a finished stage leaves ``stages/<stage>.DONE`` recording
+a hash of the config settings it read (:data:`STAGE_SETTINGS`) and of the stages it read from
+(:data:`STAGE_INPUTS`); a rerun skips a stage whose hash is the same, and redoes one whose settings or
+inputs changed, which changes its hash and so redoes everything downstream. Variants and samples have
+such markers per (variant, seed), so a changed variant entry redoes that variant alone. An interrupted
+stage resumes from its checkpoints if its settings are the same (else it starts over); an interrupted
+variant run restarts):
 
 1. ``dataset``       Moving Textures (``data/``): train, validation and test splits, disjoint by seed;
 2. ``vae``           the video VAE (``vae/``): installed from ``pretrained.dir`` (checksums verified) or
@@ -63,6 +68,7 @@ from experiments import (
     reward_finetune,
     sample,
     sft,
+    stage_markers,
     train_vae,
 )
 from experiments.embedded_workdir import (
@@ -237,6 +243,8 @@ def installs(config, name: str) -> bool:
 
 def check_config(config) -> None:
     """Every variant entry and the run's settings, before any stage runs; errors name the key."""
+    if config.stop_after and config.stop_after not in STAGES:
+        raise ValueError(f"config.stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
     bad = [m for m in config.pretrained.install if m not in PRETRAINED_MODELS]
     if bad:
         raise ValueError(f"config.pretrained.install names {bad}; expected a subset of {PRETRAINED_MODELS}")
@@ -524,12 +532,32 @@ class _Evaluators:
         return self._by_seed[seed]
 
 
-def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluators) -> dict:
+def variant_record(config, name: str, seed: int, inputs: dict[str, str]) -> dict:
+    """The marker record of variant ``name`` with ``seed``: what its run reads (its reward_finetune config as
+    its entry makes it, the validation and its sampler) and ``inputs``, the upstream stages' hashes; a tau
+    read from another variant's log takes that variant's hash as an input too."""
+    e = config.variants[name]
+    settings = {"entry": {k: v for k, v in e.items() if k != "label"},        # the label is the report's only
+                "run": variant_config(config, name, None, seed).to_dict(),
+                "validation": stage_markers.settings_of(config, ("validation", "sample.sampler"))}
+    inputs = dict(inputs)
+    if "@" in e.tau:
+        source = e.tau.split("@", 1)[0]
+        inputs[f"variant {source}"] = variant_record(config, source, seed, inputs)["hash"]
+    return stage_markers.record(settings, inputs)
+
+
+def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluators, rec: dict) -> dict:
     """Fine-tune variant ``name`` with ``seed`` (validation every few steps), pick and export its checkpoint."""
     out = paths.variant(name, seed)
-    if os.path.exists(os.path.join(out, DONE)):
+    marker = os.path.join(out, DONE)
+    old = stage_markers.read(marker)
+    if old is not None and old.get("hash") == rec["hash"]:
         return json.load(open(os.path.join(out, embedded_validation.PICK_JSON)))
-    if os.path.exists(out):
+    if old is not None:
+        print(f"variant {name} seed {seed}: {stage_markers.what_changed(old, rec)}; running it again", flush=True)
+        shutil.rmtree(out)
+    elif os.path.exists(out):
         print(f"variant {name} seed {seed}: an unfinished run is in {out}; starting it again", flush=True)
         shutil.rmtree(out)
     os.makedirs(out)
@@ -548,11 +576,16 @@ def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluat
     reward_finetune.run(c, out, on_eval=traj)
     choice = traj.export(saving.load_model(os.path.join(out, "model")))
     print(f"variant {name} seed {seed}: picked step {choice['step']} ({choice['reason']})", flush=True)
-    open(os.path.join(out, DONE), "w").close()
+    stage_markers.write(marker, rec)
     return choice
 
 
-def stage_variants(config, paths: Paths) -> None:
+def _variant_inputs(hashes: dict[str, str]) -> dict[str, str]:
+    return {k: hashes[k] for k in STAGE_INPUTS["variants"]}
+
+
+def stage_variants(config, paths: Paths, hashes: dict[str, str]) -> None:
+    inputs = _variant_inputs(hashes)
     evaluators = _Evaluators(config, paths)
     names = variant_names(config)
     total = len(names) * len(config.seeds)
@@ -560,10 +593,12 @@ def stage_variants(config, paths: Paths) -> None:
     for seed in config.seeds:
         for name in names:
             k += 1
-            done = os.path.exists(os.path.join(paths.variant(name, seed), DONE))
+            rec = variant_record(config, name, seed, inputs)
+            old = stage_markers.read(os.path.join(paths.variant(name, seed), DONE))
+            done = old is not None and old.get("hash") == rec["hash"]
             print(f"--- variant {k}/{total}: {name}, seed {seed}" + (" (done earlier)" if done else "") + " ---",
                   flush=True)
-            run_variant(config, paths, name, seed, evaluators)
+            run_variant(config, paths, name, seed, evaluators, rec)
 
 
 # The base's architecture is stated once, in config.base.model; the fine-tuning and sampling runs load
@@ -597,15 +632,31 @@ def model_dirs(config, paths: Paths, seed: int) -> dict[str, str]:
     return out
 
 
-def stage_sample(config, paths: Paths) -> None:
+def sample_record(config, name: str, seed: int, hashes: dict[str, str]) -> dict:
+    """The marker record of the test samples of model ``name`` (the base or a variant) with ``seed``;
+    ``hashes``: the upstream stages' hashes."""
+    settings = stage_markers.settings_of(config, ("sample", "evaluate.num_prompts"))
+    settings["seed"] = int(seed)
+    model = hashes["base"] if name == "base" else variant_record(config, name, seed, _variant_inputs(hashes))["hash"]
+    return stage_markers.record(settings, {"cache": hashes["cache"], "vae": hashes["vae"], "model": model})
+
+
+def stage_sample(config, paths: Paths, hashes: dict[str, str]) -> None:
     for seed in config.seeds:
         for name, model_dir in model_dirs(config, paths, seed).items():
             out = paths.samples(name, seed)
-            if os.path.exists(os.path.join(out, DONE)):
+            rec = sample_record(config, name, seed, hashes)
+            old = stage_markers.read(os.path.join(out, DONE))
+            if old is not None and old.get("hash") == rec["hash"]:
                 continue
+            if old is not None:
+                print(f"samples of {name}, seed {seed}: {stage_markers.what_changed(old, rec)}; sampling again",
+                      flush=True)
+            if os.path.exists(out):
+                shutil.rmtree(out)
             print(f"--- samples of {name}, seed {seed} ---", flush=True)
             sample.run(sample_config(config, paths, model_dir, seed), out)
-            open(os.path.join(out, DONE), "w").close()
+            stage_markers.write(os.path.join(out, DONE), rec)
 
 
 def stage_evaluate(config, paths: Paths) -> None:
@@ -676,13 +727,65 @@ def export_pretrained(config, paths: Paths) -> str:
 RUNNERS = {"dataset": stage_dataset, "vae": stage_vae, "text_encoder": stage_text_encoder, "cache": stage_cache,
            "base": stage_base, "classifier": stage_classifier, "manifold": stage_manifold,
            "variants": stage_variants, "sample": stage_sample, "evaluate": stage_evaluate}
+# the stages that keep markers of their own per (variant or model, seed) and take the upstream hashes
+PER_ITEM_STAGES = ("variants", "sample")
+
+# What each stage reads: config settings (a section or a dotted key) and the stages whose outputs it opens.
+# A stage's hash covers both, so a change reaches everything downstream through STAGE_INPUTS. Of
+# ``pretrained`` only ``dir`` and ``install`` decide what is installed (``export_to``, ``guidance_grid`` and
+# ``check_seeds`` act after the stages), and the installed file's checksum stands for its content.
+_INSTALL = ("pretrained.dir", "pretrained.install")
+STAGE_SETTINGS = {
+    "dataset": ("benchmark",),
+    "vae": ("benchmark", "vae") + _INSTALL,
+    "text_encoder": ("text_encoder", "base.model.text_dim") + _INSTALL,   # the encoder's output width
+    "cache": ("cache",),
+    "base": ("base",) + _INSTALL,
+    "classifier": ("classifier",),
+    "manifold": ("manifold",),
+    "variants": ("reward", "variants", "validation", "seeds", "run_variants", "sample.sampler"),
+    "sample": ("sample", "evaluate.num_prompts", "seeds", "run_variants"),
+    "evaluate": ("evaluate", "variants", "run_variants", "seeds", "validation"),
+}
+STAGE_INPUTS = {
+    "dataset": (), "vae": ("dataset",), "text_encoder": (), "cache": ("dataset", "vae", "text_encoder"),
+    "base": ("cache",), "classifier": ("dataset",), "manifold": ("cache", "vae"),
+    # the validation decodes with the VAE and scores with the classifier
+    "variants": ("base", "manifold", "classifier", "cache", "vae"),
+    "sample": ("variants", "base", "cache", "vae"),
+    "evaluate": ("sample", "variants", "classifier", "dataset", "vae"),
+}
+# what a stage leaves under the workdir: removed before a stale stage is redone, so that nothing of the
+# old settings is resumed from or mixed in (the per-item stages clean each item themselves)
+STAGE_OUTPUTS = {"dataset": ("data",), "vae": ("vae",), "text_encoder": ("text_encoder",), "cache": ("latents",),
+                 "base": ("base",), "classifier": ("classifier",), "manifold": ("manifold",)}
+
+
+def _installed_checksums(config, stage: str) -> dict:
+    model = {"vae": "vae", "text_encoder": "text_encoder", "base": "base"}.get(stage)
+    if model is None or not installs(config, model):
+        return {}
+    try:
+        entry_ = packed.read_manifest(pretrained_dir(config))["files"][model]
+    except (ValueError, KeyError, OSError):
+        return {}           # the stage itself says what is wrong with the directory
+    return {f"pretrained.{model}.sha256": entry_.get("sha256")}
+
+
+def stage_record(config, stage: str, hashes: dict[str, str]) -> dict:
+    settings = stage_markers.settings_of(config, STAGE_SETTINGS[stage])
+    settings.update(_installed_checksums(config, stage))
+    return stage_markers.record(settings, {k: hashes[k] for k in STAGE_INPUTS[stage]})
+
+
+def _remove_outputs(paths: Paths, stage: str) -> None:
+    for name in STAGE_OUTPUTS.get(stage, ()):
+        shutil.rmtree(os.path.join(paths.root, name), ignore_errors=True)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or finish) every stage; returns ``{stage: seconds}`` of the stages run now."""
     check_config(config)
-    if config.stop_after and config.stop_after not in STAGES:
-        raise ValueError(f"config.stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
     if jax.process_count() > 1:
         raise ValueError("embedded_pipeline runs in one process (its stages are small); run the stages' "
                          "experiments separately for multi-process training")
@@ -695,17 +798,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timings_path = os.path.join(paths.root, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     t_run = time.time()
+    hashes: dict[str, str] = {}
     for i, stage in enumerate(stages):
         marker = paths.stage_marker(stage)
+        started = marker[:-len(DONE)] + stage_markers.STARTED_SUFFIX
         head = f"[stage {i + 1}/{len(STAGES)}: {stage}]"
-        if os.path.exists(marker):
+        rec = stage_record(config, stage, hashes)
+        hashes[stage] = rec["hash"]
+        old = stage_markers.read(marker)
+        if old is not None and old.get("hash") == rec["hash"]:
             print(f"{head} done earlier; skipped", flush=True)
             continue
+        if old is not None:
+            print(f"{head} {stage_markers.what_changed(old, rec)}: redoing it", flush=True)
+            os.remove(marker)
+            _remove_outputs(paths, stage)
+        else:
+            interrupted = stage_markers.read(started)
+            if interrupted is not None and interrupted.get("hash") != rec["hash"]:
+                print(f"{head} an unfinished run of it had other settings ("
+                      f"{stage_markers.what_changed(interrupted, rec)}); starting it over", flush=True)
+                _remove_outputs(paths, stage)
+        stage_markers.write(started, rec)
         print(f"\n{head} starting ({time.time() - t_run:.0f}s into this run)", flush=True)
         t0 = time.time()
-        RUNNERS[stage](config, paths)
+        if stage in PER_ITEM_STAGES:
+            RUNNERS[stage](config, paths, dict(hashes))
+        else:
+            RUNNERS[stage](config, paths)
         timings[stage] = round(time.time() - t0, 1)
-        open(marker, "w").close()
+        stage_markers.write(marker, rec)
+        os.remove(started)
         with open(timings_path, "w") as f:
             json.dump(timings, f, indent=1)
         print(f"{head} finished in {timings[stage]:.0f}s", flush=True)

@@ -236,6 +236,10 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
                                                       compute_dtype=compute_dtype, schedule=sched2), mesh)
 
     rep = parallel.replicated(mesh)
+    # the fit's data and model by content: a resume on other patches (another data.source, files, cache or
+    # normalisation) would continue a fit of one data set on another and call the result one manifold
+    resume = {"data (the training patches)": checkpoints.tree_sha256({"pool": pool, "init_sample": init_sample}),
+              **{f"manifold.{k}": v for k, v in dataclasses.asdict(mconfig).items()}}
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
         print(f"note: {ckpt_dir} holds checkpoints of the former layout (<step>/ directly under it); they are "
@@ -254,7 +258,13 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
     else:
         # the checkpoint's stage says which optimizer's state it holds; the restore target is built
         # abstractly (re-running the anchor init, a k-means, would be wasted)
-        stage = ckpt.meta(latest)["stage"]
+        saved = ckpt.meta(latest)
+        stage = saved["stage"]
+        try:
+            checkpoints.check_resume_settings(saved.get("resume_settings"), resume, f"{ckpt_dir} (step {latest})")
+        except errors.UserError as e:
+            ckpt.close()
+            raise errors.UserError(f"{e} (data: data.source={config.data.source!r})") from None
         # a stage-1 checkpoint past the new stage1.steps would run no stage 1, then start stage 2 late; a
         # stage-2 one before it, or past the end, has no place in this config's schedule
         if (stage == 1 and latest > n1) or (stage == 2 and not n1 <= latest <= total):
@@ -278,7 +288,7 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
         return loop.train(lambda s, b, _rng: step_fn(s, b), state, rng,
                           _stage_batches(pool, config, stage, start, offset, batch_size, mesh),
                           settings=settings, checkpointer=ckpt, writer=writer, guard=guard,
-                          meta={"experiment": config.experiment, "stage": stage})
+                          meta={"experiment": config.experiment, "stage": stage, "resume_settings": resume})
 
     try:
         with checkpoints.PreemptionGuard() as guard:

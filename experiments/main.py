@@ -6,12 +6,18 @@
         --config.reward.manifold=... --workdir=...
 
 ``config.experiment`` names the module in ``experiments/`` that runs it. Configs are locked: a
-misspelt ``--config.*`` key is an error, not a silently ignored setting.
+misspelt ``--config.*`` key is an error, not a silently ignored setting. A run that starts writes its
+config to ``WORKDIR/config.json`` and to ``WORKDIR/config_history/`` (one file per run, with how it ended);
+a run refused for a user error leaves ``config.json`` as it was.
 
 Ablations: a config with an ``ablation`` section (``ablation.base``, a config of any experiment, and
 ``ablation.variants``, a tuple of ``(name, {dotted.key: value})``) runs every variant one after another
-in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``).
+in ``WORKDIR/<name>``, skipping variants that already finished (``WORKDIR/<name>/DONE``, which records a
+hash of the variant's config: one that finished with another config is refused, naming the change).
 SIGTERM stops the whole ablation after the running variant saved its checkpoint (exit code 143).
+
+One run at a time in a workdir: a run holds ``WORKDIR/.lock`` (host, pid); a second one is refused with
+exit code 2, and a lock left by a run that died (same host, pid gone) is taken over with a note.
 
 Exit codes: 0 done; 2 a user error (a config value or flag, an input file, a refused resume), printed as
 one line ``error: ...`` naming the key, file or shape; 3 a run that failed without saving its result
@@ -33,6 +39,7 @@ from ml_collections import config_flags
 
 from experiments.config_checks import check_config
 from experiments.overrides import apply_overrides
+from shelllcc.errors import UserError
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
 DONE_FILE = "DONE"
@@ -129,15 +136,73 @@ def apply_cpu_compile_flags(config) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_CPU_COMPILE).strip()
 
 
+CONFIG_JSON = "config.json"
+CONFIG_HISTORY = "config_history"
+
+
+class ConfigRecord:
+    """``config.json`` (the config of the workdir's latest run) and ``config_history/<UTC time>-<pid>.json``
+    (every run's config and how it ended). A run refused as a user error made nothing under this config,
+    so ``config.json`` goes back to what it was; its history entry stays, marked refused."""
+
+    def __init__(self, config, workdir: str):
+        import datetime
+        import json
+        self._json = json
+        self.path = os.path.join(workdir, CONFIG_JSON)
+        self.previous = open(self.path).read() if os.path.exists(self.path) else None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        os.makedirs(os.path.join(workdir, CONFIG_HISTORY), exist_ok=True)
+        self.history = os.path.join(workdir, CONFIG_HISTORY, f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}.json")
+        self.entry = {"started": now.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                      "outcome": "running", "config": json.loads(config.to_json_best_effort())}
+        self._write(self.history, json.dumps(self.entry, indent=1))
+        self._write(self.path, config.to_json_best_effort(indent=2))
+
+    @staticmethod
+    def _write(path: str, text: str) -> None:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def finish(self, outcome: str, refused: bool = False) -> None:
+        self.entry["outcome"] = outcome
+        self._write(self.history, self._json.dumps(self.entry, indent=1))
+        if refused:
+            if self.previous is None:
+                os.remove(self.path)
+            else:
+                self._write(self.path, self.previous)
+
+
 def run_one(config, workdir: str) -> None:
     if config.experiment not in EXPERIMENTS:
         raise app.UsageError(f"config.experiment={config.experiment!r} is not one of {EXPERIMENTS}")
+    module = importlib.import_module(f"experiments.{config.experiment}")
+    if hasattr(module, "check_config"):      # the experiment's own checks: a refused config records nothing
+        module.check_config(config)
     os.makedirs(workdir, exist_ok=True)
     import jax
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    importlib.import_module(f"experiments.{config.experiment}").run(config, workdir)
+
+    from shelllcc.errors import UserError
+    from shelllcc.training.checkpoints import Preempted
+    record = ConfigRecord(config, workdir) if jax.process_index() == 0 else None
+    try:
+        module.run(config, workdir)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if record:
+            record.finish("refused: " + " ".join(str(e).split()), refused=True)
+        raise
+    except Preempted:
+        if record:
+            record.finish("preempted")
+        raise
+    except BaseException as e:
+        if record:
+            record.finish(f"failed: {type(e).__name__}")
+        raise
+    if record:
+        record.finish("finished")
 
 
 def main(argv):
@@ -177,17 +242,39 @@ def run_variants(config, workdir: str) -> None:
     # every variant before the first runs: a bad value in the last one must not cost the others' hours
     for name, variant in variants:
         check_config(variant, f"config (variant {name!r})" if name else "config")
+    import jax
+
+    from shelllcc.locks import DirectoryLock
+    # one run at a time in a workdir (process 0 holds it for a multi-process run)
+    lock = DirectoryLock(workdir, what="workdir") if jax.process_index() == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        _run_all(variants, workdir)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run_all(variants, workdir: str) -> None:
+    from experiments import stage_markers
     for i, (name, variant) in enumerate(variants):
         vdir = os.path.join(workdir, name) if name else workdir
+        done = os.path.join(vdir, DONE_FILE)
+        rec = stage_markers.record({"config": variant}, {}) if name else None
         if name:
-            if os.path.exists(os.path.join(vdir, DONE_FILE)):
+            old = stage_markers.read(done)
+            if old is not None and old.get("hash") == rec["hash"]:
                 print(f"=== variant {i + 1}/{len(variants)} {name}: already done, skipped", flush=True)
                 continue
+            if old is not None:
+                # its folder holds a finished run of another config: resuming it would only re-export that run
+                raise UserError(f"ablation variant {name!r} in {vdir} finished with another config "
+                                f"({stage_markers.what_changed(old, rec)}); remove {vdir} to run it again")
             print(f"=== variant {i + 1}/{len(variants)} {name} -> {vdir}", flush=True)
         run_one(variant, vdir)
         if name:
-            with open(os.path.join(vdir, DONE_FILE), "w") as f:
-                f.write("done\n")
+            stage_markers.write(done, rec)
 
 
 if __name__ == "__main__":

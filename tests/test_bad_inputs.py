@@ -6,7 +6,9 @@ The command line runs in this process (``experiments.main``'s own flag parser an
 costs milliseconds a row; ``test_the_real_command_line`` runs it as a subprocess once per kind of failure.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -327,3 +329,211 @@ def test_damaged_reference_checkpoint(kind, tmp_path):
     open(path, "wb").write({"truncated": data[: len(data) // 2], "empty": b"", "not a checkpoint": b"hello"}[kind])
     with pytest.raises(InputFileError, match=str(tmp_path / "ref.pt")):
         shell_lcc_reference.load_manifold(path)
+
+
+# ------------------------------------------------------------------------------------------ workdir records
+def test_a_refused_run_leaves_config_json_to_the_run_before(tmp_path, monkeypatch, capsys):
+    """config.json belongs to the run that made the workdir's outputs; the refused run is in the history."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"earlier": "run"}')
+    assert run_cli([QUICK, "--config.data.source=npy", f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "data.npy.pattern")
+    assert (workdir / "config.json").read_text() == '{"earlier": "run"}'
+    assert not (workdir / ".lock").exists()             # released for the next run
+    (entry,) = [json.load(open(workdir / "config_history" / n)) for n in os.listdir(workdir / "config_history")]
+    assert entry["outcome"].startswith("refused: data.source='npy' needs") and entry["config"]["data"]["source"] == "npy"
+
+
+# ------------------------------------------------------------------------------------------ resumes with changes
+# the DiT's resume refusals end to end; slow (a DiT's compile), test_resume_settings_name_what_changed is
+# their fast counterpart
+@pytest.fixture(scope="module")
+def finished_reward_run(tmp_path_factory):
+    """A 2-step reward fine-tuning of a randomly initialised tiny DiT against a saved manifold: a checkpoint at
+    step 2; the config file takes the workdir-independent settings, the tests their changes as flags."""
+    from shelllcc.manifold import io
+    from tests.helpers import random_manifold, write_tiny_latent_cache
+    root = tmp_path_factory.mktemp("reward")
+    cache = write_tiny_latent_cache(str(root / "cache"), n=16, size=32)
+    params, cfg = random_manifold(0, dim=16, num_anchors=8, hidden_dim=8)
+    manifold = io.save_manifold(str(root / "manifold"), params, cfg)
+    config = root / "reward.py"
+    config.write_text("from experiments import reward_finetune\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    c = reward_finetune.default_config()\n"
+                      f"    c.data.cache_dir, c.reward.manifold = {cache!r}, {manifold!r}\n"
+                      "    c.data.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 8, 2, 1, 2\n"
+                      "    c.model.num_heads, c.mesh.devices = 2, 1\n"
+                      "    return c\n")
+    workdir = root / "w"
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_cli([f"--config={config}", f"--workdir={workdir}"], mp) == 0
+    return config, workdir, manifold
+
+
+def test_resume_settings_name_what_changed():
+    """The settings a DiT checkpoint records, without a run: each change is refused naming its key."""
+    from experiments import dit_setup, reward_finetune
+    from shelllcc.errors import UserError
+    from shelllcc.models.wan_transformer import get_config as wan_config
+    from shelllcc.training.checkpoints import check_resume_settings
+    from tests.helpers import random_manifold
+
+    def settings(edit=lambda c: None, seed=0):
+        c = reward_finetune.default_config()
+        c.data.source = "random"
+        edit(c)
+        heads = c.model.num_heads or 2
+        return dit_setup.resume_settings(c, wan_config("tiny", num_heads=heads),
+                                         {"manifold": random_manifold(seed, dim=16, num_anchors=8, hidden_dim=8)[0]})
+
+    saved = json.loads(json.dumps(settings()))       # as the checkpoint's meta holds them
+    check_resume_settings(saved, settings(), "ckpt")
+    for edit, name in [(lambda c: setattr(c.model, "num_heads", 4), "model.num_heads: checkpoint 2, now 4"),
+                       (lambda c: setattr(c.data, "batch_size", 4), "data.batch_size: checkpoint 8, now 4"),
+                       (lambda c: setattr(c.reward, "kind", "lcc"), "reward.kind: checkpoint 'shell', now 'lcc'")]:
+        with pytest.raises(UserError, match=re.escape(name)):
+            check_resume_settings(saved, settings(edit), "ckpt")
+    with pytest.raises(UserError, match=re.escape("reward.manifold (its content)")):
+        check_resume_settings(saved, settings(seed=1), "ckpt")
+
+
+RESUME_CHANGES = [
+    ("num_heads (same shapes, another function)", ["--config.model.num_heads=4"], "model.num_heads: checkpoint 2, now 4"),
+    ("batch size (the data state counts batches)", ["--config.data.batch_size=4"], "data.batch_size: checkpoint 8, now 4"),
+    ("data source", ["--config.data.source=random", "--config.data.random_latent_shape=(1, 4, 4, 16)"],
+     "data.source: checkpoint 'cache', now 'random'"),
+    ("reward kind", ["--config.reward.kind=lcc"], "reward.kind: checkpoint 'shell', now 'lcc'"),
+    ("objective", ["--config.objective.name=noised_data"], "objective.name: checkpoint 'one_step', now 'noised_data'"),
+    ("another manifold at the same path", [], "reward.manifold (its content)"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,argv,name", RESUME_CHANGES, ids=[c[0] for c in RESUME_CHANGES])
+def test_resume_with_a_changed_setting_is_refused(case, argv, name, finished_reward_run, tmp_path, monkeypatch,
+                                                  capsys):
+    config, finished, manifold = finished_reward_run
+    workdir = tmp_path / "w"
+    shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
+    if case.startswith("another manifold"):
+        # replaced where the checkpoint's run read it (put back afterwards: the fixture is shared)
+        from shelllcc.manifold import io
+        from tests.helpers import random_manifold
+        shutil.copytree(manifold, tmp_path / "backup")
+        shutil.rmtree(manifold)
+        io.save_manifold(manifold, *random_manifold(1, dim=16, num_anchors=8, hidden_dim=8))
+    try:
+        code = run_cli([f"--config={config}", "--config.train.steps=4", *argv, f"--workdir={workdir}"], monkeypatch)
+    finally:
+        if (tmp_path / "backup").exists():
+            shutil.rmtree(manifold)
+            shutil.copytree(tmp_path / "backup", manifold)
+    assert code == 2
+    assert_one_line_error(capsys, name, str(workdir / "checkpoints"))
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == ["2"] and not (workdir / "model").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_the_manifold_moved_but_unchanged_is_accepted(finished_reward_run, tmp_path, monkeypatch):
+    """Content, not the path: the same manifold copied elsewhere resumes."""
+    config, finished, manifold = finished_reward_run
+    workdir = tmp_path / "w"
+    shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
+    moved = shutil.copytree(manifold, tmp_path / "moved")
+    assert run_cli([f"--config={config}", f"--config.reward.manifold={moved}", "--config.train.steps=3",
+                    f"--workdir={workdir}"], monkeypatch) == 0
+    assert (workdir / "model").exists()
+
+
+@pytest.mark.parametrize("case,argv,name", [
+    ("other data", ["--config.data.synthetic.sigma=0.4"], "data (the training patches)"),
+    ("other anchor count", ["--config.manifold.num_anchors=8"], "manifold.num_anchors: checkpoint 16, now 8")])
+def test_fit_resume_on_other_data_is_refused(case, argv, name, finished_fit, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished_fit / "checkpoints", workdir / "checkpoints")
+    steps = sorted(os.listdir(workdir / "checkpoints" / "orbax"))
+    assert run_cli([*SMALL, *argv, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, name, str(workdir / "checkpoints"))
+    assert_nothing_trusted(workdir)
+    assert sorted(os.listdir(workdir / "checkpoints" / "orbax")) == steps
+
+
+# ------------------------------------------------------------------------------------------ one run per workdir
+@pytest.fixture
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _lock_held_by(directory, pid, host=None):
+    import socket
+
+    from shelllcc import locks
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, locks.LOCK_FILE), "w") as f:
+        json.dump({"host": host or socket.gethostname(), "pid": pid, "started": locks._start_time(pid),
+                   "since": "earlier", "command": "python -m experiments.main ..."}, f)
+
+
+def test_a_second_run_in_a_workdir_is_refused(live_process, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    _lock_held_by(workdir, live_process)
+    assert run_cli([QUICK, f"--workdir={workdir}"], monkeypatch) == 2
+    assert_one_line_error(capsys, f"workdir {workdir} is in use by pid {live_process}")
+    assert sorted(os.listdir(workdir)) == [".lock"]        # no config.json, no checkpoint
+
+
+def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
+    from shelllcc import locks
+    _lock_held_by(tmp_path, 1, host="elsewhere")
+    with pytest.raises(locks.DirectoryLocked, match="pid 1 on host elsewhere.*remove the lock file"):
+        locks.DirectoryLock(str(tmp_path)).acquire()
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
+    from shelllcc import locks
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock_held_by(tmp_path, dead.pid)
+    with locks.DirectoryLock(str(tmp_path)) as lock:
+        assert json.load(open(lock.path))["pid"] == os.getpid()
+        assert f"took over the stale lock {lock.path} of pid {dead.pid}" in capsys.readouterr().err
+    assert not os.path.exists(lock.path)
+    # a pid reused by another process (a start time other than the lock's) is stale too
+    _lock_held_by(tmp_path, os.getpid())
+    data = json.load(open(tmp_path / locks.LOCK_FILE))
+    json.dump(dict(data, started="1"), open(tmp_path / locks.LOCK_FILE, "w"))
+    with locks.DirectoryLock(str(tmp_path)):
+        assert "took over the stale lock" in capsys.readouterr().err
+
+
+def test_two_cache_encoders_on_one_directory(live_process, tmp_path):
+    """The second encoder is refused before it writes; the first one's cache stays as it was."""
+    from shelllcc import locks
+    from tests.helpers import write_tiny_latent_cache
+    out = tmp_path / "cache"
+    _lock_held_by(out, live_process)
+    with pytest.raises(locks.DirectoryLocked, match=f"latent cache {out} is in use by pid {live_process}"):
+        write_tiny_latent_cache(str(out), n=8, size=32)
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_an_ablation_variant_finished_with_another_config_is_refused(tmp_path, monkeypatch, capsys):
+    """Its DONE records the config it finished with; 'already done, skipped' would report the old run."""
+    from configs import synthetic_manifold
+    from experiments import stage_markers
+    config = tmp_path / "abl.py"
+    config.write_text("import ml_collections\nfrom configs import synthetic_manifold\n\n\n"
+                      "def get_config(arg=None):\n"
+                      "    return ml_collections.ConfigDict({'ablation': dict(\n"
+                      "        base=synthetic_manifold.get_config('quick'), variants=(('a', {}),))})\n")
+    earlier = synthetic_manifold.get_config("quick")
+    earlier.log_every = 5
+    stage_markers.write(str(tmp_path / "w" / "a" / "DONE"), stage_markers.record({"config": earlier}, {}))
+    assert run_cli([f"--config={config}", f"--workdir={tmp_path / 'w'}"], monkeypatch) == 2
+    assert_one_line_error(capsys, "variant 'a'", "config.log_every: 5 -> 10", "remove")
+    assert sorted(os.listdir(tmp_path / "w" / "a")) == ["DONE"]

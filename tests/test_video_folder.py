@@ -45,7 +45,7 @@ def decoded_resized(path):
 
 
 EXPECTED_CLIPS = {"valid.mp4": 2, "sub/deep/LONG.MP4": 3, "anim.gif": 2, "clip.mov": 1, "clip.webm": 1}
-EXPECTED_SKIPS = {"unreadable": 2, "truncated": 1, "too_short": 1, "no_caption": 1, "empty_caption": 1}
+EXPECTED_SKIPS = {"unreadable": 2, "truncated": 1, "damaged": 1, "too_short": 1, "no_caption": 1, "empty_caption": 1}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,13 @@ def folder(tmp_path_factory):
     (root / "cut_data.mp4").write_bytes(data[: len(data) // 2])
     os.remove(fast)
     (root / "cut_data.txt").write_text("cut data")
+    # damaged: bytes garbled in the middle of the stream; it opens, has every frame and decodes with the
+    # damage concealed, only the decoder's messages tell
+    data = bytearray((root / "valid.mp4").read_bytes())
+    mid = data.find(b"mdat") + len(data) // 3
+    data[mid:mid + 600] = bytes(b ^ 0x5A for b in data[mid:mid + 600])
+    (root / "garbled.mp4").write_bytes(bytes(data))
+    (root / "garbled.txt").write_text("garbled")
     # too short: 10 frames -> 5 at 15 fps < 8.
     write_video(str(root / "short.mp4"), coded_frames(10, 32, 48))
     (root / "short.txt").write_text("short")
@@ -185,8 +192,9 @@ def test_skip_report(built, capsys):
     assert report["skipped"] == EXPECTED_SKIPS
     listed = {r: sorted(e["file"] for e in v) for r, v in report["skipped_files"].items()}
     assert listed == {"unreadable": ["cut_index.mp4", "noise.mp4"], "truncated": ["cut_data.mp4"],
-                      "too_short": ["short.mp4"], "no_caption": ["nocap.mp4"], "empty_caption": ["emptycap.mp4"]}
-    assert report["videos_found"] == 11 and report["videos_used"] == 5
+                      "damaged": ["garbled.mp4"], "too_short": ["short.mp4"], "no_caption": ["nocap.mp4"],
+                      "empty_caption": ["emptycap.mp4"]}
+    assert report["videos_found"] == 12 and report["videos_used"] == 5
     assert report["captions_without_video"] == ["gone.mp4"]
     assert builder.info.metadata["build_report"]["skipped"] == EXPECTED_SKIPS
 

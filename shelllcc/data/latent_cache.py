@@ -71,6 +71,7 @@ import numpy as np
 from shelllcc.checksums import sha256_file
 from shelllcc.data import text_cache
 from shelllcc.errors import InputFileError
+from shelllcc.locks import DirectoryLock
 
 FORMAT = "shelllcc_latent_cache"
 FORMAT_VERSION = 1
@@ -338,9 +339,10 @@ def encode_to_cache(
     Returns:
       A summary dict: ``out_dir``, ``num_examples``, ``num_shards``, ``shards_written``,
       ``shards_skipped``, ``clips_encoded``, ``seconds``, ``clips_per_s``, ``bytes``.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
 
+    Raises:
+      shelllcc.locks.DirectoryLocked: another live process is encoding into ``out_dir``.
+    """
     n = len(source)
     if n == 0:
         raise ValueError("source is empty")
@@ -360,6 +362,20 @@ def encode_to_cache(
         getattr(encode_text, "__qualname__", type(encode_text).__name__)
 
     os.makedirs(out_dir, exist_ok=True)
+    # two encoders on one directory would write the same shards and record each other's as finished
+    with DirectoryLock(out_dir, what="latent cache"):
+        return _encode_locked(source, out_dir, n=n, num_shards=num_shards, encode_video=encode_video,
+                              encode_text=encode_text, batch_size=batch_size, shard_size=shard_size,
+                              keep_fields=keep_fields, video_key=video_key, caption_key=caption_key,
+                              latent_dtype=latent_dtype, trim_text=trim_text, video_desc=video_desc,
+                              text_desc=text_desc, source_description=source_description, progress=progress)
+
+
+def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text, batch_size, shard_size, keep_fields,
+                   video_key, caption_key, latent_dtype, trim_text, video_desc, text_desc, source_description,
+                   progress) -> dict:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     json_path = os.path.join(out_dir, CACHE_JSON)
     spec = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "num_examples": n, "shard_size": shard_size,

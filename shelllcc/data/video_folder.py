@@ -48,7 +48,9 @@ nominal rate (frame ``i`` at ``i / fps``), so for variable-frame-rate files (pho
 screen captures) the resampling's timing is approximate; gif frames use
 their own per-frame durations (a missing or 0 duration counts as 100 ms, as browsers do). A video
 whose decodable frames end well before its declared duration (a cut-off download) is skipped as
-``truncated``; a video whose audio track outlasts the video by over 10 % would be too.
+``truncated``; a video whose audio track outlasts the video by over 10 % would be too. A video whose
+decoder reports errors on the frames its clips use (garbled bytes mid-stream, which ffmpeg conceals and
+decodes anyway) is skipped as ``damaged``; gifs are checked by Pillow's decode alone.
 
 The config's name is derived from its fields (the directory by name + a hash of its absolute
 path), not from the folder's content: after adding or removing videos, delete the built
@@ -76,7 +78,7 @@ from shelllcc.data.tfds_prepare import prepare, video_feature
 
 NAME = "shelllcc_video_folder"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif")
-SKIP_REASONS = ("unreadable", "truncated", "too_short", "no_caption", "empty_caption")
+SKIP_REASONS = ("unreadable", "truncated", "damaged", "too_short", "no_caption", "empty_caption")
 MAX_LISTED = 20            # paths listed per skip reason in the report
 GIF_DEFAULT_FRAME_S = 0.1  # browsers show 0/absent gif frame delays as ~100 ms
 # A video is "truncated" when its decodable frames cover less than this fraction of the declared
@@ -268,6 +270,21 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
+def _ffmpeg_decode_errors(path: str, num_frames: int) -> list[str]:
+    """The decoder's error messages on the first ``num_frames`` frames. Garbled bytes in the middle of a
+    stream decode without failing: the decoder conceals the damage and says so only on stderr, so the
+    frames a clip would take are decoded once more into nothing with errors shown and nothing else."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", path,
+           "-map", "0:v:0", "-frames:v", str(num_frames), "-f", "null", "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    if proc.returncode != 0 and not lines:
+        lines = [f"ffmpeg exited with code {proc.returncode}"]
+    return lines
+
+
 def _ffmpeg_packet_count(path: str) -> int:
     """Video packets (= frames for the usual codecs) by stream copy: no decoding, so it's cheap."""
     import imageio_ffmpeg
@@ -374,6 +391,11 @@ def extract_clips(path: str, config: VideoFolderConfig) -> list[dict]:
         plans = [sel[s:s + config.num_frames] for s in starts]
         needed = set(int(i) for p in plans for i in p)
         last = max(needed)
+        if not video.is_gif:
+            errors = _ffmpeg_decode_errors(path, last + 1)
+            if errors:
+                raise _Skip("damaged", f"{len(errors)} decoder error(s) in the first {last + 1} frames, e.g. "
+                                       f"{errors[0][:200]}")
         kept: dict[int, np.ndarray] = {}
         decoded = 0
         frames = video.frames()

@@ -17,6 +17,7 @@ goes, so a checkpoint written on 8 devices restores on 1 and the other way round
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -109,6 +110,33 @@ class Checkpointer:
         self._manager.close()
 
 
+def tree_sha256(tree: Any) -> str:
+    """A hash of a pytree's content (paths, dtypes, shapes, values) on this host: a resumed run compares it
+    with the one its checkpoint recorded to tell whether a frozen input is the same whatever its path."""
+    import numpy as np
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda x: jax.tree_util.keystr(x[0])):
+        a = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_resume_settings(saved: dict | None, current: dict, where: str) -> None:
+    """Refuse a resume whose ``current`` settings differ from those its checkpoint ``saved`` (both
+    ``{setting: value}``), naming each setting. Settings the checkpoint did not record (an older run's)
+    are not compared."""
+    from shelllcc.errors import UserError
+    if not saved:
+        return
+    current = json.loads(json.dumps(current))       # tuples as the checkpoint's JSON holds them
+    diff = [(k, saved[k], v) for k, v in current.items() if k in saved and saved[k] != v]
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
+        raise UserError(f"cannot resume from {where}: {shown}. Resume with the settings it was written with, or "
+                        "use a new workdir")
+
+
 class Preempted(Exception):
     """Raised by a training loop after it saved a checkpoint because SIGTERM arrived."""
 
@@ -155,4 +183,4 @@ class PreemptionGuard:
         self._flag.set()
 
 
-__all__ = ["Checkpointer", "Preempted", "PreemptionGuard", "DATA_STATE_DIR"]
+__all__ = ["Checkpointer", "Preempted", "PreemptionGuard", "DATA_STATE_DIR", "tree_sha256", "check_resume_settings"]
