@@ -27,11 +27,12 @@ def test_readout_masks_keep_the_prompt_from_vq_and_mq_tokens():
     c1 = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
     c2 = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 16))
     # with the backbone's features held fixed, only the TA token reads the text tokens
-    video, text, temb = m.features(z, jnp.array([10.0, 900.0]), c1)
+    video, text, temb = nnx.jit(lambda m, *a: m.features(*a))(m, z, jnp.array([10.0, 900.0]), c1)
+    call = nnx.jit(lambda m, c: m(z, None, c))
     m.features = lambda *_: (video, m.text_embed(c2.astype(jnp.float32)), temb)
-    r2 = m(z, None, c2)
+    r2 = call(m, c2)
     m.features = lambda *_: (video, text, temb)
-    r1 = m(z, None, c1)
+    r1 = call(m, c1)
     np.testing.assert_allclose(np.asarray(r1[:, :2]), np.asarray(r2[:, :2]), rtol=1e-6, atol=1e-6)
     assert np.all(np.abs(np.asarray(r1[:, 2] - r2[:, 2])) > 1e-5)
 
@@ -41,9 +42,9 @@ def test_pair_rewards_share_noise_and_t():
     z = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, 16))
     eps = jax.random.normal(jax.random.PRNGKey(3), z.shape)
     c = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
-    r_a, r_b = rm.pair_rewards(m, z, z, eps, jnp.array([0.3, 0.8]), c)
+    r_a, r_b = nnx.jit(rm.pair_rewards)(m, z, z, eps, jnp.array([0.3, 0.8]), c)
     np.testing.assert_allclose(np.asarray(r_a), np.asarray(r_b), rtol=1e-6)     # identical clips: identical rewards
-    want = m((1 - 0.3) * z[:1] + 0.3 * eps[:1], jnp.array([300.0]), c[:1])
+    want = nnx.jit(lambda m, *a: m(*a))(m, (1 - 0.3) * z[:1] + 0.3 * eps[:1], jnp.array([300.0]), c[:1])
     np.testing.assert_allclose(np.asarray(r_a[:1]), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
@@ -77,12 +78,12 @@ def test_reward_model_learns_preferences_above_chance():
     step = jax.jit(step_lib.make_train_step(rm.make_loss_fn(graphdef, "btt", t_max=0.3), opt, lambda s: 3e-3))
     state = ts.create(params, opt, frozen)
     rng = np.random.default_rng(0)
-    for i in range(120):
+    for i in range(80):
         idx = rng.choice(len(pairs), 16, replace=False)
         state, metrics = step(state, jax.tree.map(lambda x: jnp.asarray(x[idx]), data), jax.random.PRNGKey(0))
     trained = nnx.merge(graphdef, state.params, state.frozen)
     zero = jnp.zeros(len(pairs))
-    r_a, r_b = rm.pair_rewards(trained, jnp.asarray(data["z_a"]), jnp.asarray(data["z_b"]), jnp.zeros(data["z_a"].shape),
+    r_a, r_b = nnx.jit(rm.pair_rewards)(trained, jnp.asarray(data["z_a"]), jnp.asarray(data["z_b"]), jnp.zeros(data["z_a"].shape),
                                zero, jnp.asarray(data["context"]))
     diffs = np.asarray(r_a - r_b)
     acc = [tie_calibrated_accuracy(data["labels"][:, k], diffs[:, k]) for k in range(3)]
