@@ -4,7 +4,8 @@
 ODE ``dx/ds = v`` from ``s = 1`` to 0 on a shifted schedule ``k s / (1 + (k - 1) s)``.
 """
 
-from shelllcc.flow.objectives import noised_data, one_step_from_noise, sft_loss
+from shelllcc.flow.guidance import guided_velocity
+from shelllcc.flow.objectives import flow_dpo_loss, noised_data, one_step_from_noise, sft_loss
 from shelllcc.flow.rectified import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
@@ -35,7 +36,7 @@ from shelllcc.flow.timesteps import (
 )
 
 __all__ = [
-    "noised_data", "one_step_from_noise", "sft_loss",
+    "flow_dpo_loss", "guided_velocity", "noised_data", "one_step_from_noise", "sft_loss",
     "NUM_TRAIN_TIMESTEPS", "add_noise", "denoise", "flow_matching_loss", "model_timestep",
     "noise_from_velocity", "velocity_from_x0", "velocity_target",
     "UniPCCoefficients", "cfg_velocity", "euler_sample", "loss_guidance", "sample",

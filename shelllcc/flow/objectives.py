@@ -191,4 +191,25 @@ def region_weights(region, weight: float):
     return w[..., None]
 
 
-__all__ = ["one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
+def flow_dpo_loss(err_theta_w, err_ref_w, err_theta_l, err_ref_l, t, beta, time_dependent: bool = False):
+    """Flow-DPO (VideoAlign Eq. 6) from the per-sample velocity errors of a preference pair.
+
+    Each ``err_*`` is ``[B]``: the mean over a latent's elements of ``(v_m(x_t, t, y) - (eps - x0))^2`` for
+    the policy (``theta``) or the frozen reference (``ref``) on the winner ``w`` or loser ``l``, with one
+    shared ``eps`` and ``t`` per pair (``t`` ``[B]``, t = 1 is noise)::
+
+        beta_t = beta                       (constant: the paper's recommendation)
+               = beta (1 - t)^2             (time_dependent: the literal derivation; reward-hacks, paper Table 4)
+        z      = (err_theta_w - err_ref_w) - (err_theta_l - err_ref_l)
+        loss   = mean_B -log sigmoid(-(beta_t / 2) z)
+
+    The caller stops gradients into the reference errors; this function only combines them.
+    """
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    t = f(t)
+    beta_t = f(beta) * jnp.square(1.0 - t) if time_dependent else jnp.broadcast_to(f(beta), t.shape)
+    z = (f(err_theta_w) - f(err_ref_w)) - (f(err_theta_l) - f(err_ref_l))
+    return -jnp.mean(jax.nn.log_sigmoid(-0.5 * beta_t * z))
+
+
+__all__ = ["flow_dpo_loss", "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
