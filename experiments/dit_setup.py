@@ -27,7 +27,7 @@ import numpy as np
 from clu import parameter_overview
 from flax import nnx
 
-from shelllcc import parallel
+from shelllcc import errors, parallel
 from shelllcc.data import latent_cache, random_latents, readers
 from shelllcc.models import saving
 from shelllcc.models.wan_transformer import LAYERS, LOGICAL_AXES, WanTransformer, stack_blocks, stacked_layout
@@ -366,7 +366,7 @@ def check_frozen_sources(saved: dict | None, current: dict, where: str) -> None:
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"cannot resume from {where}: the frozen weights would come from elsewhere than when it "
+        raise errors.ConfigError(f"cannot resume from {where}: the frozen weights would come from elsewhere than when it "
                          f"was written ({shown}); use a new workdir or the original settings")
 
 
@@ -490,26 +490,28 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     rep = parallel.replicated(mesh)
     # a global (replicated) array: checkpoints of several processes cannot hold a process-local one
     rng = parallel.place(jax.random.PRNGKey(config.seed), rep)
-    latest = ckpt.latest_step()
     frozen = parallel.place(frozen, frozen_sh)
-    if latest is None:
+
+    def resume_from(step):
+        # before the arrays: a changed setting is named, not reported as a shape the restore cannot match
+        saved = ckpt.meta(step)
+        check_frozen_sources(saved.get("frozen_sources"), frozen_sources(config), ckpt.directory)
+        checkpoints.check_resume_settings(saved.get("resume_settings"), resume, f"{ckpt.directory} (step {step})")
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
+        return restore_checkpoint(ckpt, step, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+
+    try:
+        found = ckpt.resume_newest(resume_from)
+    except errors.UserError:
+        ckpt.close()
+        raise
+    if found is None:
         params = parallel.place(params, param_sh)
         with sharding_context(mesh, rules):     # the optimizer state is born sharded like its parameters
             state = jax.jit(lambda p, f: ts.create(p, optimizer, f), out_shardings=state_sh)(params, frozen)
     else:
-        # before the arrays: a changed setting is named, not reported as a shape the restore cannot match
-        saved = ckpt.meta(latest)
-        try:
-            check_frozen_sources(saved.get("frozen_sources"), frozen_sources(config), ckpt.directory)
-            checkpoints.check_resume_settings(saved.get("resume_settings"), resume,
-                                              f"{ckpt.directory} (step {latest})")
-        except ValueError:
-            ckpt.close()
-            raise
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
-        items, rng, data_state, meta = restore_checkpoint(
-            ckpt, latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        latest, (items, rng, data_state, meta) = found
         state = ts.from_checkpoint_items(items, frozen)
         if data_state is not None:
             host_iter.set_state(data_state)

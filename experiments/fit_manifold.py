@@ -247,8 +247,33 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
     ckpt = checkpoints.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
     # saved with every checkpoint, as the shared loop does; the fit's steps draw no random numbers
     rng = parallel.place(jax.random.PRNGKey(config.seed), rep)
-    latest = ckpt.latest_step()
-    if latest is None:
+    def resume_from(step):
+        # the checkpoint's stage says which optimizer's state it holds; the restore target is built
+        # abstractly (re-running the anchor init, a k-means, would be wasted)
+        saved = ckpt.meta(step)
+        stage = saved["stage"]
+        try:
+            checkpoints.check_resume_settings(saved.get("resume_settings"), resume, f"{ckpt_dir} (step {step})")
+        except errors.UserError as e:
+            raise errors.UserError(f"{e} (data: data.source={config.data.source!r})") from None
+        # a stage-1 checkpoint past the new stage1.steps would run no stage 1, then start stage 2 late; a
+        # stage-2 one before it, or past the end, has no place in this config's schedule
+        if (stage == 1 and step > n1) or (stage == 2 and not n1 <= step <= total):
+            raise errors.UserError(
+                f"{ckpt_dir} holds a stage-{stage} checkpoint at step {step}, which config stage1.steps={n1}, "
+                f"stage2.steps={n2} does not reach; resume with the steps it was written with, or use a new workdir")
+        abstract = jax.eval_shape(lambda p: fit.init_state(p, opt[stage], stage), io.abstract_params(mconfig))
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                              ts.checkpoint_items(abstract))
+        items, key, _, _ = ckpt.restore(step, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        return stage, items, key
+
+    try:
+        found = ckpt.resume_newest(resume_from)
+    except errors.UserError:
+        ckpt.close()
+        raise
+    if found is None:
         t0 = time.time()
         params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, config.manifold.anchor_init,
                                config.manifold.kmeans_iters)
@@ -256,26 +281,7 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
               f"patches in {time.time() - t0:.1f}s", flush=True)
         state, stage = parallel.replicate_tree(fit.init_state(params, opt[1], 1), mesh), 1
     else:
-        # the checkpoint's stage says which optimizer's state it holds; the restore target is built
-        # abstractly (re-running the anchor init, a k-means, would be wasted)
-        saved = ckpt.meta(latest)
-        stage = saved["stage"]
-        try:
-            checkpoints.check_resume_settings(saved.get("resume_settings"), resume, f"{ckpt_dir} (step {latest})")
-        except errors.UserError as e:
-            ckpt.close()
-            raise errors.UserError(f"{e} (data: data.source={config.data.source!r})") from None
-        # a stage-1 checkpoint past the new stage1.steps would run no stage 1, then start stage 2 late; a
-        # stage-2 one before it, or past the end, has no place in this config's schedule
-        if (stage == 1 and latest > n1) or (stage == 2 and not n1 <= latest <= total):
-            ckpt.close()
-            raise errors.UserError(
-                f"{ckpt_dir} holds a stage-{stage} checkpoint at step {latest}, which config stage1.steps={n1}, "
-                f"stage2.steps={n2} does not reach; resume with the steps it was written with, or use a new workdir")
-        abstract = jax.eval_shape(lambda p: fit.init_state(p, opt[stage], stage), io.abstract_params(mconfig))
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                              ts.checkpoint_items(abstract))
-        items, rng, _, _ = ckpt.restore(latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        latest, (stage, items, rng) = found
         state = ts.from_checkpoint_items(items)
         print(f"resumed from {ckpt.directory} at step {latest} (stage {stage})", flush=True)
 

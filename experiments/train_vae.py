@@ -217,13 +217,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> PatchVAE:
     ds = readers.make_dataset(train_src, batch_size=d.batch_size // jax.process_count(), seed=config.seed,
                               transform=lambda ex: {"video": np.asarray(ex["video"])})
     host_iter = iter(ds)
-    latest = ckpt.latest_step()
-    if latest is None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
+    found = ckpt.resume_newest(
+        lambda step: ckpt.restore(step, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep)))
+    if found is None:
         state = jax.jit(lambda p: ts.create(p, optimizer, {}), out_shardings=state_sh)(parallel.place(params, param_sh))
     else:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
-        items, rng, data_state, _ = ckpt.restore(latest, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        latest, (items, rng, data_state, _) = found
         state = ts.from_checkpoint_items(items, {})
         if data_state is not None:
             host_iter.set_state(data_state)

@@ -140,6 +140,64 @@ def test_checkpointer_meta_and_a_step_saved_twice(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.parametrize("damage", ["garbled_arrays", "truncated_meta", "missing_data_state"])
+def test_resume_skips_an_unreadable_latest_checkpoint(tmp_path, capsys, damage):
+    """A damaged newest checkpoint is moved aside with a one-line reason and the one before is resumed;
+    the step can then be saved again; a refused resume (UserError) is not mistaken for damage."""
+    from shelllcc.errors import InputFileError, UserError
+    from shelllcc.training.checkpoints import UNREADABLE_DIR, Checkpointer
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5, asynchronous=False)
+    for step in (2, 4, 6):
+        ckpt.save(step, {"w": jnp.full(64, float(step))}, jax.random.PRNGKey(step), data_state={"at": step})
+    ckpt.close()
+    root = tmp_path / "orbax" / "6"
+    if damage == "garbled_arrays":
+        files = [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 64 and "state" in str(p)]
+        assert files
+        for p in files:
+            p.write_bytes(b"\x00garbage" * 8)
+    elif damage == "truncated_meta":
+        metas = [p for p in root.rglob("*") if p.is_file() and "meta" in str(p.parent.name)]
+        assert metas
+        for p in metas:
+            p.write_text('{"step": ')
+    else:
+        for p in (tmp_path / "data_state" / "6").iterdir():
+            p.unlink()
+    abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}
+    key = jax.random.PRNGKey(0)
+    rng_target = jax.ShapeDtypeStruct(key.shape, key.dtype)
+
+    def attempt(step):
+        meta = ckpt.meta(step)
+        return ckpt.restore(step, abstract, rng_target), meta
+
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5, asynchronous=False)
+    step, ((items, _, data_state, _), _) = ckpt.resume_newest(attempt)
+    assert step == 4 and data_state == {"at": 4}
+    np.testing.assert_array_equal(items["w"], np.full(64, 4.0))
+    out = capsys.readouterr().out
+    assert "checkpoint 6" in out and "unreadable" in out and len(out.strip().splitlines()) == 1
+    assert (tmp_path / UNREADABLE_DIR / "6" / "reason.txt").exists() and ckpt.all_steps() == [2, 4]
+    ckpt.save(6, {"w": jnp.full(64, 60.0)}, jax.random.PRNGKey(6), data_state={"at": 60})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [2, 4, 6]
+
+    def refuse(step):
+        raise UserError("resume refused: reward.kind differs")
+
+    with pytest.raises(UserError, match="reward.kind"):
+        ckpt.resume_newest(refuse)
+    assert ckpt.all_steps() == [2, 4, 6]                 # nothing moved aside for a refusal
+
+    def broken(step):
+        raise OSError("Errno 5")
+
+    with pytest.raises(InputFileError, match="no readable checkpoint"):
+        ckpt.resume_newest(broken)
+    ckpt.close()
+
+
 def test_loop_eta_counts_the_later_phase():
     """``eta_s`` is the remaining steps of this phase plus ``later_steps``, at the measured rate."""
     from shelllcc.training import loop

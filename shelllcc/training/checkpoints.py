@@ -11,8 +11,11 @@ A checkpoint at step ``n`` holds everything needed to continue as if the run had
   save starts, so a checkpoint that exists always has its data state.
 
 Saves are asynchronous (the loop continues while arrays are written) and old checkpoints beyond
-``max_to_keep`` are deleted. Restoring takes abstract arrays whose ``sharding`` says where each array
-goes, so a checkpoint written on 8 devices restores on 1 and the other way round.
+``max_to_keep`` are deleted. A resume goes through :meth:`Checkpointer.resume_newest`: a checkpoint that
+cannot be read (truncated or garbled files) is moved to ``unreadable/<n>`` with the reason, named in one
+line, and the next older one is tried, so one damaged save does not stop every later run. Restoring
+takes abstract arrays whose ``sharding`` says where each array goes, so a checkpoint written on 8
+devices restores on 1 and the other way round.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
+from shelllcc.errors import InputFileError, UserError
+
 DATA_STATE_DIR = "data_state"
+UNREADABLE_DIR = "unreadable"
+T = TypeVar("T")
 
 
 class Checkpointer:
@@ -37,10 +44,53 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            os.path.join(self.directory, "orbax"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=asynchronous))
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                     enable_async_checkpointing=asynchronous)
+        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "orbax"), options=self._options)
+
+    def resume_newest(self, attempt: Callable[[int], T]) -> tuple[int, T] | None:
+        """``(step, attempt(step))`` for the newest checkpoint ``attempt`` can read, or None when there is none.
+
+        ``attempt(step)`` reads checkpoint ``step`` (its meta, checks, arrays). A :class:`UserError` from it
+        (a refused resume: the config differs) is raised as it is, since an older checkpoint differs the
+        same way; any other error counts as an unreadable checkpoint: it is moved aside to
+        ``unreadable/<step>`` (with ``reason.txt``; a later save of that step must not be skipped as
+        "already saved"), one line names it and the reason, and the next older step is tried. When every
+        checkpoint is unreadable an :class:`InputFileError` names the directory.
+        """
+        skipped = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return step, attempt(step)
+            except UserError:
+                raise
+            except Exception as e:           # noqa: BLE001 - orbax raises many kinds for damaged files
+                reason = _first_line(e)
+                print(f"note: checkpoint {step} in {self.directory} is unreadable ({reason}); moved to "
+                      f"{os.path.join(self.directory, UNREADABLE_DIR, str(step))}, trying the one before", flush=True)
+                self._quarantine(step, reason)
+                skipped.append(step)
+        if skipped:
+            raise InputFileError(f"no readable checkpoint in {self.directory}: steps {skipped} are unreadable "
+                                 f"(moved to {os.path.join(self.directory, UNREADABLE_DIR)}); remove the directory "
+                                 "to start over")
+        return None
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+        dest = os.path.join(self.directory, UNREADABLE_DIR, str(step))
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.makedirs(dest)
+        for src, name in ((os.path.join(self.directory, "orbax", str(step)), "orbax"),
+                          (os.path.join(self.directory, DATA_STATE_DIR, str(step)), DATA_STATE_DIR)):
+            if os.path.exists(src):
+                shutil.move(src, os.path.join(dest, name))
+        with open(os.path.join(dest, "reason.txt"), "w") as f:
+            f.write(reason + "\n")
+        # the manager caches the steps it found; a fresh one sees the directory as it is now
+        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "orbax"), options=self._options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -108,6 +158,11 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 def tree_sha256(tree: Any) -> str:
