@@ -537,3 +537,40 @@ def test_an_ablation_variant_finished_with_another_config_is_refused(tmp_path, m
     assert run_cli([f"--config={config}", f"--workdir={tmp_path / 'w'}"], monkeypatch) == 2
     assert_one_line_error(capsys, "variant 'a'", "config.log_every: 5 -> 10", "remove")
     assert sorted(os.listdir(tmp_path / "w" / "a")) == ["DONE"]
+
+
+# ------------------------------------------------------------------------------------ shipped models
+def _damaged_pretrained(tmp_path, kind: str):
+    src = os.path.join(REPO, "configs", "pretrained", "demo")
+    dst = tmp_path / "pretrained"
+    shutil.copytree(src, dst)
+    vae = dst / "vae.npz"
+    if kind == "flipped byte":
+        data = bytearray(vae.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        vae.write_bytes(bytes(data))
+    elif kind == "truncated file":
+        vae.write_bytes(vae.read_bytes()[:1000])
+    elif kind == "missing file":
+        vae.unlink()
+    elif kind == "no manifest":
+        (dst / "MANIFEST.json").unlink()
+    elif kind == "truncated manifest":
+        (dst / "MANIFEST.json").write_text((dst / "MANIFEST.json").read_text()[:300])
+    return dst
+
+
+@pytest.mark.parametrize("kind,name", [("flipped byte", "vae.npz"), ("truncated file", "vae.npz"),
+                                       ("missing file", "vae.npz"), ("no manifest", "MANIFEST.json"),
+                                       ("truncated manifest", "MANIFEST.json")])
+def test_damaged_shipped_models_are_refused(kind, name, tmp_path, monkeypatch, capsys):
+    """The demo's shipped VAE, text encoder and base are checked against their manifest before use."""
+    pretrained = _damaged_pretrained(tmp_path, kind)
+    workdir = tmp_path / "w"
+    argv = ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.pretrained.dir={pretrained}",
+            "--config.benchmark.train_size=8", "--config.benchmark.validation_size=24",
+            "--config.benchmark.test_size=64", "--config.stop_after=vae"]
+    assert run_cli(argv, monkeypatch) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and name in line, line
+    assert not (workdir / "vae" / "model").exists() and not (workdir / "stages" / "vae.DONE").exists()
