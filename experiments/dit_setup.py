@@ -484,9 +484,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
                                                                     f"full table in parameters.txt) ..."] + lines[-20:]),
               flush=True)
 
+    host_iter = host_batches(config.data, config.seed)      # bad data settings stop the run before any file
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                                     asynchronous=config.train.async_checkpoints)
-    host_iter = host_batches(config.data, config.seed)
     rep = parallel.replicated(mesh)
     # a global (replicated) array: checkpoints of several processes cannot hold a process-local one
     rng = parallel.place(jax.random.PRNGKey(config.seed), rep)

@@ -19,6 +19,7 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup
+from shelllcc.errors import ConfigError
 from shelllcc.flow.objectives import drop_text, region_weights, sft_loss
 from shelllcc.flow.timesteps import sample_training_sigmas
 
@@ -43,14 +44,18 @@ def sigma_sampler(flow: ml_collections.ConfigDict):
 
 def make_loss(config: ml_collections.ConfigDict):
     sampler = sigma_sampler(config.flow)
-    sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)   # validates the name
+    try:    # the library's own checks, re-said with the config key the user has to change
+        sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)
+        drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), float(config.flow.text_dropout))
+    except ValueError as e:
+        raise ConfigError(f"flow.sigma_distribution={config.flow.sigma_distribution!r}, "
+                          f"flow.text_dropout={config.flow.text_dropout}: {e}") from None
     dropout = float(config.flow.text_dropout)
-    drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), dropout)                          # validates the rate
     region_weight = float(config.flow.get("region_weight", 0.0))
     if region_weight < 0:
-        raise ValueError(f"flow.region_weight must be >= 0, got {region_weight}")
+        raise ConfigError(f"flow.region_weight must be >= 0, got {region_weight}")
     if region_weight and not config.data.get("weight_field", ""):
-        raise ValueError(f"flow.region_weight={region_weight} needs data.weight_field (a region map in the cache)")
+        raise ConfigError(f"flow.region_weight={region_weight} needs data.weight_field (a region map in the cache)")
 
     def build(setup: dit_setup.Setup):
         def loss_fn(params, frozen, batch, key):

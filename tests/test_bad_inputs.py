@@ -574,3 +574,38 @@ def test_damaged_shipped_models_are_refused(kind, name, tmp_path, monkeypatch, c
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ") and name in line, line
     assert not (workdir / "vae" / "model").exists() and not (workdir / "stages" / "vae.DONE").exists()
+
+
+# ------------------------------------------------------------------- the DiT experiments and the demo
+# (case, argv, what the line must name); each is refused before any model is built or trained
+EXPERIMENT_INPUTS = [
+    ("prompts file missing", ["--config=configs/embedded.py:sample", "--config.prompts.source=file",
+                              "--config.prompts.file=/nonexistent/prompts.txt"], "/nonexistent/prompts.txt"),
+    ("prompts cache not given", ["--config=configs/embedded.py:sample"], "prompts.cache_dir"),
+    ("no manifold for the reward", ["--config=configs/embedded.py:reward"], "reward.manifold"),
+    ("unknown reward kind", ["--config=configs/embedded.py:reward", "--config.reward.kind=shel"], "reward.kind"),
+    ("unknown objective", ["--config=configs/embedded.py:reward", "--config.objective.name=two_step"], "objective.name"),
+    ("unknown noise distribution", ["--config=configs/embedded.py:sft", "--config.data.source=random",
+                                    "--config.flow.sigma_distribution=gaussian"], "flow.sigma_distribution"),
+    ("text dropout above 1", ["--config=configs/embedded.py:sft", "--config.data.source=random",
+                              "--config.flow.text_dropout=1.5"], "flow.text_dropout"),
+    ("negative region weight", ["--config=configs/embedded.py:sft", "--config.data.source=random",
+                                "--config.flow.region_weight=-1"], "flow.region_weight"),
+    ("region weight without a field", ["--config=configs/embedded.py:sft", "--config.data.source=random",
+                                       "--config.flow.region_weight=2"], "data.weight_field"),
+    ("weight field on random latents", ["--config=configs/embedded.py:sft", "--config.data.source=random",
+                                        "--config.data.weight_field=object_mask"], "data.weight_field"),
+    ("unknown demo variant", ["--config=configs/demo.py", "--config.run_variants=('control','nope')"], "nope"),
+    ("unknown stage to stop after", ["--config=configs/demo.py", "--config.stop_after=nowhere"], "stop_after"),
+    ("more validation prompts than clips", ["--config=configs/demo.py", "--config.benchmark.validation_size=8"],
+     "validation.prompts"),
+]
+
+
+@pytest.mark.parametrize("case,argv,name", EXPERIMENT_INPUTS, ids=[c[0] for c in EXPERIMENT_INPUTS])
+def test_experiment_inputs(case, argv, name, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "w"
+    assert run_cli([*argv, f"--workdir={workdir}"], monkeypatch) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and name in line, line
+    assert not (workdir / "model").exists() and not (workdir / "checkpoints").exists()
