@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
     c.model.preset = PRESETS[size]
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16" if mode == "lora" else "float32"
-    c.model.attention_impl = "cudnn"
+    c.model.attention_impl = "flash"      # cuDNN on GPU, the Pallas flash kernel on TPU (the mesh's platform)
     # 1.3B: keep each block's attention output and softmax statistics (+5 GB at 81 x 480 x 832, 14% faster
     # per step than full remat on an H200, benchmarks/RESULTS.md); 14B: full remat (5x larger activations)
     c.model.remat_policy = "attention_forward_saveable" if size == "1.3b" else "full"
