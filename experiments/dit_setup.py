@@ -84,8 +84,10 @@ def data_section() -> ml_collections.ConfigDict:
 def mesh_section() -> ml_collections.ConfigDict:
     # data / fsdp: axis sizes (one may be -1: all devices the other leaves); devices: use the first N
     # devices only (0: all; single-process runs); slices: TPU slices joined over DCN (multi-slice), with
-    # data / fsdp sizing one slice and the data axis also spanning the slices (parallel.make_mesh)
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0, slices=1))
+    # data / fsdp sizing one slice and the data axis also spanning the slices (parallel.make_mesh);
+    # tpu_topology: the TPU slice a pod preset is sized for (e.g. 'v5p:4x4x2'; what benchmarks/tpu_aot.py
+    # compiles for; a run uses the devices it has)
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0, slices=1, tpu_topology=""))
 
 
 def sharding_rules(config) -> tuple:
@@ -553,7 +555,11 @@ class AbstractStep:
     trainable_params: int
     frozen_params: int
     param_bytes: int                 # trainable + frozen model weights, in their dtypes
-    attention_impl: str | None
+    model_config: Any                # the WanTransformerConfig, kernels resolved for the mesh's platform
+
+    @property
+    def attention_impl(self) -> str | None:
+        return self.model_config.attention_impl
 
 
 def abstract_step(config: ml_collections.ConfigDict, make_loss: MakeLoss, devices=None,
@@ -601,4 +607,4 @@ def abstract_step(config: ml_collections.ConfigDict, make_loss: MakeLoss, device
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return AbstractStep(step, state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), mesh, k, count(params),
-                        count(frozen_pure), nbytes(params) + nbytes(frozen_pure), cfg.attention_impl)
+                        count(frozen_pure), nbytes(params) + nbytes(frozen_pure), cfg)
