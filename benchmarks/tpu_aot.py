@@ -31,6 +31,7 @@ import argparse
 import ast
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -129,14 +130,14 @@ def model_flops(cfg, latent, text_len: int, lora: bool, remat: str, examples: in
     return float(per_block * cfg.num_layers * examples)
 
 
-def compile_step(config, devices, latent, text) -> dict:
+def compile_abstract(config, devices, latent, text):
+    """``(built, compiled, times)``: the experiment's step (``dit_setup.abstract_step``) compiled for ``devices``."""
     from experiments import dit_setup, reward_finetune, sft
     from shelllcc import parallel
 
     make_loss = {"reward_finetune": reward_finetune.make_loss, "sft": sft.make_loss}[config.experiment]
     t0 = time.perf_counter()
     built = dit_setup.abstract_step(config, make_loss(config), devices, latent, text)
-    rows_per_process = check_process_rows(parallel.batch_sharding(built.mesh), config.data.batch_size)
     times = {"build_s": time.perf_counter() - t0}
     with parallel.set_mesh(built.mesh):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -145,6 +146,18 @@ def compile_step(config, devices, latent, text) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         compiled = lowered.compile()
         times["compile_s"], times["compile_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    return built, compiled, times
+
+
+def compile_step(config, devices, latent, text) -> dict:
+    built, compiled, times = compile_abstract(config, devices, latent, text)
+    return report(config, devices, latent, text, built, compiled, times)
+
+
+def report(config, devices, latent, text, built, compiled, times) -> dict:
+    from shelllcc import parallel
+
+    rows_per_process = check_process_rows(parallel.batch_sharding(built.mesh), config.data.batch_size)
     mem = compiled.memory_analysis()
     if isinstance(mem, (list, tuple)):
         mem = mem[0]
@@ -165,6 +178,17 @@ def compile_step(config, devices, latent, text) -> dict:
                 frozen_params=built.frozen_params, param_bytes=built.param_bytes, bytes=m,
                 flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                 **{k: round(v, 2) for k, v in times.items()})
+
+
+def oom_numbers(message: str) -> dict:
+    """XLA:TPU's out-of-memory message, e.g. 'the total memory required for HLO temporaries (97.67G) exceeds
+    available HBM (95.74G)', as ``{"required_gib": ..., "available_gib": ...}`` (GiB; empty if unparsed)."""
+    found = re.findall(r"\(([0-9.]+)([KMGT])\)", message)
+    if len(found) < 2:
+        return {}
+    scale = {"K": 2.0 ** -20, "M": 2.0 ** -10, "G": 1.0, "T": 2.0 ** 10}
+    (req, u1), (avail, u2) = found[-2:]
+    return {"required_gib": round(float(req) * scale[u1], 2), "available_gib": round(float(avail) * scale[u2], 2)}
 
 
 def summarize(r: dict, chip: dict) -> dict:
@@ -218,7 +242,25 @@ def main(argv=None):
     where = f"{topology}" + (f" x {slices} slices" if slices > 1 else "")
     print(f"{args.config}: {config.experiment}, {len(devices)} {devices[0].device_kind} chips ({where}), "
           f"jax {jax.__version__}", flush=True)
-    r = compile_step(config, devices, latent, text)
+    try:
+        r = compile_step(config, devices, latent, text)
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses to compile a program whose buffers exceed the chip's HBM: that is the answer
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).splitlines()[0]
+        print(message, flush=True)
+        record = dict(device=f"CPU host compiling for TPU {where}", host=harness.host_device(), topology=topology,
+                      slices=slices, chip=chip_name, chip_peaks=chip, config=args.config, overrides=args.override,
+                      latent=list(latent), text=list(text), batch_size=config.data.batch_size,
+                      microbatch_size=config.train.microbatch_size, remat_policy=config.model.remat_policy,
+                      jax=jax.__version__, libtpu=harness.package_version("libtpu"), fits=False,
+                      compile_error=message, **oom_numbers(message))
+        if not args.no_record:
+            harness.Bench("tpu_aot", argv=argv).record(**record)
+        print(f"XLA:TPU did not compile the step within {chip['hbm_gib']:g} GiB of HBM per chip ({chip_name}): "
+              "does not fit", flush=True)
+        return record
     s = summarize(r, chip)
     g = s["per_chip_gib"]
     print(f"mesh {r['mesh']} over {r['processes']} host(s); global batch {config.data.batch_size} in "

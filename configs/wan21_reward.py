@@ -30,10 +30,12 @@ PODS = {
     "v5p8": ("v5p:2x2x1", 1),
     "v5p16": ("v5p:2x2x2", 1),
     "v5p64": ("v5p:4x4x2", 1),
+    "v5p128": ("v5p:4x4x4", 1),
     "2xv5p64": ("v5p:4x4x2", 2),
     "v6e4": ("v6e:2x2", 1),
     "v6e8": ("v6e:2x4", 1),
     "v6e16": ("v6e:4x4", 1),
+    "v6e64": ("v6e:8x8", 1),
     "2xv6e16": ("v6e:4x4", 2),
 }
 ARGS = BASE_ARGS + tuple(f"{a}-{pod}" for a in BASE_ARGS for pod in PODS)
