@@ -19,8 +19,6 @@ if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install 'jax[tpu]'); it compiles for TPU topologies",
                 allow_module_level=True)
 
-# another process of the suite may hold libtpu's lock file; compile-only use needs no exclusive TPU
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import tpu_aot  # noqa: E402
 
@@ -104,3 +102,26 @@ def test_platform_choice_follows_the_mesh():
         resolve_kernel("pallas", "amortized", "tpu")
     with pytest.raises(ValueError, match="GPU only"):
         resolve_attention_impl("cudnn", "tpu")
+
+
+def test_remat_policy_keeps_the_flash_forward_only():
+    """``attention_forward_saveable`` saves the Pallas flash forward's outputs (o, l, m) and none of its
+    backward kernels', so a remat'd block does not rerun attention on TPU (as with cuDNN on GPU)."""
+    import jax.numpy as jnp
+
+    from shelllcc.models import wan_transformer as wt
+
+    def pallas_calls(jaxpr, out):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                out.append((len(e.params["out_avals"]), wt.save_attention_forward(e.primitive, **e.params)))
+            for p in e.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None:
+                    pallas_calls(inner if hasattr(inner, "eqns") else inner.jaxpr, out)
+        return out
+
+    q = jnp.ones((1, 200, 2, 128), jnp.bfloat16)      # 200 tokens: padded to 256, padded keys masked
+    loss = lambda x: wt.tpu_flash_attention(x, x, x).astype(jnp.float32).sum()  # noqa: E731
+    calls = pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr, [])
+    assert sorted(calls) == [(1, False), (2, False), (3, True)]

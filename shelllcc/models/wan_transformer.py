@@ -82,11 +82,11 @@ def resolve_attention_impl(impl: str | None, platform: str) -> str | None:
 
 
 def _is_tpu_flash_forward(prim, params) -> bool:
-    if prim.name != "pallas_call":
-        return False
-    info = params.get("name_and_src_info")
-    name = getattr(info, "name", "") or ""
-    return "flash_attention_kernel" in name
+    # The kernel's Pallas calls carry no name: its forward under differentiation is the one with three
+    # outputs (o and the softmax statistics l, m) and a cost estimate; its backward calls (dk/dv, dq) have
+    # neither. The DiT has no other Pallas call.
+    return (prim.name == "pallas_call" and params.get("cost_estimate") is not None
+            and len(params.get("out_avals", ())) == 3)
 
 
 def save_attention_forward(prim, *_, **params) -> bool:
