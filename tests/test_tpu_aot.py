@@ -125,3 +125,16 @@ def test_remat_policy_keeps_the_flash_forward_only():
     loss = lambda x: wt.tpu_flash_attention(x, x, x).astype(jnp.float32).sum()  # noqa: E731
     calls = pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr, [])
     assert sorted(calls) == [(1, False), (2, False), (3, True)]
+
+
+def test_multi_slice_mesh_keeps_fsdp_within_a_slice():
+    """Two v5p slices over DCN: the data axis runs across them, each fsdp group (per-layer gathers) lies in
+    one slice, and each slice's hosts feed their own batch rows."""
+    from shelllcc import parallel
+    devices = tpu_aot.topology_devices("v5p:2x2x1", slices=2)
+    mesh = parallel.make_mesh(1, -1, devices, slices=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert [{d.slice_index for d in row} for row in mesh.devices] == [{0}, {1}]
+    assert tpu_aot.check_process_rows(parallel.batch_sharding(mesh), 8) == 4
+    with pytest.raises(ValueError, match="slice"):
+        parallel.make_mesh(1, -1, devices, slices=4)
