@@ -62,7 +62,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     if slices > 1:
         return _multi_slice_mesh(data, fsdp, devices, slices)
     data, fsdp = _axis_sizes(data, fsdp, len(devices))
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    try:
+        return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    except NotImplementedError:
+        # a TPU torus none of whose axis products is an axis size (fsdp 8 on a 4x4 slice): an axis of
+        # the torus is split between data and fsdp
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def _axis_sizes(data: int, fsdp: int, n: int) -> tuple[int, int]:
