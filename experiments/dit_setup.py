@@ -51,7 +51,9 @@ def model_section() -> ml_collections.ConfigDict:
         dim=0, num_layers=0, num_heads=0, ffn_dim=0, text_dim=0, freq_dim=0,
         patch_size=(),               # (pt, ph, pw) latent positions per token; empty: the preset's (1, 2, 2)
         dtype="float32", param_dtype="float32",
-        attention_impl="",           # '' (jax default) | xla | cudnn (flash attention on GPU)
+        # '' (jax default) | xla | cudnn (GPU) | tpu_flash (Pallas, TPU) | flash (the mesh platform's fused
+        # attention: cudnn on GPU, tpu_flash on TPU, xla elsewhere)
+        attention_impl="",
         remat_policy="none",
         scan_layers=True,            # stacked blocks run by one nnx.scan (XLA compiles one block); False: a loop
         pretrained="",               # diffusers transformer/ folder
@@ -83,8 +85,11 @@ def data_section() -> ml_collections.ConfigDict:
 
 def mesh_section() -> ml_collections.ConfigDict:
     # data / fsdp: axis sizes (one may be -1: all devices the other leaves); devices: use the first N
-    # devices only (0: all; single-process runs)
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0))
+    # devices only (0: all; single-process runs); slices: TPU slices joined over DCN (multi-slice), with
+    # data / fsdp sizing one slice and the data axis also spanning the slices (parallel.make_mesh);
+    # tpu_topology: the TPU slice a pod preset is sized for (e.g. 'v5p:4x4x2'; what benchmarks/tpu_aot.py
+    # compiles for; a run uses the devices it has)
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=0, slices=1, tpu_topology=""))
 
 
 def sharding_rules(config) -> tuple:
@@ -92,22 +97,36 @@ def sharding_rules(config) -> tuple:
     return tuple((str(a), b if isinstance(b, str) or b is None else tuple(b)) for a, b in config.sharding_rules)
 
 
-def make_mesh(mesh_cfg):
-    devices = None
+def make_mesh(mesh_cfg, devices=None):
+    """The run's mesh over ``devices`` (default: this job's; a TPU topology's compile-only devices when a
+    step is compiled ahead of time, ``benchmarks/tpu_aot.py``)."""
+    slices = mesh_cfg.get("slices", 1)
+    if devices is not None:
+        devices = list(devices)
+        if mesh_cfg.devices:
+            devices = devices[:mesh_cfg.devices]
+        return parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, devices, slices=slices)
     if mesh_cfg.devices:
         if jax.process_count() > 1:
             raise ValueError("mesh.devices selects a subset of devices and only works with one process")
         if mesh_cfg.devices > jax.device_count():
             raise ValueError(f"mesh.devices={mesh_cfg.devices} but only {jax.device_count()} devices are present")
         devices = jax.devices()[:mesh_cfg.devices]
-    return parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, devices)
+    return parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, devices, slices=slices)
 
 
 # ------------------------------------------------------------------------------------------ the model
 
-def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None):
+def attention_impl(m: ml_collections.ConfigDict, platform: str | None = None) -> str | None:
+    """``model.attention_impl`` resolved for ``platform`` (the mesh's devices', ``parallel.mesh_platform``;
+    default: the default backend's)."""
+    from shelllcc.models.wan_transformer import resolve_attention_impl
+    return resolve_attention_impl(m.attention_impl or None, platform or jax.default_backend())
+
+
+def transformer_config(m: ml_collections.ConfigDict, arch: dict | None = None, platform: str | None = None):
     runtime = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                   attention_impl=m.attention_impl or None, remat_policy=m.remat_policy,
+                   attention_impl=attention_impl(m, platform), remat_policy=m.remat_policy,
                    scan_layers=bool(m.scan_layers))
     if arch is not None:
         return saving.config_from_architecture("wan_transformer", arch, **runtime)
@@ -152,14 +171,15 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
     (flax resolves the parameters' logical axis names under :func:`sharding_context`)."""
     if m.pretrained and m.init_from:
         raise ValueError("set at most one of model.pretrained (a diffusers folder) and model.init_from (a workdir)")
+    platform = parallel.mesh_platform(mesh)
     if m.pretrained:
         model = load_transformer(m.pretrained, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                                 mesh=mesh, rules=rules, attention_impl=m.attention_impl or None,
+                                 mesh=mesh, rules=rules, attention_impl=attention_impl(m, platform),
                                  remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers))
         return LoadedModel(model, f"diffusers {m.pretrained}")
     if m.init_from:
         path, info = init_from_model(m.init_from)
-        cfg = transformer_config(m, info["architecture"])
+        cfg = transformer_config(m, info["architecture"], platform)
         with sharding_context(mesh, rules):
             abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
             shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh)
@@ -168,7 +188,7 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
                                   attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
                                   scan_layers=cfg.scan_layers)
         return LoadedModel(model, f"saved model {path}")
-    cfg = transformer_config(m)
+    cfg = transformer_config(m, platform=platform)
     with sharding_context(mesh, rules):
         abstract = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(m.seed)))
         graphdef, abs_state = nnx.split(abstract)
@@ -545,3 +565,71 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
                                    "skipped_updates": skipped})
     print(f"exported the trained model to {out}; non-finite updates skipped: {skipped}", flush=True)
     return state
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    """A DiT experiment's jitted train step with abstract arguments: compiled ahead of time for a mesh of
+    devices this process may not have (``benchmarks/tpu_aot.py``), nothing of the model allocated."""
+    step: Any                        # shelllcc.training.step.jit_train_step's result (``.jitted``)
+    state: Any                       # ts.TrainState of ShapeDtypeStructs
+    batch: dict                      # the global batch's ShapeDtypeStructs
+    rng: Any
+    mesh: Any
+    microbatches: int
+    trainable_params: int
+    frozen_params: int
+    param_bytes: int                 # trainable + frozen model weights, in their dtypes
+    model_config: Any                # the WanTransformerConfig, kernels resolved for the mesh's platform
+
+    @property
+    def attention_impl(self) -> str | None:
+        return self.model_config.attention_impl
+
+
+def abstract_step(config: ml_collections.ConfigDict, make_loss: MakeLoss, devices=None,
+                  latent_shape: tuple = (), text_shape: tuple = ()) -> AbstractStep:
+    """What :func:`run_training` builds and jits (mesh, rules, DiT with LoRA split, optimizer, shardings, the
+    experiment's loss, microbatches), from ``nnx.eval_shape`` instead of weights, over ``devices``.
+
+    ``latent_shape`` ``[T, H, W, C]`` and ``text_shape`` ``[L, D]`` are one example's batch entries (a cache
+    holds them; default: ``data.random_latent_shape`` / ``random_text_shape``). Extra frozen inputs of the
+    loss (a reward manifold) are built by ``make_loss`` as in a run, then made abstract.
+    """
+    mesh = make_mesh(config.mesh, devices)
+    platform = parallel.mesh_platform(mesh)
+    rules = sharding_rules(config)
+    k = microbatch_count(config.data.batch_size, config.train.microbatch_size, mesh)
+    cfg = transformer_config(config.model, platform=platform)
+    with sharding_context(mesh, rules):
+        graphdef, trainable, frozen_model = nnx.eval_shape(
+            lambda: split_trainable(WanTransformer(cfg, rngs=nnx.Rngs(config.model.seed)), config.lora, config.seed))
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
+    optimizer, schedule = optimizer_from(config, params, layer_axes(trainable))
+    with sharding_context(mesh, rules):
+        param_sh = state_shardings(trainable, mesh)
+        frozen_model_sh = state_shardings(frozen_model, mesh)
+        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
+    loss_fn, extra_frozen, extra_sh = make_loss(Setup(graphdef, params, frozen_pure, mesh, param_sh))
+
+    def abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+    frozen = {"model": frozen_pure, **abstract(extra_frozen)}
+    state = jax.eval_shape(lambda p, f: ts.create(p, optimizer, f), params, frozen)
+    state_sh = train_state_shardings(param_sh, opt_sh, {"model": frozen_model_sh, **extra_sh}, mesh)
+    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+
+    d = config.data
+    latent = tuple(latent_shape or d.random_latent_shape)
+    text = tuple(text_shape or d.random_text_shape)
+    b = d.batch_size
+    latent_dtype = jnp.bfloat16 if d.latent_dtype == "bfloat16" else jnp.dtype(d.latent_dtype)
+    batch = {"latents": jax.ShapeDtypeStruct((b, *latent), latent_dtype),
+             "context": jax.ShapeDtypeStruct((b, *text), jnp.float32)}
+    if d.get("weight_field", ""):
+        batch["weight_map"] = jax.ShapeDtypeStruct((b, *latent[:-1]), jnp.float32)
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    return AbstractStep(step, state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), mesh, k, count(params),
+                        count(frozen_pure), nbytes(params) + nbytes(frozen_pure), cfg)

@@ -41,11 +41,38 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ('gpu', 'tpu', 'cpu') of ``mesh``'s devices: what a step built for the mesh is compiled
+    for (a CPU host compiling for a TPU topology has the default backend 'cpu'). An abstract mesh has no
+    devices; then the default backend's."""
+    devices = getattr(mesh, "devices", None)
+    return devices.flat[0].platform if isinstance(devices, np.ndarray) else jax.default_backend()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, slices: int = 1) -> Mesh:
     """A ``('data', 'fsdp')`` mesh over ``devices`` (default: all); one of ``data`` and ``fsdp`` may be
-    ``-1``, meaning every device the other axis leaves."""
+    ``-1``, meaning every device the other axis leaves.
+
+    ``slices > 1`` (TPU multi-slice): the devices form that many slices (their ``slice_index``) joined by
+    the data-centre network; ``data`` and ``fsdp`` size the mesh within one slice (ICI) and the ``data``
+    axis also runs across slices, outermost, so only the gradient all-reduce crosses DCN (FSDP's
+    per-layer gathers stay on ICI). The mesh's ``data`` axis is ``slices x data``.
+    """
     devices = list(devices) if devices is not None else jax.devices()
-    n = len(devices)
+    if slices > 1:
+        return _multi_slice_mesh(data, fsdp, devices, slices)
+    data, fsdp = _axis_sizes(data, fsdp, len(devices))
+    try:
+        return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    except NotImplementedError:
+        # a TPU torus none of whose axis products is an axis size (fsdp 8 on a 4x4 slice): an axis of
+        # the torus is split between data and fsdp
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _axis_sizes(data: int, fsdp: int, n: int) -> tuple[int, int]:
     if data == -1 and fsdp == -1:
         raise ValueError("at most one of mesh data and fsdp may be -1")
     if data == -1 or fsdp == -1:
@@ -55,7 +82,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         data, fsdp = (n // other, fsdp) if data == -1 else (data, n // other)
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, {n} available")
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    return data, fsdp
+
+
+def _multi_slice_mesh(data: int, fsdp: int, devices: list, slices: int) -> Mesh:
+    from jax.experimental import mesh_utils
+    found = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(found) != slices:
+        raise ValueError(f"mesh.slices={slices} but the devices belong to {len(found)} slice(s)")
+    ici = _axis_sizes(data, fsdp, len(devices) // slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -4,6 +4,10 @@ persistent JAX compilation cache shared by every test and every subprocess a tes
 import os
 import tempfile
 
+# libtpu (test requirements: tests/test_tpu_aot.py) takes a lock file when it loads; processes of the suite
+# load it side by side and only compile for TPU, so none needs it exclusively
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

@@ -56,18 +56,48 @@ PATCH = "patch"            # P * C_out of the output head
 LAYERS = "layers"          # leading axis of the stacked blocks' parameters (scan_layers); no rule maps it
 LOGICAL_AXES = (EMBED, MLP, HEADS, TEXT_EMBED, FREQ, MODULATION, PATCH, LAYERS)
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+# 'flash' is the target platform's fused attention (see resolve_attention_impl); 'tpu_flash' is the Pallas
+# TPU flash attention of jax.experimental.pallas.ops.tpu.
+ATTENTION_IMPLS = (None, "xla", "cudnn", "tpu_flash", "flash")
+TPU_FLASH_BLOCKS = (512, 256, 128)     # the kernel's tile lengths must divide the (padded) sequence lengths
 
 
-def save_attention_forward(prim, *_, **__) -> bool:
-    """Remat policy: keep what the fused (cuDNN) attention forward returns, its output and softmax
-    statistics, and recompute everything else.
+def resolve_attention_impl(impl: str | None, platform: str) -> str | None:
+    """The kernel ``impl`` names on ``platform`` (a device's ``.platform``: 'gpu', 'tpu', 'cpu').
+
+    ``'flash'`` is cuDNN's flash attention on a GPU, the Pallas TPU flash attention on a TPU and XLA's
+    attention elsewhere. The platform is that of the mesh a step is compiled for, which is not the
+    default backend when a CPU host compiles for a TPU topology. A kernel of another platform is an error.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "flash":
+        return {"gpu": "cudnn", "tpu": "tpu_flash"}.get(platform, "xla")
+    wants = {"cudnn": "gpu", "tpu_flash": "tpu"}.get(impl)
+    # a CPU target keeps what was asked (shape-only tracing works; running it fails where it always did)
+    if wants is not None and platform in ("gpu", "tpu") and platform != wants:
+        raise ValueError(f"attention_impl={impl!r} runs on {wants.upper()} only, but the target devices are "
+                         f"{platform!r}; 'flash' picks the platform's fused attention")
+    return impl
+
+
+def _is_tpu_flash_forward(prim, params) -> bool:
+    # The kernel's Pallas calls carry no name: its forward under differentiation is the one with three
+    # outputs (o and the softmax statistics l, m) and a cost estimate; its backward calls (dk/dv, dq) have
+    # neither. The DiT has no other Pallas call.
+    return (prim.name == "pallas_call" and params.get("cost_estimate") is not None
+            and len(params.get("out_avals", ())) == 3)
+
+
+def save_attention_forward(prim, *_, **params) -> bool:
+    """Remat policy: keep what the fused attention forward returns (cuDNN's, or the Pallas TPU flash
+    kernel's): its output and softmax statistics, and recompute everything else.
 
     The attention backward needs both; saving only the output (``attn_output``) still reruns the whole
     attention forward to get the statistics, the costliest recomputation of the block (about 70% of
     a block's forward FLOPs at 32k tokens). Costs one ``[B, N, D]`` activation per block.
     """
-    return prim.name.startswith("dot_product_attention_fwd")
+    return prim.name.startswith("dot_product_attention_fwd") or _is_tpu_flash_forward(prim, params)
 
 
 REMAT_POLICIES = {
@@ -91,8 +121,11 @@ class WanTransformerConfig:
     ``dim = num_heads * head_dim``. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype
     of the parameters (except the float32-kept ones, see the module docstring).
     ``attention_impl``: ``None`` (jax's default, currently the XLA einsum/softmax path, which
-    materialises the [heads, N, N] logits), ``'xla'`` or ``'cudnn'`` (flash attention on GPU: bf16/fp16
-    compute, head_dim a multiple of 8; its backward needs even sequence lengths).
+    materialises the [heads, N, N] logits), ``'xla'``, ``'cudnn'`` (flash attention on GPU: bf16/fp16
+    compute, head_dim a multiple of 8; its backward needs even sequence lengths), ``'tpu_flash'`` (the
+    Pallas TPU flash attention; sequences padded to a multiple of 128, padded keys masked) or ``'flash'``
+    (whichever of those the platform has, see :func:`resolve_attention_impl`; resolved at trace time from
+    the default backend unless the caller resolved it for its mesh, as ``experiments.dit_setup`` does).
     ``remat_policy``: a key of ``REMAT_POLICIES``, applied per block.
     ``scan_layers``: the blocks' parameters are stacked, one array per parameter with a leading layer
     axis (logical name ``'layers'``, mapped to no mesh axis; built by ``nnx.vmap``), and the blocks run
@@ -340,6 +373,49 @@ def _batch_split(x: jnp.ndarray) -> jnp.ndarray:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
+def _tile(length: int) -> int:
+    return next(b for b in TPU_FLASH_BLOCKS if length % b == 0)
+
+
+def _tpu_flash_local(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    n, m, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    quantum = TPU_FLASH_BLOCKS[-1]
+    nq, nk = -(-n // quantum) * quantum, -(-m // quantum) * quantum
+    # [B, N, H, D] -> the kernel's [B, H, N, D]; 81 x 480 x 832 gives 32760 tokens, no multiple of a tile
+    pad = lambda x, to: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, to - x.shape[1]), (0, 0)))  # noqa: E731
+    qt, kt, vt = pad(q, nq), pad(k, nk), pad(v, nk)
+    segments = None
+    if nk != m:
+        # padded keys get a segment no query has; padded query rows see the real keys and are dropped
+        b = q.shape[0]
+        segments = fa.SegmentIds(q=jnp.ones((b, nq), jnp.int32),
+                                 kv=jnp.broadcast_to((jnp.arange(nk) < m).astype(jnp.int32), (b, nk)))
+    bq, bk = _tile(nq), _tile(nk)
+    blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+                           block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+                           block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+    o = fa.flash_attention(qt, kt, vt, segment_ids=segments, sm_scale=1.0 / math.sqrt(head_dim), block_sizes=blocks)
+    return o[:, :, :n].transpose(0, 2, 1, 3)
+
+
+def tpu_flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention of ``[B, N, H, D]`` queries over ``[B, M, H, D]`` keys/values by the Pallas TPU
+    flash kernel (no ``[H, N, M]`` logits in memory), run per batch shard of the mesh in context.
+
+    A Pallas call has no SPMD partitioning rule: left to the partitioner it is replicated (every
+    chip gathers the whole batch), so it runs in a ``shard_map`` over the batch axes when they divide it.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if size == 1 or q.shape[0] % size:
+        return _tpu_flash_local(q, k, v)
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(_tpu_flash_local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with q/k RMS-normed over the whole inner dim (all heads at once).
 
@@ -369,10 +445,14 @@ class Attention(nnx.Module):
         v = self._split_heads(self.value(source))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.impl == "cudnn":
+        impl = resolve_attention_impl(self.impl, jax.default_backend()) if self.impl == "flash" else self.impl
+        if impl == "cudnn":
             q, k, v = _batch_split(q), _batch_split(k), _batch_split(v)
         q, k, v = checkpoint_name(q, "attn_query"), checkpoint_name(k, "attn_key"), checkpoint_name(v, "attn_value")
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        if impl == "tpu_flash":
+            o = tpu_flash_attention(q, k, v)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         o = checkpoint_name(o, "attn_output")
         return self.out(o.reshape(*o.shape[:-2], -1))
 

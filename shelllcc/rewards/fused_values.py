@@ -54,14 +54,22 @@ class Options:
     blocks: softmax_code_pallas.Blocks = softmax_code_pallas.Blocks()
 
 
-def resolve_kernel(kernel: str, coder: str) -> str:
-    """``auto`` is ``pallas`` for the amortized coder on a GPU, ``xla`` otherwise."""
+def resolve_kernel(kernel: str, coder: str, platform: str | None = None) -> str:
+    """``auto`` is ``pallas`` for the amortized coder on a GPU, ``xla`` otherwise.
+
+    ``platform``: of the devices the reward is compiled for (a device's ``.platform``); default: the
+    default backend. A CPU host compiling for a TPU mesh must pass ``'tpu'``: the Pallas kernels are
+    Triton (GPU) kernels, which a TPU cannot run and whose interpret mode is a CPU fallback.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "pallas" and coder != "amortized":
         raise ValueError(f"kernel='pallas' implements the amortized coder only, not coder={coder!r}")
+    platform = platform or jax.default_backend()
+    if kernel == "pallas" and platform == "tpu":
+        raise ValueError("kernel='pallas' is a Triton (GPU) kernel and does not compile for TPU; use 'auto' or 'xla'")
     if kernel == "auto":
-        return "pallas" if coder == "amortized" and jax.default_backend() == "gpu" else "xla"
+        return "pallas" if coder == "amortized" and platform == "gpu" else "xla"
     return kernel
 
 

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from shelllcc.manifold.params import ManifoldParams
 from shelllcc.manifold.patches import check_latents, patchify
 from shelllcc.manifold.softmax_code_pallas import Blocks
+from shelllcc.parallel import mesh_platform
 from shelllcc.rewards import fused_values as pv
 
 KINDS = ("lcc", "shell_norm", "shell", "shell_band")
@@ -121,7 +122,8 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
         softmax and norms are float32.
       implementation: ``fused`` (value and per-patch gradient in one pass) or ``remat``.
       kernel: ``fused`` only: ``xla``, ``pallas`` (fused GPU kernels; interpret mode elsewhere) or
-        ``auto`` (``pallas`` for the amortized coder on a GPU, else ``xla``).
+        ``auto`` (``pallas`` for the amortized coder on a GPU, else ``xla``; the platform is that of
+        ``mesh``'s devices when given, else the default backend's).
       blocks: tile sizes of the Pallas kernels.
       per_example: return ``[B]`` (one distance per example of 5-D latents) instead of a scalar.
       mesh: when given, examples (or rows of flat latents) are split over ``data_axis`` with
@@ -138,7 +140,7 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
-    kernel = pv.resolve_kernel(kernel, coder)
+    kernel = pv.resolve_kernel(kernel, coder, None if mesh is None else mesh_platform(mesh))
     compute_dtype = jnp.dtype(compute_dtype)
     z_dtype = jnp.float32 if latents.dtype != jnp.float64 else jnp.float64
     latents = latents.astype(z_dtype)
