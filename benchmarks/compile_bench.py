@@ -60,41 +60,17 @@ def _config(model: str, scan: str, latent, text):
 def measure(model: str, scan: str, latent, text, stop: str) -> dict:
     """Build, trace, lower and (unless ``stop == 'lower'``) compile one step; seconds per stage."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     from experiments import dit_setup, reward_finetune
     from shelllcc import parallel
-    from shelllcc.models.wan_transformer import WanTransformer
-    from shelllcc.training import train_state as ts
-    from shelllcc.training.step import jit_train_step, make_train_step, train_state_shardings
 
     t = {}
     t0 = time.perf_counter()
     c = _config(model, scan, latent, text)
-    mesh = dit_setup.make_mesh(c.mesh)
-    rules = dit_setup.sharding_rules(c)
-    cfg = dit_setup.transformer_config(c.model)
-    graphdef, trainable, frozen = nnx.eval_shape(
-        lambda: dit_setup.split_trainable(WanTransformer(cfg, rngs=nnx.Rngs(c.model.seed)), c.lora, c.seed))
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
-    if hasattr(dit_setup, "layer_axes"):
-        optimizer, schedule = dit_setup.optimizer_from(c, params, dit_setup.layer_axes(trainable))
-    else:
-        optimizer, schedule = dit_setup.optimizer_from(c, params)
-    with dit_setup.sharding_context(mesh, rules):
-        param_sh = dit_setup.state_shardings(trainable, mesh)
-        frozen_sh = dit_setup.state_shardings(frozen, mesh)
-        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
-    setup = dit_setup.Setup(graphdef, params, frozen_pure, mesh, param_sh)
-    loss_fn, extra, extra_sh = reward_finetune.make_loss(c)(setup)
-    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-    state = jax.eval_shape(lambda p, f: ts.create(p, optimizer, f), params, {"model": frozen_pure, **abstract(extra)})
-    state_sh = train_state_shardings(param_sh, opt_sh, {"model": frozen_sh, **extra_sh}, mesh)
-    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, 1), state_sh, mesh)
-    batch = {"latents": jax.ShapeDtypeStruct((1, *latent), jnp.dtype(c.data.latent_dtype)),
-             "context": jax.ShapeDtypeStruct((1, *text), jnp.float32)}
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    # the run's own step, from eval_shape (dit_setup.abstract_step); a "before" measurement of a commit
+    # older than it takes this script from commit d5b1e07, which built the step by hand
+    built = dit_setup.abstract_step(c, reward_finetune.make_loss(c), jax.devices()[:1], tuple(latent), tuple(text))
+    step, state, batch, rng, mesh, cfg = built.step, built.state, built.batch, built.rng, built.mesh, built.model_config
     t["build_s"] = time.perf_counter() - t0
     with parallel.set_mesh(mesh):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -107,7 +83,7 @@ def measure(model: str, scan: str, latent, text, stop: str) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             lowered.compile()
             t["compile_s"], t["compile_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    n_frozen = sum(x.size for x in jax.tree.leaves(frozen_pure))
+    n_frozen = built.frozen_params
     return dict(model=model, scan_layers=scan, remat_policy=cfg.remat_policy, dtype=str(cfg.dtype),
                 param_dtype=str(cfg.param_dtype), attention_impl=cfg.attention_impl, lora_rank=c.lora.rank,
                 frozen_params=int(n_frozen), **{k: round(v, 2) for k, v in t.items()})

@@ -453,6 +453,37 @@ class Setup:
 MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
 
 
+@dataclasses.dataclass
+class StepParts:
+    """What :func:`run_training` and :func:`abstract_step` build alike around the DiT's trainable/frozen split."""
+
+    params: Any                      # trainable parameters (pure dict; arrays or abstract)
+    frozen_pure: Any                 # the frozen DiT weights (pure dict)
+    optimizer: Any
+    param_sh: Any
+    frozen_sh: dict                  # {"model": ..., **the loss's extra frozen inputs' shardings}
+    extra_frozen: dict               # the loss's extra frozen inputs (a manifold, a reference model)
+    state_sh: Any
+    step: Any                        # the jitted, sharded, state-donating train step
+
+
+def step_parts(config, make_loss: MakeLoss, mesh, rules, graphdef, trainable, frozen_model) -> StepParts:
+    """Optimizer, shardings, the experiment's loss and the jitted step for a split DiT, built once for a run
+    and for an abstract compile (``tpu_aot.py``), so the two cannot drift apart."""
+    k = microbatch_count(config.data.batch_size, config.train.microbatch_size, mesh)
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
+    optimizer, schedule = optimizer_from(config, params, layer_axes(trainable))
+    with sharding_context(mesh, rules):      # the optimizer state is sharded like its parameters
+        param_sh = state_shardings(trainable, mesh)
+        frozen_model_sh = state_shardings(frozen_model, mesh)
+        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
+    loss_fn, extra_frozen, extra_sh = make_loss(Setup(graphdef, params, frozen_pure, mesh, param_sh))
+    frozen_sh = {"model": frozen_model_sh, **extra_sh}
+    state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
+    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+    return StepParts(params, frozen_pure, optimizer, param_sh, frozen_sh, extra_frozen, state_sh, step)
+
+
 def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: MakeLoss,
                  on_eval: Callable[[int, nnx.Module], None] | None = None) -> ts.TrainState:
     """Build model, data, optimizer and step for a DiT experiment, restore the latest checkpoint if any,
@@ -476,20 +507,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     print("building the DiT ...", flush=True)
     loaded = build_model(config.model, mesh, rules)
     graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
-    optimizer, schedule = optimizer_from(config, params, layer_axes(trainable))
-    with sharding_context(mesh, rules):
-        param_sh = state_shardings(trainable, mesh)
-        frozen_model_sh = state_shardings(frozen_model, mesh)
-        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
-    setup = Setup(graphdef, params, frozen_pure, mesh, param_sh)
-    loss_fn, extra_frozen, extra_sh = make_loss(setup)
-    frozen = {"model": frozen_pure, **extra_frozen}
-    frozen_sh = {"model": frozen_model_sh, **extra_sh}
+    parts = step_parts(config, make_loss, mesh, rules, graphdef, trainable, frozen_model)
+    params, frozen_pure, optimizer = parts.params, parts.frozen_pure, parts.optimizer
+    param_sh, state_sh, step_fn = parts.param_sh, parts.state_sh, parts.step
+    frozen, frozen_sh = {"model": frozen_pure, **parts.extra_frozen}, parts.frozen_sh
     abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
-    state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
-    resume = resume_settings(config, loaded.model.config, extra_frozen)
-    step_fn = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+    resume = resume_settings(config, loaded.model.config, parts.extra_frozen)
 
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen_pure))
@@ -604,21 +627,14 @@ def abstract_step(config: ml_collections.ConfigDict, make_loss: MakeLoss, device
     with sharding_context(mesh, rules):
         graphdef, trainable, frozen_model = nnx.eval_shape(
             lambda: split_trainable(WanTransformer(cfg, rngs=nnx.Rngs(config.model.seed)), config.lora, config.seed))
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
-    optimizer, schedule = optimizer_from(config, params, layer_axes(trainable))
-    with sharding_context(mesh, rules):
-        param_sh = state_shardings(trainable, mesh)
-        frozen_model_sh = state_shardings(frozen_model, mesh)
-        opt_sh = parallel.optimizer_shardings(optimizer, trainable, mesh)
-    loss_fn, extra_frozen, extra_sh = make_loss(Setup(graphdef, params, frozen_pure, mesh, param_sh))
+    parts = step_parts(config, make_loss, mesh, rules, graphdef, trainable, frozen_model)
+    params, frozen_pure, step = parts.params, parts.frozen_pure, parts.step
 
     def abstract(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
-    frozen = {"model": frozen_pure, **abstract(extra_frozen)}
-    state = jax.eval_shape(lambda p, f: ts.create(p, optimizer, f), params, frozen)
-    state_sh = train_state_shardings(param_sh, opt_sh, {"model": frozen_model_sh, **extra_sh}, mesh)
-    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+    frozen = {"model": frozen_pure, **abstract(parts.extra_frozen)}
+    state = jax.eval_shape(lambda p, f: ts.create(p, parts.optimizer, f), params, frozen)
 
     d = config.data
     latent = tuple(latent_shape or d.random_latent_shape)
