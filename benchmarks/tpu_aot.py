@@ -46,7 +46,7 @@ CHIPS = {
 }
 RECIPE_LATENT = (21, 60, 104, 16)   # 81 x 480 x 832 through the Wan2.1 VAE (4x time, 8x space)
 RECIPE_TEXT = (512, 4096)
-EXPERIMENTS = ("reward_finetune", "sft")
+EXPERIMENTS = ("reward_finetune", "sft", "fit_manifold")
 
 
 def chip_of(topology: str) -> str:
@@ -180,6 +180,48 @@ def report(config, devices, latent, text, built, compiled, times) -> dict:
                 **{k: round(v, 2) for k, v in times.items()})
 
 
+def compile_fit(config, devices, latent) -> dict:
+    """The manifold fit's two stage steps (``fit_manifold.stage_steps``, as a fit builds them) compiled for
+    ``devices``: per stage the per-chip bytes and XLA's FLOPs (no scanned loop or Pallas kernel here, so
+    XLA's count is the step's); the report is the larger stage's, with both stages' figures beside it."""
+    import jax
+
+    from experiments import fit_manifold
+    from shelllcc import parallel
+    from shelllcc.manifold import fit, io
+    from shelllcc.manifold.params import ManifoldConfig
+
+    m = config.manifold
+    pt, ph, pw = tuple(m.patch_size)
+    mconfig = ManifoldConfig(dim=latent[-1] * pt * ph * pw, num_anchors=m.num_anchors, hidden_dim=m.hidden_dim,
+                             patch_size=tuple(m.patch_size))
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    opt, step1, step2 = fit_manifold.stage_steps(config, mconfig, mesh)
+    stages = {}
+    for stage, step, section in ((1, step1, config.stage1), (2, step2, config.stage2)):
+        state = jax.eval_shape(lambda p, s=stage: fit.init_state(p, opt[s], s), io.abstract_params(mconfig))
+        patches = jax.ShapeDtypeStruct((section.batch_size, mconfig.dim), jax.numpy.float32)
+        with parallel.set_mesh(mesh):
+            t0, c0 = time.perf_counter(), time.process_time()
+            compiled = step.trace(state, patches).lower().compile()
+            compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        mem = compiled.memory_analysis()
+        mem = mem[0] if isinstance(mem, (list, tuple)) else mem
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+        b = {n: int(getattr(mem, f"{n}_size_in_bytes", 0) or 0) for n in ("argument", "output", "alias", "temp",
+                                                                            "generated_code")}
+        b["total"] = b["argument"] + b["output"] - b["alias"] + b["temp"] + b["generated_code"]
+        stages[stage] = dict(bytes=b, flops=float(cost.get("flops", 0.0)),
+                             bytes_accessed=float(cost.get("bytes accessed", 0.0)), batch_size=section.batch_size,
+                             compile_s=round(compile_s, 2), compile_cpu_s=round(compile_cpu_s, 2))
+    worst = max(stages.values(), key=lambda r: r["bytes"]["total"])
+    return dict(mesh=dict(mesh.shape), devices=len(devices), processes=len({d.process_index for d in devices}),
+                manifold=dict(dim=mconfig.dim, num_anchors=mconfig.num_anchors, hidden_dim=mconfig.hidden_dim),
+                stages=stages, bytes=worst["bytes"], flops=worst["flops"], model_flops=worst["flops"],
+                bytes_accessed=worst["bytes_accessed"])
+
+
 def oom_numbers(message: str) -> dict:
     """XLA:TPU's out-of-memory message, e.g. 'the total memory required for HLO temporaries (97.67G) exceeds
     available HBM (95.74G)', as ``{"required_gib": ..., "available_gib": ...}`` (GiB; empty if unparsed)."""
@@ -242,6 +284,23 @@ def main(argv=None):
     where = f"{topology}" + (f" x {slices} slices" if slices > 1 else "")
     print(f"{args.config}: {config.experiment}, {len(devices)} {devices[0].device_kind} chips ({where}), "
           f"jax {jax.__version__}", flush=True)
+    if config.experiment == "fit_manifold":
+        r = compile_fit(config, devices, latent)
+        s = summarize(r, chip)
+        g = s["per_chip_gib"]
+        for stage, st in r["stages"].items():
+            gs = {k: v / 2.0 ** 30 for k, v in st["bytes"].items()}
+            print(f"stage {stage} (batch {st['batch_size']} patches of D={r['manifold']['dim']}): argument "
+                  f"{gs['argument']:.3f} GiB, temp {gs['temp']:.3f} GiB, total {gs['total']:.3f} GiB per chip; "
+                  f"{st['flops']:.4g} FLOPs; compiled in {st['compile_s']:.1f}s", flush=True)
+        record = dict(device=f"CPU host compiling for TPU {where}", host=harness.host_device(), topology=topology,
+                      slices=slices, chip=chip_name, chip_peaks=chip, config=args.config, overrides=args.override,
+                      latent=list(latent), jax=jax.__version__, libtpu=harness.package_version("libtpu"), **r, **s)
+        if not args.no_record:
+            harness.Bench("tpu_aot", argv=argv).record(**record)
+        print(f"per-chip total {g['total']:.3f} GiB of {chip['hbm_gib']:g} GiB HBM ({chip_name}); roofline step "
+              f"{s['roofline_s']:.4f}s: {'fits' if s['fits'] else 'does not fit'}", flush=True)
+        return record
     try:
         r = compile_step(config, devices, latent, text)
     except jax.errors.JaxRuntimeError as e:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +213,26 @@ def _stage_batches(pool: np.ndarray, config, stage: int, first: int, offset: int
         yield parallel.shard_batch(_batch(pool, config.seed, stage, step - offset, batch_size), mesh)
 
 
+def stage_steps(config, mconfig: ManifoldConfig, mesh) -> tuple[dict, Callable, Callable]:
+    """``({1: optimizer, 2: optimizer}, stage-1 step, stage-2 step)``, jitted over ``mesh``: what a fit runs
+    and what ``benchmarks/tpu_aot.py`` compiles for a TPU topology."""
+    n1 = config.stage1.steps
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    optim = {1: fit.stage_optim_config(config.stage1), 2: fit.stage_optim_config(config.stage2)}
+    opt = {k: fit.make_optimizer(c) for k, c in optim.items()}
+    sched1 = optimizers.make_schedule(optim[1])
+    sched2_of_stage = optimizers.make_schedule(optim[2])
+    # the learning rate reported at run step s of stage 2 is the stage-2 schedule at s - n1
+    sched2 = lambda step: sched2_of_stage(step - n1)  # noqa: E731
+    weights = Stage1Weights(config.stage1.locality, config.stage1.usage, config.stage1.basis_to_patch)
+    step1 = fit.jit_step(lambda s, b: fit.stage1_step(s, b, optimizer=opt[1], weights=weights, config=mconfig,
+                                                      compute_dtype=compute_dtype, schedule=sched1), mesh)
+    step2 = fit.jit_step(lambda s, b: fit.stage2_step(s, b, optimizer=opt[2], config=mconfig,
+                                                      logvar_weight=config.stage2.logvar_weight,
+                                                      compute_dtype=compute_dtype, schedule=sched2), mesh)
+    return opt, step1, step2
+
+
 def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, mconfig: ManifoldConfig,
                mesh) -> ts.TrainState:
     """Both stages on the shared loop, resumed from ``workdir/checkpoints`` when it holds a checkpoint.
@@ -221,19 +242,7 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
     """
     n1, n2 = config.stage1.steps, config.stage2.steps
     total = n1 + n2
-    compute_dtype = jnp.dtype(config.compute_dtype)
-    optim = {1: fit.stage_optim_config(config.stage1), 2: fit.stage_optim_config(config.stage2)}
-    opt = {k: fit.make_optimizer(c) for k, c in optim.items()}
-    sched1 = optimizers.make_schedule(optim[1])
-    sched2_of_stage = optimizers.make_schedule(optim[2])
-    # the learning rate reported at run step s of stage 2 is the stage-2 schedule at s - n1
-    sched2 = lambda step: sched2_of_stage(step - n1)
-    weights = Stage1Weights(config.stage1.locality, config.stage1.usage, config.stage1.basis_to_patch)
-    step1 = fit.jit_step(lambda s, b: fit.stage1_step(s, b, optimizer=opt[1], weights=weights, config=mconfig,
-                                                      compute_dtype=compute_dtype, schedule=sched1), mesh)
-    step2 = fit.jit_step(lambda s, b: fit.stage2_step(s, b, optimizer=opt[2], config=mconfig,
-                                                      logvar_weight=config.stage2.logvar_weight,
-                                                      compute_dtype=compute_dtype, schedule=sched2), mesh)
+    opt, step1, step2 = stage_steps(config, mconfig, mesh)
 
     rep = parallel.replicated(mesh)
     # the fit's data and model by content: a resume on other patches (another data.source, files, cache or
