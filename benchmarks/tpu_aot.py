@@ -299,7 +299,7 @@ def main(argv=None):
         if not args.no_record:
             harness.Bench("tpu_aot", argv=argv).record(**record)
         print(f"per-chip total {g['total']:.3f} GiB of {chip['hbm_gib']:g} GiB HBM ({chip_name}); roofline step "
-              f"{s['roofline_s']:.4f}s: {'fits' if s['fits'] else 'does not fit'}", flush=True)
+              f"{s['roofline_s'] * 1e3:.3f} ms: {'fits' if s['fits'] else 'does not fit'}", flush=True)
         return record
     try:
         r = compile_step(config, devices, latent, text)

@@ -138,3 +138,36 @@ def test_multi_slice_mesh_keeps_fsdp_within_a_slice():
     assert tpu_aot.check_process_rows(parallel.batch_sharding(mesh), 8) == 4
     with pytest.raises(ValueError, match="slice"):
         parallel.make_mesh(1, -1, devices, slices=4)
+
+
+def test_manifold_fit_compiles_with_replicated_parameters():
+    """The fit's two stage steps compile for the pod; the manifold is replicated and the patches split over
+    the 8 chips, so each chip's arguments hold the whole parameter and optimizer state plus 1/8 of the batch."""
+    from experiments import fit_manifold
+    from shelllcc.manifold import fit, io
+    from shelllcc.manifold.params import ManifoldConfig
+
+    c = fit_manifold.default_config()
+    c.manifold.num_anchors, c.manifold.hidden_dim, c.manifold.patch_size = 64, 32, (1, 1, 1)
+    c.stage1.batch_size = c.stage2.batch_size = 1024
+    r = tpu_aot.compile_fit(c, tpu_aot.topology_devices(TOPOLOGY), (3, 8, 8, 16))
+    assert r["devices"] == 8 and r["processes"] == 2 and r["manifold"]["dim"] == 16
+    mc = ManifoldConfig(dim=16, num_anchors=64, hidden_dim=32, patch_size=(1, 1, 1))
+    opt = fit.make_optimizer(fit.stage_optim_config(c.stage1))
+    state = jax.eval_shape(lambda p: fit.init_state(p, opt, 1), io.abstract_params(mc))
+    leaves = jax.tree.leaves(state)
+    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+    batch_bytes = 1024 // 8 * 16 * 4
+
+    def tiled(shape, itemsize):
+        # a TPU buffer's last two dimensions are laid out in (8, 128) tiles (scalars and vectors as 1 x n)
+        shape = (1, 1, *shape)[-max(2, len(shape)):] if len(shape) < 2 else shape
+        *lead, a, b = shape
+        return int(np.prod(lead or [1])) * -(-a // 8) * 8 * -(-b // 128) * 128 * itemsize
+
+    state_tiled = sum(tiled(x.shape, x.dtype.itemsize) for x in leaves)
+    # arguments: the whole state (replicated) and this chip's rows, no more than their tiled layout
+    arg = r["stages"][1]["bytes"]["argument"]
+    assert state_bytes + batch_bytes <= arg <= state_tiled + tiled((1024 // 8, 16), 4), (arg, state_bytes,
+                                                                                         state_tiled)
+    assert r["stages"][1]["flops"] > 0 and r["stages"][2]["flops"] > 0
