@@ -544,11 +544,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
         return restore_checkpoint(ckpt, step, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
 
-    try:
-        found = ckpt.resume_newest(resume_from)
-    except errors.UserError:
-        ckpt.close()
-        raise
+    found = ckpt.resume_newest(resume_from)
     if found is None:
         params = parallel.place(params, param_sh)
         with sharding_context(mesh, rules):     # the optimizer state is born sharded like its parameters

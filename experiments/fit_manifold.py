@@ -277,11 +277,7 @@ def fit_stages(config, workdir: str, pool: np.ndarray, init_sample: np.ndarray, 
         items, key, _, _ = ckpt.restore(step, target, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
         return stage, items, key
 
-    try:
-        found = ckpt.resume_newest(resume_from)
-    except errors.UserError:
-        ckpt.close()
-        raise
+    found = ckpt.resume_newest(resume_from)
     if found is None:
         t0 = time.time()
         params = init_manifold(jax.random.PRNGKey(config.seed), mconfig, init_sample, config.manifold.anchor_init,

@@ -55,6 +55,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERROR_EXIT = 2
 
+# JAX and the library are imported inside the functions below, not here: fast_cpu_compile must set
+# XLA_FLAGS before JAX starts a backend, and a refused command line exits without paying for the imports.
+
 
 def _debug(argv=None) -> bool:
     if os.environ.get("SHELLLCC_DEBUG", "") not in ("", "0"):

@@ -188,6 +188,7 @@ def test_resume_skips_an_unreadable_latest_checkpoint(tmp_path, capsys, damage):
 
     with pytest.raises(UserError, match="reward.kind"):
         ckpt.resume_newest(refuse)
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5, asynchronous=False)   # a refusal closed the other
     assert ckpt.all_steps() == [2, 4, 6]                 # nothing moved aside for a refusal
 
     def broken(step):

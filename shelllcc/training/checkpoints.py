@@ -52,8 +52,8 @@ class Checkpointer:
         """``(step, attempt(step))`` for the newest checkpoint ``attempt`` can read, or None when there is none.
 
         ``attempt(step)`` reads checkpoint ``step`` (its meta, checks, arrays). A :class:`UserError` from it
-        (a refused resume: the config differs) is raised as it is, since an older checkpoint differs the
-        same way; any other error counts as an unreadable checkpoint: it is moved aside to
+        (a refused resume: the config differs) closes this checkpointer and is raised as it is, since an
+        older checkpoint differs the same way; any other error counts as an unreadable checkpoint: it is moved aside to
         ``unreadable/<step>`` (with ``reason.txt``; a later save of that step must not be skipped as
         "already saved"), one line names it and the reason, and the next older step is tried. When every
         checkpoint is unreadable an :class:`InputFileError` names the directory.
@@ -63,6 +63,7 @@ class Checkpointer:
             try:
                 return step, attempt(step)
             except UserError:
+                self.close()            # a refused resume ends the run; an older checkpoint differs the same way
                 raise
             except Exception as e:           # noqa: BLE001 - orbax raises many kinds for damaged files
                 reason = _first_line(e)
