@@ -203,24 +203,11 @@ def test_loop_eta_counts_the_later_phase():
     """``eta_s`` is the remaining steps of this phase plus ``later_steps``, at the measured rate."""
     from shelllcc.training import loop
 
-    class Recorder:
-        def __init__(self):
-            self.scalars = {}
-
-        def write_scalars(self, step, scalars):
-            self.scalars[step] = dict(scalars)
-
-        def write_texts(self, step, texts):
-            pass
-
-        def flush(self):
-            pass
-
     def step_fn(state, batch, rng):
         return state.replace(step=state.step + 1), {"loss": jnp.float32(batch)}
 
     state = ts.create({"w": jnp.zeros(2)}, optax.sgd(0.1))
-    writer = Recorder()
+    writer = _Recorder()
     loop.train(step_fn, state, jax.random.PRNGKey(0), iter(range(100)),
                settings=loop.LoopSettings(total_steps=8, log_every=4, later_steps=30), checkpointer=None,
                writer=writer)
