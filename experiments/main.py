@@ -129,8 +129,9 @@ def apply_cpu_compile_flags(config) -> None:
     if not config.get("fast_cpu_compile", False):
         return
     import importlib.util
-    if any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                            "libtpu")):
+    cpu_only = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    if not cpu_only and any(importlib.util.find_spec(m) is not None for m in (
+            "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")):
         return          # an accelerator's plugin is installed: its compiler keeps its defaults
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():

@@ -1,12 +1,19 @@
 """Test setup: 8 host-platform devices for the sharding tests (must precede the first jax import), and a
 persistent JAX compilation cache shared by every test and every subprocess a test starts."""
 
+import importlib.util
 import os
 import tempfile
 
 # libtpu (test requirements: tests/test_tpu_aot.py) takes a lock file when it loads; processes of the suite
 # load it side by side and only compile for TPU, so none needs it exclusively
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# With libtpu installed and no TPU, JAX probes for one at start and prints a dozen stderr lines (in every
+# subprocess too, breaking the one-line error checks). The suite runs on the CPU and the TPU topology
+# compiles do not need a TPU backend, so where no GPU plugin is installed JAX starts the CPU alone.
+if importlib.util.find_spec("libtpu") is not None and not os.path.exists("/dev/accel0") and not any(
+        importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
