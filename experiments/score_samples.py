@@ -251,7 +251,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, reward_source: reward_s
     print(f"score_samples: {total} clips scored (reward mean {reward.mean():.4g}, min {reward.min():.4g}, max "
           f"{reward.max():.4g}); {len(pairs)} DPO pairs, {len(ties)} prompts skipped as ties (best - worst <= "
           f"{sc.tie_margin}); mean best-worst gap {gap.mean():.4g} -> {workdir}", flush=True)
-    return {"latents": latents, "rewards": reward, "pairs": pairs, "ties": ties, **summary}
+    # the summary's lists, then the arrays under the names a caller reads
+    return {**summary, "latents": latents, "rewards": reward, "pairs": pairs, "ties": ties}
 
 
 __all__ = ["default_config", "run", "write_latent_cache", "make_pairs", "text_lengths"]

@@ -2,6 +2,7 @@
 
 Fast: tiny random DiTs on one device, tiny caches in tmp; losses and guided steps against float64 numpy."""
 
+import dataclasses
 import json
 import math
 import os
@@ -166,27 +167,52 @@ def test_flow_dpo_starts_at_log2_and_learns_the_pairs(tmp_path, pair_cache, base
     assert np.mean([r["accuracy"] for r in late]) > 0.7, [r["accuracy"] for r in m.values()]
 
 
-def test_flow_dpo_full_fine_tuning_reference_is_the_start(tmp_path, pair_cache, base_model_dir):
-    c = _train_config(flow_dpo, pair_cache[0], base_model_dir, steps=2)
+def _loss_at_start(module, c):
+    """``(loss(batch, key), batch, model)``: the experiment's loss at the starting weights, forward only (no
+    backward pass to compile), one batch of its data, and the starting model."""
+    mesh, rules = dit_setup.make_mesh(c.mesh), dit_setup.sharding_rules(c)
+    loaded = dit_setup.build_model(c.model, mesh, rules)
+    graphdef, trainable, frozen_model = dit_setup.split_trainable(loaded.model, c.lora, c.seed)
+    params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen_model)
+    loss_fn, extra, _ = module.make_loss(c)(dit_setup.Setup(graphdef, params, frozen, mesh, None))
+    batch = jax.tree.map(jnp.asarray, next(dit_setup.host_batches(c.data, 0)))
+    loss = jax.jit(lambda b, k: loss_fn(params, {"model": frozen, **extra}, b, k))
+    return loss, batch, nnx.merge(graphdef, params, frozen)
+
+
+def test_flow_dpo_full_fine_tuning_reference_is_the_start(pair_cache, base_model_dir):
+    c = _train_config(flow_dpo, pair_cache[0], base_model_dir, steps=1)
     c.lora.rank = 0
-    c.optim.learning_rate = 1e-3
-    flow_dpo.run(c, str(tmp_path))
-    m = _metrics(str(tmp_path))
-    np.testing.assert_allclose(m[1]["loss"], math.log(2), atol=1e-6)
-    assert m[2]["loss"] != pytest.approx(math.log(2), abs=1e-6)      # the copy stayed, the policy moved
+    loss_fn, batch, _ = _loss_at_start(flow_dpo, c)
+    loss, m = loss_fn(batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(loss), math.log(2), atol=1e-6)
+    assert float(m["accuracy"]) == 0.0 and float(m["err_theta_l"]) > float(m["err_theta_w"])
 
 
-def test_flow_rwr_with_equal_rewards_is_flow_matching(tmp_path, base_model_dir):
+def test_flow_rwr_loss_of_the_experiment(tmp_path, base_model_dir):
+    """The experiment's loss against float64 numpy of softmax(r / T)-weighted per-clip errors, the errors
+    recomputed from the same noise draws (sft's key split and sigma sampler); equal rewards: the plain mean."""
     rng = np.random.default_rng(3)
     lat = rng.standard_normal((8, *SHAPE)).astype(np.float32)
     cache = str(tmp_path / "rwr")
     score_samples.write_latent_cache(cache, lat, _contexts(rng, 8), ["x"] * 8,
-                                     {"reward": np.full(8, 0.7, np.float32)}, "test rwr")
+                                     {"reward": rng.standard_normal(8).astype(np.float32)}, "test rwr")
     c = _train_config(flow_rwr, cache, base_model_dir, steps=1)
-    flow_rwr.run(c, str(tmp_path / "run"))
-    m = _metrics(str(tmp_path / "run"))[1]
-    np.testing.assert_allclose(m["loss"], m["sft"], rtol=1e-6)
-    np.testing.assert_allclose(m["ess"], 1.0, rtol=1e-6)
+    c.rwr.temperature = 0.5
+    loss_fn, batch, model = _loss_at_start(flow_rwr, c)
+    key = jax.random.PRNGKey(7)
+    loss, m = loss_fn(batch, key)
+    k_eps, k_s = jax.random.split(key)
+    eps = jax.random.normal(k_eps, batch["latents"].shape, jnp.float32)
+    s = flow_rwr.sft.sigma_sampler(c.flow)(k_s, (8,))
+    err = np.asarray(objectives.velocity_errors(model, batch["latents"], eps, batch["context"], s), np.float64)
+    r = np.asarray(batch["reward"], np.float64) / 0.5
+    w = np.exp(r - r.max())
+    np.testing.assert_allclose(float(loss), np.sum(w / w.sum() * err), rtol=1e-5)
+    np.testing.assert_allclose(float(m["sft"]), err.mean(), rtol=1e-5)
+    loss, m = loss_fn({**batch, "reward": jnp.full((8,), 0.3)}, key)
+    np.testing.assert_allclose(float(loss), err.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["ess"]), 1.0, rtol=1e-6)
     c.rwr.temperature = -1.0
     with pytest.raises(ConfigError, match="rwr.temperature"):
         flow_rwr.check_config(c)
@@ -283,14 +309,15 @@ def test_sample_guidance_on_the_tiny_dit(kind):
     g.kind, g.reward_model, g.manifold, g.weight = kind, "random", "random", 0.0
     ctx = _contexts(np.random.default_rng(6), 4)
 
+    guide = sample.build_guidance(g, model)
+
     def run(weight):
-        g.weight = weight
-        guide = sample.build_guidance(g, model) if weight is not None else None
-        s = sample.LatentSampler(model, mesh, latent_shape=SHAPE, solver="euler", steps=6, batch_size=4,
-                                 reward_guidance=guide)
+        # one guidance spec for every weight: the weight is an argument of the compiled sampler
+        w = None if weight is None else dataclasses.replace(guide, weight=weight)
+        s = sample.LatentSampler(model, mesh, latent_shape=SHAPE, solver="euler", steps=4, batch_size=4,
+                                 reward_guidance=w)
         return s.sample([0, 1, 2, 3], ctx)
 
-    guide = sample.build_guidance(g, model)
     score = jax.jit(lambda x: sample.reward_sources.combine(
         guide.spec.apply(guide.params, x, jnp.zeros(4), jnp.asarray(ctx)), (1.0, 1.0, 1.0)))
     plain = run(None)
@@ -298,3 +325,18 @@ def test_sample_guidance_on_the_tiny_dit(kind):
     weight = 0.02 if kind == "shell_lcc" else 2.0
     gain = float(jnp.mean(score(run(weight))) - jnp.mean(score(plain)))
     assert gain > 0, gain
+
+
+def test_videoalign_configs_pass_their_checks():
+    from configs import videoalign
+    from experiments import main as main_lib
+    from experiments.config_checks import check_config
+    for arg in videoalign.ARGS:
+        c = videoalign.get_config(arg)
+        assert c.experiment in main_lib.EXPERIMENTS
+        check_config(c)
+        module = {"flow_dpo": flow_dpo, "flow_rwr": flow_rwr, "score_samples": score_samples}.get(c.experiment)
+        if module is not None:
+            module.check_config(c)
+    assert videoalign.get_config("flow_dpo_t").dpo.time_dependent and not videoalign.get_config("flow_dpo").dpo.time_dependent
+    assert videoalign.get_config("flow_dpo").dpo.beta == 500.0 and videoalign.get_config("flow_dpo").lora.rank > 0
