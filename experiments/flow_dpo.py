@@ -82,8 +82,10 @@ def make_loss(config: ml_collections.ConfigDict):
 
         if lora:
             return loss_fn, {}, {}
-        # a frozen copy of the starting weights, sharded like the trained ones
-        return loss_fn, {"reference": jax.tree.map(jnp.copy, setup.params)}, {"reference": setup.param_shardings}
+        # a frozen copy of the starting weights, sharded like the trained ones (abstract_step's abstract
+        # parameters stay abstract)
+        copy = lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x  # noqa: E731
+        return loss_fn, {"reference": jax.tree.map(copy, setup.params)}, {"reference": setup.param_shardings}
 
     return build
 

@@ -147,6 +147,10 @@ def test_extra_fields_are_normalised_like_latents(pair_cache):
     ab = dit_setup.abstract_step(cfg, flow_dpo.make_loss(cfg), devices=jax.devices()[:1], latent_shape=SHAPE,
                                  text_shape=TEXT)
     assert {k: v.shape for k, v in ab.batch.items()} == {k: v.shape for k, v in batch.items()}
+    cfg.lora.rank = 0                      # full fine-tuning: the abstract frozen copy of the starting weights
+    ab = dit_setup.abstract_step(cfg, flow_dpo.make_loss(cfg), devices=jax.devices()[:1], latent_shape=SHAPE,
+                                 text_shape=TEXT)
+    assert jax.tree.structure(ab.state.frozen["reference"]) == jax.tree.structure(ab.state.params)
 
 
 # ------------------------------------------------------------------------------------------ the experiments
