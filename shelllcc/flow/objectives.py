@@ -1,4 +1,6 @@
-"""Generator objectives for reward fine-tuning (DESIGN 2.5), as pure, jit-able functions.
+"""Generator objectives, as pure, jit-able functions: reward fine-tuning (DESIGN 2.5: ``one_step_from_noise``,
+``noised_data``, ``sft_loss``) and VideoAlign's preference and reward-weighted objectives (``flow_dpo_*``,
+``flow_rwr_*``, on the per-sample ``velocity_errors``; ``../shared/ALIGNMENT_METHODS.md`` section 1).
 
 Conventions (see :mod:`shelllcc.flow.rectified`): ``x_s = (1 - s) x0 + s eps``, target
 ``v = eps - x0``, model timestep ``1000 s``, one-step denoise ``z = x_s - s v``.
