@@ -16,7 +16,9 @@ model: under LoRA (``lora.rank > 0``, the paper's setting: r 64, alpha 128) the 
 zeroed, under full fine-tuning a frozen copy of the starting weights. At step 0 policy = reference, so the
 logged loss is ``log 2`` and the implicit reward accuracy (``accuracy``: the share of pairs with ``z < 0``) 0.
 
-Writes what ``sft`` writes (``checkpoints/``, ``metrics.jsonl``, ``model/`` with LoRA merged, ...).
+Resuming with another ``dpo.beta`` or ``dpo.time_dependent`` is refused (naming the frozen input
+``dpo_settings``, which holds both). Writes what ``sft`` writes (``checkpoints/``, ``metrics.jsonl``,
+``model/`` with LoRA merged, ...).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup, sft
+from shelllcc import parallel
 from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
 from shelllcc.flow.timesteps import sample_training_sigmas
@@ -71,6 +74,7 @@ def make_loss(config: ml_collections.ConfigDict):
     def build(setup: dit_setup.Setup):
         def loss_fn(params, frozen, batch, key):
             model = nnx.merge(setup.graphdef, params, frozen["model"])
+            beta_in = frozen["dpo_settings"][0]                       # an input: betas share one compilation
             # LoRA: zero adapters are the base model exactly (the delta is B A); full: the frozen copy
             ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
             ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
@@ -78,14 +82,19 @@ def make_loss(config: ml_collections.ConfigDict):
             x0_w = batch["latents"]
             eps = jax.random.normal(k_eps, x0_w.shape, jnp.float32)   # float32 noise whatever the cache dtype
             return objectives.flow_dpo_objective(model, ref, x0_w, batch[LOSER_FIELD], eps, batch["context"], k_s,
-                                                 beta=beta, time_dependent=time_dependent, sigma_sampler=sampler)
+                                                 beta=beta_in, time_dependent=time_dependent, sigma_sampler=sampler)
 
-        if lora:
-            return loss_fn, {}, {}
-        # a frozen copy of the starting weights, sharded like the trained ones (abstract_step's abstract
-        # parameters stay abstract)
-        copy = lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x  # noqa: E731
-        return loss_fn, {"reference": jax.tree.map(copy, setup.params)}, {"reference": setup.param_shardings}
+        # the settings as a frozen input: dit_setup.resume_settings records its hash, so a resume with
+        # another beta or beta schedule is refused instead of continuing another objective
+        rep = parallel.replicated(setup.mesh)
+        extra = {"dpo_settings": jnp.asarray([beta, float(time_dependent)], jnp.float32)}
+        extra_sh = {"dpo_settings": rep}
+        if not lora:
+            # a frozen copy of the starting weights, sharded like the trained ones (abstract_step's abstract
+            # parameters stay abstract)
+            copy = lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x  # noqa: E731
+            extra["reference"], extra_sh["reference"] = jax.tree.map(copy, setup.params), setup.param_shardings
+        return loss_fn, extra, extra_sh
 
     return build
 

@@ -12,7 +12,8 @@ minimises (``objectives.flow_rwr_objective``)::
 The paper's weight is ``exp(r / beta)`` with beta unspecified; the temperature knob is that beta, and the
 normalisation over the batch (the softmax) is ours: it keeps the loss on the flow-matching loss's scale and
 independent of the rewards' offset. The batch is the step's batch, or one microbatch with
-``train.microbatch_size`` (the weights are then normalised per microbatch). ``flow.text_dropout`` keeps the
+``train.microbatch_size`` (the weights are then normalised per microbatch). Resuming with another
+``rwr.temperature`` is refused (the frozen input ``rwr_temperature``). ``flow.text_dropout`` keeps the
 null-prompt training of the base as in ``sft``.
 """
 
@@ -24,6 +25,7 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup, sft
+from shelllcc import parallel
 from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
 from shelllcc.flow.timesteps import sample_training_sigmas
@@ -70,8 +72,11 @@ def make_loss(config: ml_collections.ConfigDict):
             eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
             context = objectives.drop_text(jax.random.fold_in(key, 2), batch["context"], dropout)
             return objectives.flow_rwr_objective(model, x0, eps, context, batch[REWARD_FIELD], k_s,
-                                                 temperature=temperature, sigma_sampler=sampler)
-        return loss_fn, {}, {}
+                                                 temperature=frozen["rwr_temperature"], sigma_sampler=sampler)
+        # an input, not a constant: temperatures share one compilation, and dit_setup.resume_settings
+        # records its hash, so a resume with another temperature is refused
+        return (loss_fn, {"rwr_temperature": jnp.asarray(temperature, jnp.float32)},
+                {"rwr_temperature": parallel.replicated(setup.mesh)})
 
     return build
 

@@ -277,10 +277,10 @@ def flow_rwr_loss(errors, rewards, temperature: float):
     flow-matching loss (equal rewards give ``mean_i err_i``) whatever the rewards' offset. The weights are
     data (no gradient flows into the rewards). ``errors``, ``rewards``: ``[B]``.
     """
-    if not temperature > 0:
+    if isinstance(temperature, (int, float)) and not temperature > 0:     # a traced one is the caller's to check
         raise ValueError(f"the Flow-RWR temperature must be > 0, got {temperature}")
     r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
-    w = jax.nn.softmax(r / jnp.float32(temperature))
+    w = jax.nn.softmax(r / jnp.asarray(temperature, jnp.float32))
     return jnp.sum(w * jnp.asarray(errors, jnp.float32))
 
 
@@ -293,7 +293,7 @@ def flow_rwr_objective(velocity_fn: VelocityFn, x0, eps, context, rewards, key, 
     s = _noise_levels(key, s, x0.shape[0], 0.0, 1.0, sigma_sampler)
     err = velocity_errors(velocity_fn, x0, eps, context, s)
     loss = flow_rwr_loss(err, rewards, temperature)
-    w = jax.nn.softmax(jnp.asarray(rewards, jnp.float32) / jnp.float32(temperature))
+    w = jax.nn.softmax(jnp.asarray(rewards, jnp.float32) / jnp.asarray(temperature, jnp.float32))
     metrics = {"loss": loss, "sft": jnp.mean(err), "weight_max": jnp.max(w),
                "ess": 1.0 / (jnp.sum(jnp.square(w)) * x0.shape[0]),
                "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)), **_s_metrics(s)}
