@@ -344,3 +344,13 @@ def test_videoalign_configs_pass_their_checks():
             module.check_config(c)
     assert videoalign.get_config("flow_dpo_t").dpo.time_dependent and not videoalign.get_config("flow_dpo").dpo.time_dependent
     assert videoalign.get_config("flow_dpo").dpo.beta == 500.0 and videoalign.get_config("flow_dpo").lora.rank > 0
+
+
+def test_make_pairs_skips_ties_within_the_margin():
+    r = np.array([[0.1, 0.5, 0.3], [0.2, 0.2, 0.2], [1.0, 0.95, 0.99], [-1.0, 2.0, 0.0]])
+    pairs, ties = score_samples.make_pairs(r, margin=0.1)
+    assert pairs == [(0, 1, 0), (3, 1, 0)]
+    assert [t["prompt"] for t in ties] == [1, 2]
+    ctx = np.zeros((2, 5, 3), np.float32)
+    ctx[0, :2], ctx[1, 3] = 1.0, 1.0                 # a zero token inside the prompt counts towards its length
+    np.testing.assert_array_equal(score_samples.text_lengths(ctx), [2, 4])
