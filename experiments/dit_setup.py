@@ -78,6 +78,10 @@ def data_section() -> ml_collections.ConfigDict:
         # a cache field on the latent grid [T, H, W] handed to the loss as batch["weight_map"] (empty: none),
         # e.g. the embedded benchmark's "object_mask" for sft's flow.region_weight
         weight_field="",
+        # further cache fields handed to the loss as batch[name] (empty: none), e.g. ("loser_latents",) for
+        # flow_dpo or ("reward",) for flow_rwr; a field shaped like `latents` is normalised like them (mean/std,
+        # latent_dtype), any other is float32 as stored
+        extra_fields=(),
         # source='random': latent [T, H, W, C] and text [L, D] shapes
         random_latent_shape=(3, 8, 8, 16), random_text_shape=(8, 32),
     ))
@@ -227,20 +231,52 @@ def describe_params(params: Any) -> str:
 class _Normalize:
     """One cache record -> the step's example: normalised latents, float32 text, the weight map if asked."""
 
-    def __init__(self, mean, std, dtype, weight_field: str = ""):
+    def __init__(self, mean, std, dtype, weight_field: str = "", latent_fields: tuple = (), other_fields: tuple = ()):
         self.mean = None if not len(mean) else np.asarray(mean, np.float32)
         self.std = None if not len(std) else np.asarray(std, np.float32)
         self.dtype = np.dtype(dtype) if dtype != "bfloat16" else jnp.bfloat16
         self.weight_field = weight_field
+        # data.extra_fields split by shape: a loser's latents must live in the winner's (normalised) space
+        self.latent_fields, self.other_fields = tuple(latent_fields), tuple(other_fields)
 
-    def __call__(self, batch: dict) -> dict:
-        lat = np.asarray(batch["latents"], np.float32)
+    def _latents(self, x) -> np.ndarray:
+        lat = np.asarray(x, np.float32)
         if self.mean is not None:
             lat = (lat - self.mean) / self.std
-        out = {"latents": lat.astype(self.dtype), "context": np.asarray(batch["text_embeddings"], np.float32)}
+        return lat.astype(self.dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"latents": self._latents(batch["latents"]), "context": np.asarray(batch["text_embeddings"], np.float32)}
         if self.weight_field:
             out["weight_map"] = np.asarray(batch[self.weight_field], np.float32)
+        for name in self.latent_fields:
+            out[name] = self._latents(batch[name])
+        for name in self.other_fields:
+            out[name] = np.asarray(batch[name], np.float32)
         return out
+
+
+RESERVED_BATCH_KEYS = ("latents", "context", "weight_map")
+
+
+def extra_field_shapes(d: ml_collections.ConfigDict, fields: dict) -> tuple[tuple[str, ...], dict]:
+    """``(latent-shaped fields, {other field: shape})`` of ``data.extra_fields`` against a cache's ``fields``
+    (``cache.json``); a missing or reserved name is a one-line ``ConfigError`` naming ``data.extra_fields``."""
+    lat_shape = tuple(fields["latents"]["shape"])
+    latent_like, others = [], {}
+    for name in d.get("extra_fields", ()):
+        if name in RESERVED_BATCH_KEYS:
+            raise errors.ConfigError(f"data.extra_fields: {name!r} is a batch entry of its own "
+                                     f"({', '.join(RESERVED_BATCH_KEYS)}); name other cache fields")
+        if name not in fields:
+            raise errors.ConfigError(f"data.extra_fields: {name!r} is not a field of cache {d.cache_dir!r} "
+                                     f"(fields: {sorted(fields)})")
+        shape = tuple(fields[name]["shape"])
+        if shape == lat_shape:
+            latent_like.append(name)
+        else:
+            others[name] = shape
+    return tuple(latent_like), others
 
 
 def host_batches(d: ml_collections.ConfigDict, seed: int):
@@ -251,6 +287,9 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
     if d.batch_size % n_proc:
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by {n_proc} processes")
     if d.source == "random":
+        if len(d.get("extra_fields", ())):
+            raise errors.ConfigError(f"data.extra_fields={tuple(d.extra_fields)} needs data.source='cache' (random "
+                                     f"latents have no fields)")
         if d.get("weight_field", ""):
             raise ValueError(f"data.weight_field={d.weight_field!r} needs data.source='cache' (random latents have no fields)")
         return random_latents.RandomLatentBatches(seed, d.batch_size, d.random_latent_shape, d.random_text_shape,
@@ -273,9 +312,11 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
         if tuple(fields[weight_field]["shape"]) != lat_shape[:-1]:
             raise ValueError(f"data.weight_field={weight_field!r} has shape {tuple(fields[weight_field]['shape'])} in "
                              f"cache {d.cache_dir!r}; the latent grid is {lat_shape[:-1]}")
+    latent_like, others = extra_field_shapes(d, cache.info["fields"])
     # per example, in grain's reader threads; the iterator keeps grain's own state for exact resume
     ds = readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed,
-                              transform=_Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field))
+                              transform=_Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field,
+                                                   latent_like, tuple(others)))
     return iter(ds)
 
 
@@ -641,6 +682,18 @@ def abstract_step(config: ml_collections.ConfigDict, make_loss: MakeLoss, device
              "context": jax.ShapeDtypeStruct((b, *text), jnp.float32)}
     if d.get("weight_field", ""):
         batch["weight_map"] = jax.ShapeDtypeStruct((b, *latent[:-1]), jnp.float32)
+    if len(d.get("extra_fields", ())):
+        # shapes from the cache when there is one; else a name ending in 'latents' is latent-shaped, any
+        # other field one number per example (a reward)
+        if d.source == "cache" and d.cache_dir and os.path.isdir(d.cache_dir):
+            latent_like, others = extra_field_shapes(d, latent_cache.open_cache(d.cache_dir).info["fields"])
+        else:
+            latent_like = tuple(f for f in d.extra_fields if f.endswith("latents"))
+            others = {f: () for f in d.extra_fields if f not in latent_like}
+        for name in latent_like:
+            batch[name] = jax.ShapeDtypeStruct((b, *latent), latent_dtype)
+        for name, shape in others.items():
+            batch[name] = jax.ShapeDtypeStruct((b, *shape), jnp.float32)
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return AbstractStep(step, state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), mesh, k, count(params),

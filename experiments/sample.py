@@ -27,6 +27,14 @@ the number of batch shards; rows past the batch's prompts (and the missing promp
 repeat its last prompt and are dropped. So with 8 devices a ``batch_size`` of 8 keeps every device busy,
 while 4 leaves half of the rows as padding (or use fewer devices: ``--config.mesh.devices=4``).
 
+Reward guidance (``sampler.guidance``, VideoAlign's Flow-NRG, paper Eq. 11): at every model evaluation with
+``t <= guidance.t_max``, ``v~ = v - weight t / (1 - t) grad r`` (``flow.samplers.reward_guidance``), with
+
+* ``kind='reward_model'``: ``r = sum_k dimension_weights_k r_k(x_t, 1000 t, y)``, the noise-aware latent
+  reward model's (VQ, MQ, TA) at the current noisy state and timestep, gradient w.r.t. ``x_t``;
+* ``kind='shell_lcc'`` (ours, training-free): ``r = -distance(x0_hat)`` with ``x0_hat = x_t - t v`` and the
+  gradient taken w.r.t. ``x0_hat`` (not through the model), put into the same formula.
+
 Decoding: latents are in the model's (normalised) space; the decoder gets
 ``z * latents.latent_std + latents.latent_mean`` (identity when both are empty: a model trained on a
 latent cache without ``data.latent_mean/std``). A diffusers Wan2.1 model works in the space normalised
@@ -53,9 +61,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from experiments import config_entry, dit_setup
+from experiments import config_entry, dit_setup, reward_sources
 from shelllcc import parallel
 from shelllcc.data import latent_cache
+from shelllcc.errors import ConfigError
 from shelllcc.evaluation import media
 from shelllcc.flow import samplers
 from shelllcc.flow.timesteps import wan_sampling_schedule
@@ -94,6 +103,18 @@ def default_config() -> ml_collections.ConfigDict:
         steps=25, shift=3.0,
         guidance_scale=1.0,          # 1: no classifier-free guidance (one model call per step)
         batch_size=4,                # prompts per jitted sampling call
+        # reward guidance of the velocity (module doc): v~ = v - weight t / (1 - t) grad r
+        guidance=ml_collections.ConfigDict(dict(
+            kind="none",                 # none | reward_model (Flow-NRG) | shell_lcc (ours, training-free)
+            weight=0.0,
+            # weights of the reward model's (VQ, MQ, TA) in r; VideoAlign's Table 6 values are not in the
+            # notes available here, so equal weights
+            dimension_weights=(1.0, 1.0, 1.0),
+            t_max=0.95,                  # guide only at t <= t_max (t / (1 - t) has a pole at 1; ours)
+            reward_model="",             # a trained noise-aware reward model, or 'random' (a stand-in)
+            manifold="",                 # kind=shell_lcc: a fit_manifold output (or 'random')
+            manifold_kind="shell_norm",  # the distance: lcc | shell_norm | shell
+        )),
     ))
     c.vae = ml_collections.ConfigDict(dict(
         dir="",                      # a WanVAE or PatchVAE saved with shelllcc.models.saving.save_model
@@ -315,11 +336,67 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "solver", "guidance_scale", "sharding"))
-def _sample_program(state, noise, context, negative, *, graphdef, schedule, solver, guidance_scale, sharding):
+@dataclasses.dataclass(frozen=True, eq=False)
+class RewardGuidance:
+    """The static part of reward guidance (hashed by identity: one compiled program per instance); the reward's
+    parameters and the weight are arguments of the program."""
+    apply: Callable                  # reward_sources.RewardSource.apply
+    at: str                          # noisy (Flow-NRG) | x0 (ours)
+    dimension_weights: tuple
+    t_max: float
+
+    def hook(self, params, weight):
+        def reward_fn(x, timestep, context):
+            return reward_sources.combine(self.apply(params, x, timestep, context), self.dimension_weights)
+        return samplers.reward_guidance(reward_fn, weight, self.at, self.t_max)
+
+
+@dataclasses.dataclass
+class SamplerGuidance:
+    spec: RewardGuidance
+    params: Any
+    weight: float
+    description: str
+
+
+GUIDANCE_KINDS = ("none", "reward_model", "shell_lcc")
+
+
+def check_guidance(g: ml_collections.ConfigDict) -> None:
+    if g.kind not in GUIDANCE_KINDS:
+        raise ConfigError(f"unknown sampler.guidance.kind {g.kind!r}; expected one of {GUIDANCE_KINDS}")
+    if len(g.dimension_weights) != 3:
+        raise ConfigError(f"sampler.guidance.dimension_weights must be 3 numbers (VQ, MQ, TA), got "
+                          f"{tuple(g.dimension_weights)}")
+    if not 0 < float(g.t_max) <= 1:
+        raise ConfigError(f"sampler.guidance.t_max must be in (0, 1], got {g.t_max}")
+
+
+def build_guidance(g: ml_collections.ConfigDict, model: nnx.Module, seed: int = 0) -> SamplerGuidance | None:
+    """The ``sampler.guidance`` section as a :class:`SamplerGuidance` (``None`` for kind 'none')."""
+    check_guidance(g)
+    if g.kind == "none":
+        return None
+    if g.kind == "reward_model":
+        src = reward_sources.reward_model_source(g.reward_model, model, seed, key="sampler.guidance.reward_model")
+        at = "noisy"
+    else:
+        src = reward_sources.shell_lcc_source(g.manifold, g.manifold_kind, model.config.in_channels,
+                                              key="sampler.guidance.manifold")
+        at = "x0"
+    spec = RewardGuidance(src.apply, at, tuple(float(w) for w in g.dimension_weights), float(g.t_max))
+    return SamplerGuidance(spec, src.params, float(g.weight),
+                           f"reward guidance x {g.weight} ({src.description}, gradient at {at})")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "solver", "guidance_scale", "sharding", "guide"))
+def _sample_program(state, noise, context, negative, guide_params=None, guide_weight=None, *, graphdef, schedule,
+                    solver, guidance_scale, sharding, guide=None):
     # module level with static settings: samplers of equal settings and shapes share one compiled program
     model = nnx.merge(graphdef, state)
     kw = dict(negative_context=negative, guidance_scale=guidance_scale) if guidance_scale != 1.0 else {}
+    if guide is not None:
+        kw["velocity_guidance"] = guide.hook(guide_params, guide_weight)
     x = samplers.sample(model, noise, context, schedule, solver=solver, **kw)
     return jax.lax.with_sharding_constraint(x, sharding)
 
@@ -330,7 +407,7 @@ class LatentSampler:
 
     def __init__(self, model: nnx.Module, mesh, *, latent_shape: Sequence[int], solver: str = "unipc",
                  steps: int = 25, shift: float = 3.0, guidance_scale: float = 1.0, batch_size: int = 4,
-                 seed: int = 0):
+                 seed: int = 0, reward_guidance: SamplerGuidance | None = None):
         if solver not in samplers.SOLVERS:
             raise ValueError(f"unknown sampler.solver {solver!r}; expected one of {sorted(samplers.SOLVERS)}")
         if batch_size < 1:
@@ -347,6 +424,12 @@ class LatentSampler:
         self._batch = parallel.batch_sharding(mesh)
         self._static = dict(graphdef=self.graphdef, schedule=self.schedule, solver=solver,
                             guidance_scale=self.guidance_scale, sharding=self._batch)
+        self._guide_args = ()
+        if reward_guidance is not None:
+            rep = parallel.replicated(mesh)
+            self._static["guide"] = reward_guidance.spec
+            self._guide_args = (jax.device_put(reward_guidance.params, rep),
+                                jax.device_put(jnp.asarray(reward_guidance.weight, jnp.float32), rep))
 
     def pad(self, values: Sequence[Any]) -> list:
         """``values`` (at most ``batch_size``) extended to ``rows`` by repeating the last one."""
@@ -372,7 +455,7 @@ class LatentSampler:
             neg = np.broadcast_to(np.asarray(negative, np.float32), ctx.shape).copy()
             neg = _to_global(neg, self._batch)
         return _sample_program(self.state, _to_global(noise, self._batch), _to_global(ctx, self._batch), neg,
-                               **self._static)
+                               *self._guide_args, **self._static)
 
 
 def batches(n: int, batch_size: int) -> list[list[int]]:
@@ -447,6 +530,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if s.batch_size < 1:
         raise ValueError(f"sampler.batch_size must be >= 1, got {s.batch_size}")
     guided = float(s.guidance_scale) != 1.0
+    check_guidance(s.guidance)
 
     # everything that can be checked without loading weights first
     prompts = load_prompts(p, guided)
@@ -463,8 +547,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n = len(prompts.captions)
     batch_size = min(int(s.batch_size), n)      # fewer prompts than a batch: no rows wasted on padding
     loaded = dit_setup.build_model(config.model, mesh, dit_setup.sharding_rules(config))
+    reward_guide = build_guidance(s.guidance, loaded.model, config.seed)
+    if reward_guide is not None:
+        print(f"sample: {reward_guide.description}", flush=True)
     sampler = LatentSampler(loaded.model, mesh, latent_shape=shape, solver=s.solver, steps=s.steps, shift=s.shift,
-                            guidance_scale=s.guidance_scale, batch_size=batch_size, seed=config.seed)
+                            guidance_scale=s.guidance_scale, batch_size=batch_size, seed=config.seed,
+                            reward_guidance=reward_guide)
     decode = (o.mp4 or o.gif) and vae_cfg is not None
     decoder = LatentDecoder(load_vae(config.vae), mesh, mean, std) if decode else None
     print(f"sample: {n} prompts ({prompts.description}); model: {loaded.source}; latents {shape}; "

@@ -5,7 +5,16 @@ ODE ``dx/ds = v`` from ``s = 1`` to 0 on a shifted schedule ``k s / (1 + (k - 1)
 """
 
 from shelllcc.flow.guidance import guided_velocity
-from shelllcc.flow.objectives import flow_dpo_loss, noised_data, one_step_from_noise, sft_loss
+from shelllcc.flow.objectives import (
+    flow_dpo_loss,
+    flow_dpo_objective,
+    flow_rwr_loss,
+    flow_rwr_objective,
+    noised_data,
+    one_step_from_noise,
+    sft_loss,
+    velocity_errors,
+)
 from shelllcc.flow.rectified import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
@@ -21,6 +30,7 @@ from shelllcc.flow.samplers import (
     cfg_velocity,
     euler_sample,
     loss_guidance,
+    reward_guidance,
     sample,
     unipc_coefficients,
     unipc_sample,
@@ -36,7 +46,8 @@ from shelllcc.flow.timesteps import (
 )
 
 __all__ = [
-    "flow_dpo_loss", "guided_velocity", "noised_data", "one_step_from_noise", "sft_loss",
+    "flow_dpo_loss", "flow_dpo_objective", "flow_rwr_loss", "flow_rwr_objective", "guided_velocity", "noised_data",
+    "one_step_from_noise", "sft_loss", "velocity_errors", "reward_guidance",
     "NUM_TRAIN_TIMESTEPS", "add_noise", "denoise", "flow_matching_loss", "model_timestep",
     "noise_from_velocity", "velocity_from_x0", "velocity_target",
     "UniPCCoefficients", "cfg_velocity", "euler_sample", "loss_guidance", "sample",

@@ -1,4 +1,6 @@
-"""Generator objectives for reward fine-tuning (DESIGN 2.5), as pure, jit-able functions.
+"""Generator objectives, as pure, jit-able functions: reward fine-tuning (DESIGN 2.5: ``one_step_from_noise``,
+``noised_data``, ``sft_loss``) and VideoAlign's preference and reward-weighted objectives (``flow_dpo_*``,
+``flow_rwr_*``, on the per-sample ``velocity_errors``; ``../shared/ALIGNMENT_METHODS.md`` section 1).
 
 Conventions (see :mod:`shelllcc.flow.rectified`): ``x_s = (1 - s) x0 + s eps``, target
 ``v = eps - x0``, model timestep ``1000 s``, one-step denoise ``z = x_s - s v``.
@@ -212,4 +214,91 @@ def flow_dpo_loss(err_theta_w, err_ref_w, err_theta_l, err_ref_l, t, beta, time_
     return -jnp.mean(jax.nn.log_sigmoid(-0.5 * beta_t * z))
 
 
-__all__ = ["flow_dpo_loss", "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
+def velocity_errors(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
+    """Per-sample flow-matching errors ``[B]`` (float32), shared by Flow-DPO and Flow-RWR::
+
+        x_s    = (1 - s) x0 + s eps
+        err_b  = mean over the latent's elements of (v(x_s, 1000 s, c) - (eps - x0))^2
+
+    ``s`` is ``[B]`` (or a scalar). The mean over elements (not the sum) is the reduction: it fixes the
+    scale on which Flow-DPO's ``beta`` acts (VideoAlign does not state theirs; see ``flow_dpo_loss``).
+    """
+    s = _noise_levels(None, s, x0.shape[0], 0.0, 1.0, None)
+    x = add_noise(x0, eps, s)
+    v = velocity_fn(x, model_timestep(s), context)
+    d = v.astype(jnp.float32) - (eps - x0).astype(jnp.float32)
+    return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
+
+
+def flow_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_w, x0_l, eps, context, key, *,
+                       beta: float, time_dependent: bool = False, sigma_sampler: SigmaSampler | None = None, s=None):
+    """Flow-DPO on a batch of preference pairs (winner ``x0_w``, loser ``x0_l``, both ``[B, ...]``).
+
+    ::
+
+        s ~ sigma_sampler(key, [B])  (or the given s); one eps [B, ...] and one s per pair, for w and l alike
+        err_m(x) = velocity_errors(v_m, x, eps, c, s)         m in {theta, ref}, x in {w, l}
+        z        = (err_theta(w) - err_ref(w)) - (err_theta(l) - err_ref(l))
+        loss     = flow_dpo_loss(...) = mean_B -log sigmoid(-(beta_t / 2) z)
+
+    Each model runs once on the stacked ``[w; l]`` batch (``2B`` rows). The reference is frozen: its errors
+    are under ``stop_gradient``. With policy = reference, ``z = 0`` and the loss is ``log 2``.
+
+    Returns ``(loss, metrics)``: ``loss``, ``accuracy`` (the implicit reward accuracy: the share of pairs with
+    ``z < 0``, i.e. the policy lowered the winner's error relative to the reference more than the loser's),
+    ``margin`` (mean of ``-z``), ``err_theta_w``, ``err_theta_l``, ``err_ref_w``, ``err_ref_l`` (means),
+    ``s_mean``, ``s_min``, ``s_max``.
+    """
+    b = x0_w.shape[0]
+    s = _noise_levels(key, s, b, 0.0, 1.0, sigma_sampler)
+    x0 = jnp.concatenate([x0_w, x0_l])
+    eps2 = jnp.concatenate([eps, eps])
+    s2 = jnp.concatenate([s, s])
+    ctx2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), context)
+    err = velocity_errors(velocity_fn, x0, eps2, ctx2, s2)
+    err_ref = jax.lax.stop_gradient(velocity_errors(ref_velocity_fn, x0, eps2, ctx2, s2))
+    e_tw, e_tl, e_rw, e_rl = err[:b], err[b:], err_ref[:b], err_ref[b:]
+    loss = flow_dpo_loss(e_tw, e_rw, e_tl, e_rl, s, beta, time_dependent)
+    z = (e_tw - e_rw) - (e_tl - e_rl)
+    metrics = {"loss": loss, "accuracy": jnp.mean((z < 0).astype(jnp.float32)), "margin": -jnp.mean(z),
+               "err_theta_w": jnp.mean(e_tw), "err_theta_l": jnp.mean(e_tl), "err_ref_w": jnp.mean(e_rw),
+               "err_ref_l": jnp.mean(e_rl), **_s_metrics(s)}
+    return loss, metrics
+
+
+def flow_rwr_loss(errors, rewards, temperature: float):
+    """Flow-RWR (VideoAlign Eq. 9) with the weights normalised over the batch::
+
+        w_i  = softmax_i(r_i / temperature)                  (over the batch; sum_i w_i = 1)
+        loss = sum_i w_i err_i                               err_i: per-sample mean squared velocity error
+
+    The paper writes ``E[exp(r / beta) ||v - v_theta||^2]`` and leaves beta unspecified; normalising the
+    exponential weights over the batch (a softmax) is ours: it keeps the loss on the scale of the plain
+    flow-matching loss (equal rewards give ``mean_i err_i``) whatever the rewards' offset. The weights are
+    data (no gradient flows into the rewards). ``errors``, ``rewards``: ``[B]``.
+    """
+    if isinstance(temperature, (int, float)) and not temperature > 0:     # a traced one is the caller's to check
+        raise ValueError(f"the Flow-RWR temperature must be > 0, got {temperature}")
+    r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+    w = jax.nn.softmax(r / jnp.asarray(temperature, jnp.float32))
+    return jnp.sum(w * jnp.asarray(errors, jnp.float32))
+
+
+def flow_rwr_objective(velocity_fn: VelocityFn, x0, eps, context, rewards, key, *, temperature: float,
+                       sigma_sampler: SigmaSampler | None = None, s=None):
+    """Flow-RWR on a batch: ``s`` as in :func:`sft_loss`, ``err = velocity_errors(...)``, the loss
+    :func:`flow_rwr_loss`. Returns ``(loss, metrics)``: ``loss``, ``sft`` (the unweighted mean error),
+    ``weight_max`` (the largest softmax weight), ``ess`` (the effective sample size ``1 / sum w^2`` as a
+    share of the batch: 1 with equal weights), ``reward_mean``, ``s_mean``, ``s_min``, ``s_max``."""
+    s = _noise_levels(key, s, x0.shape[0], 0.0, 1.0, sigma_sampler)
+    err = velocity_errors(velocity_fn, x0, eps, context, s)
+    loss = flow_rwr_loss(err, rewards, temperature)
+    w = jax.nn.softmax(jnp.asarray(rewards, jnp.float32) / jnp.asarray(temperature, jnp.float32))
+    metrics = {"loss": loss, "sft": jnp.mean(err), "weight_max": jnp.max(w),
+               "ess": 1.0 / (jnp.sum(jnp.square(w)) * x0.shape[0]),
+               "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)), **_s_metrics(s)}
+    return loss, metrics
+
+
+__all__ = ["flow_dpo_loss", "flow_dpo_objective", "flow_rwr_loss", "flow_rwr_objective", "velocity_errors",
+           "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]

@@ -26,6 +26,11 @@ estimate (``[B, ...]``) and ``s`` the noise level (``[B]``). The sampler replace
 model evaluation), so it acts as a velocity modifier too. The hook runs after CFG and inside the
 scan, so it may call jax functions (``jax.grad`` of a reward, a manifold distance, ...).
 
+Velocity guidance: ``velocity_guidance(x, v, s, context) -> v~`` replaces the (CFG-combined) velocity at
+the state ``x`` and noise level ``s`` ``[B]`` before anything else uses it (the data estimate, the
+``guidance_fn`` hook, the solver step); :func:`reward_guidance` builds VideoAlign's Flow-NRG form
+``v~ = v - w s / (1 - s) grad r`` (:func:`shelllcc.flow.guidance.guided_velocity`).
+
 Precision: the state is kept in ``noise.dtype``; pass float32 noise even with a bfloat16 model
 (as the Wan pipeline does): model outputs are cast to the state dtype, and the solver coefficients
 (computed in float64 on the host) are cast to it too.
@@ -51,10 +56,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from shelllcc.flow.guidance import guided_velocity
 from shelllcc.flow.timesteps import FlowSchedule
 
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 GuidanceFn = Callable[[jax.Array, jax.Array], jax.Array]
+VelocityGuidanceFn = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+# reward_fn(latents [B, ...], timestep [B] (1000 s), context) -> [B], higher is better
+RewardFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+REWARD_POINTS = ("noisy", "x0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,14 +119,54 @@ def loss_guidance(loss_fn: Callable[[jax.Array], jax.Array], strength: float = 1
     return guidance_fn
 
 
+def reward_guidance(reward_fn: RewardFn, weight, at: str = "noisy", t_max: float = 1.0) -> VelocityGuidanceFn:
+    """A ``velocity_guidance`` hook that steers the velocity up a reward's gradient::
+
+        at="noisy" (Flow-NRG, VideoAlign Eq. 11):  g = grad_x r(x_t, 1000 s, c)            at the noisy state
+        at="x0"    (ours, training-free):          g = grad_z r(z, 0, c) at z = x0_hat = x_t - s v
+        v~ = v - weight * s / (1 - s) * g          for s <= t_max and s < 1 (v elsewhere)
+
+    ``reward_fn(latents, timestep, context) -> [B]`` (higher is better; a noise-aware reward model gets the
+    current timestep ``1000 s``). The ``x0`` form is our choice for rewards that only judge clean latents
+    (the Shell-LCC distance, negated): the gradient is taken w.r.t. the data estimate as a free variable, not
+    back through the model, and used in place of ``grad_x`` in the same formula. ``weight`` is a scalar (a
+    traced one is fine: changing it does not recompile).
+
+    ``t_max`` (ours): the factor ``s / (1 - s)`` has a pole at ``s = 1`` and Wan's schedule starts at
+    ``s = 1 - 1e-6`` (a factor of 1e6), so guidance is applied only at ``s <= t_max`` (0.95: factor <= 19);
+    1 keeps the formula as printed (every level below 1).
+    """
+    if at not in REWARD_POINTS:
+        raise ValueError(f"unknown reward point {at!r}; expected one of {REWARD_POINTS}")
+
+    def total(z, timestep, context):
+        return jnp.sum(reward_fn(z, timestep, context).astype(jnp.float32))
+
+    grad = jax.grad(total)
+
+    def hook(x, v, s, context):
+        if at == "noisy":
+            g = grad(x, s * 1000.0, context)
+        else:
+            s_b = s.astype(x.dtype).reshape(s.shape + (1,) * (x.ndim - 1))
+            z = lax.stop_gradient(x - s_b * v)
+            g = grad(z, jnp.zeros_like(s), context)
+        on = (s <= t_max).astype(jnp.float32).reshape(s.shape + (1,) * (v.ndim - 1))
+        return guided_velocity(v, g.astype(v.dtype), s, jnp.asarray(weight, jnp.float32) * on)
+
+    return hook
+
+
 def _batch(value, x):
     return jnp.full((x.shape[0],), value, jnp.float32)
 
 
 def _predict(velocity_fn, x, sigma, timestep, context, negative_context, guidance_scale,
-             guidance_fn):
+             guidance_fn, velocity_guidance=None):
     """Model call at one level; returns ``(v, x0_hat)`` with guidance applied to both."""
     v = cfg_velocity(velocity_fn, x, _batch(timestep, x), context, negative_context, guidance_scale)
+    if velocity_guidance is not None:
+        v = velocity_guidance(x, v, _batch(sigma, x), context).astype(x.dtype)
     sig = sigma.astype(x.dtype)
     x0 = x - sig * v
     if guidance_fn is not None:
@@ -141,7 +191,7 @@ def _check_noise(noise):
 def euler_sample(velocity_fn: VelocityFn, noise, context, schedule: FlowSchedule, *,
                  negative_context=None, guidance_scale=1.0,
                  guidance_fn: Optional[GuidanceFn] = None, return_trajectory: bool = False,
-                 remat: bool = False):
+                 remat: bool = False, velocity_guidance: Optional[VelocityGuidanceFn] = None):
     """Euler integration of the flow ODE along ``schedule.sigmas``.
 
     ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i)``, starting from ``x_0 = noise``.
@@ -149,7 +199,8 @@ def euler_sample(velocity_fn: VelocityFn, noise, context, schedule: FlowSchedule
     noise); starting lower (img2img, SDEdit) is a matter of building ``x_0`` and the schedule.
 
     Args:
-      velocity_fn, context, negative_context, guidance_scale, guidance_fn: see the module doc.
+      velocity_fn, context, negative_context, guidance_scale, guidance_fn, velocity_guidance: see the
+        module doc.
       return_trajectory: also return the state before each step, ``[n, B, ...]``.
       remat: ``jax.checkpoint`` each step (memory for backprop through the whole sampler).
 
@@ -164,7 +215,7 @@ def euler_sample(velocity_fn: VelocityFn, noise, context, schedule: FlowSchedule
     def step(x, inp):
         sigma, dt, t = inp
         v, _ = _predict(velocity_fn, x, sigma, t, context, negative_context, guidance_scale,
-                        guidance_fn)
+                        guidance_fn, velocity_guidance)
         x_next = x + dt.astype(x.dtype) * v
         return x_next, (x if return_trajectory else None)
 
@@ -284,7 +335,7 @@ def unipc_coefficients(sigmas) -> UniPCCoefficients:
 def unipc_sample(velocity_fn: VelocityFn, noise, context, schedule: FlowSchedule, *,
                  negative_context=None, guidance_scale=1.0,
                  guidance_fn: Optional[GuidanceFn] = None, return_trajectory: bool = False,
-                 remat: bool = False):
+                 remat: bool = False, velocity_guidance: Optional[VelocityGuidanceFn] = None):
     """UniPC-2 (bh2, data prediction) sampler; ``n`` model evaluations for ``schedule.num_steps = n``.
 
     Reproduces diffusers' ``UniPCMultistepScheduler`` as configured for Wan2.1 (see the module doc
@@ -309,7 +360,7 @@ def unipc_sample(velocity_fn: VelocityFn, noise, context, schedule: FlowSchedule
         # estimates one and two evaluations back (zeros before they exist; their weights are 0)
         x_pred, x_prev, m1, m2 = carry
         _, m0 = _predict(velocity_fn, x_pred, c["sigma"], c["t"], context, negative_context,
-                         guidance_scale, guidance_fn)
+                         guidance_scale, guidance_fn, velocity_guidance)
         corrected = c["a_prev"] * x_prev + c["b_prev"] * m1 + c["cc"] * (m2 - m1) + c["dc"] * (m0 - m1)
         x = jnp.where(c["corr"], corrected, x_pred)
         x_next = c["a"] * x + c["b"] * m0 + c["cp"] * (m1 - m0)

@@ -1,0 +1,104 @@
+"""Rewards of latents as ``(apply, params)`` pairs, for sampling with reward guidance (``sample``) and for scoring
+samples (``score_samples``).
+
+The protocol (what the VideoAlign methods need from a reward)::
+
+    apply(params, latents [B, T, H, W, C], timestep [B] in 0..1000, context [B, L, D]) -> [B, 3] or [B]
+
+higher is better; ``[B, 3]`` are VideoAlign's dimensions (VQ, MQ, TA), reduced to one number per clip by
+:func:`combine` with per-dimension weights. ``params`` is a pytree passed to jitted programs as an argument
+(the weights are not baked into them as constants).
+
+Sources:
+
+* ``reward_model``: a trained latent reward model (``shelllcc.rewards.reward_model``), loaded through
+  ``load_reward_model(path)`` and ``score(model, latents, timestep, context)`` where that API exists (it is
+  being built by the ``train_reward_model`` work); ``random`` instead of a path is a stand-in for smoke runs
+  and tests: a :class:`~shelllcc.rewards.reward_model.LatentRewardModel` on the first block of the generator
+  being sampled, with a seeded random readout.
+* ``shell_lcc``: ``-manifold_distance(manifold, latents, kind)`` per clip (ours: the Shell-LCC distance as a
+  reward; it judges clean latents, so the timestep and the prompt are ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from shelllcc.errors import ConfigError
+
+Apply = Callable[[Any, Any, Any, Any], Any]
+
+
+@dataclasses.dataclass
+class RewardSource:
+    apply: Apply                     # (params, latents, timestep, context) -> [B, 3] | [B]
+    params: Any
+    description: str
+    noise_aware: bool                # judges noisy latents at their timestep (else clean ones only)
+
+
+def combine(rewards, dimension_weights: Sequence[float]) -> jnp.ndarray:
+    """One reward per clip: ``sum_k w_k r_k`` for ``[B, 3]`` rewards, the rewards themselves for ``[B]``."""
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim == 1:
+        return r
+    w = jnp.asarray(dimension_weights, jnp.float32)
+    if r.ndim != 2 or r.shape[-1] != w.shape[0]:
+        raise ValueError(f"rewards of shape {r.shape} do not match {w.shape[0]} dimension weights")
+    return r @ w
+
+
+def reward_model_source(path: str, generator: nnx.Module | None = None, seed: int = 0,
+                        key: str = "reward_model") -> RewardSource:
+    """The noise-aware latent reward model at ``path`` (``key`` names the config key in errors)."""
+    if not path:
+        raise ConfigError(f"{key} is empty: give a trained reward model, or 'random' (a stand-in for smoke runs)")
+    if path == "random":
+        from shelllcc.rewards.reward_model import LatentRewardModel
+        if generator is None:
+            raise ConfigError(f"{key}='random' needs the generator to build the stand-in from")
+        model = LatentRewardModel(generator, num_blocks=1, rngs=nnx.Rngs(seed))
+        graphdef, state = nnx.split(model)
+        return RewardSource(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c), state,
+                            f"a random stand-in reward model (seed {seed})", True)
+    try:
+        from shelllcc.rewards.reward_model import load_reward_model, score
+    except ImportError:
+        raise ConfigError(f"{key}={path!r}: this checkout has no shelllcc.rewards.reward_model.load_reward_model / "
+                          f"score (the train_reward_model work); use 'random' or a newer checkout") from None
+    model = load_reward_model(path)
+    graphdef, state = nnx.split(model)
+    return RewardSource(lambda p, x, t, c: score(nnx.merge(graphdef, p), x, t, c), state,
+                        f"reward model {path}", True)
+
+
+def shell_lcc_source(manifold: str, kind: str, latent_channels: int, key: str = "manifold") -> RewardSource:
+    """``-manifold_distance`` per clip for the manifold at ``manifold`` (a ``fit_manifold`` output or workdir,
+    a reference ``.pt``, or ``random``)."""
+    from experiments.reward_finetune import load_reward_manifold
+    from shelllcc.rewards import manifold_distance
+    from shelllcc.rewards.manifold_distance import KINDS
+    if kind not in KINDS or kind == "shell_band":
+        raise ConfigError(f"{key} kind {kind!r}: expected one of {tuple(k for k in KINDS if k != 'shell_band')}")
+    if not manifold:
+        raise ConfigError(f"{key} is empty: give a fit_manifold output directory (or 'random' for smoke runs)")
+    r = ml_collections.ConfigDict(dict(manifold=manifold, random=dict(num_anchors=64, hidden_dim=64,
+                                                                      patch_size=(1, 1, 1), seed=0)))
+    params, mcfg, _ = load_reward_manifold(r, latent_channels)
+    if mcfg.dim != latent_channels * int(np.prod(mcfg.patch_size)):
+        raise ConfigError(f"{key} {manifold!r} has D={mcfg.dim} with patch {mcfg.patch_size}; the latents have "
+                          f"{latent_channels} channels")
+
+    def apply(p, x, t, c):
+        return -manifold_distance(p, x.astype(jnp.float32), kind, patch_size=mcfg.patch_size, per_example=True,
+                                  bn_eps=mcfg.bn_eps, shell_eps=mcfg.shell_eps)
+    return RewardSource(apply, params, f"-{kind} distance to manifold {manifold}", False)
+
+
+__all__ = ["RewardSource", "combine", "reward_model_source", "shell_lcc_source"]
