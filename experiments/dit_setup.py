@@ -397,7 +397,8 @@ def frozen_sources(config) -> dict:
 
 # frozen inputs of a loss (make_loss's extra_frozen) by the setting they come from; 'reference' is a copy
 # of the starting weights, covered by frozen_sources
-FROZEN_INPUT_SETTINGS = {"manifold": "reward.manifold (its content)", "reward_target": "reward.shell_band_target"}
+FROZEN_INPUT_SETTINGS = {"manifold": "reward.manifold (its content)", "reward_target": "reward.shell_band_target",
+                         "dpo_settings": "dpo.beta / dpo.time_dependent", "rwr_temperature": "rwr.temperature"}
 
 
 def resume_settings(config, model_config, extra_frozen: dict) -> dict:
@@ -415,6 +416,9 @@ def resume_settings(config, model_config, extra_frozen: dict) -> dict:
         out["objective.name"] = config.objective.name
     if "reward" in config:
         out["reward.kind"] = config.reward.kind
+    for section in ("dpo", "rwr"):           # the VideoAlign objectives' settings, by name and value
+        if section in config:
+            out.update({f"{section}.{k}": v for k, v in config[section].items()})
     for k, v in sorted(extra_frozen.items()):
         if k != "reference":
             out[FROZEN_INPUT_SETTINGS.get(k, f"frozen input {k!r}")] = checkpoints.tree_sha256(v)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from experiments import dit_setup, flow_dpo, flow_rwr, sample, score_samples
 from shelllcc.data import latent_cache
-from shelllcc.errors import ConfigError
+from shelllcc.errors import ConfigError, UserError
 from shelllcc.flow import objectives, samplers
 from shelllcc.flow.timesteps import FlowSchedule, linear_sampling_schedule
 from shelllcc.models import saving
@@ -169,6 +169,10 @@ def test_flow_dpo_starts_at_log2_and_learns_the_pairs(tmp_path, pair_cache, base
     late = [m[s] for s in (6, 7, 8)]
     assert np.mean([r["loss"] for r in late]) < math.log(2) - 0.05, [r["loss"] for r in m.values()]
     assert np.mean([r["accuracy"] for r in late]) > 0.7, [r["accuracy"] for r in m.values()]
+    # another beta is another objective: resuming this run with it is refused, the setting named with its values
+    c.train.steps, c.dpo.beta = 9, 100.0
+    with pytest.raises(UserError, match=r"dpo\.beta: checkpoint 50\.0, now 100\.0"):
+        flow_dpo.run(c, str(tmp_path))
 
 
 def _loss_at_start(module, c):
