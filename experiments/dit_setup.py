@@ -287,13 +287,15 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
     if d.batch_size % n_proc:
         raise ValueError(f"data.batch_size={d.batch_size} is not divisible by {n_proc} processes")
     if d.source == "random":
-        if len(d.get("extra_fields", ())):
-            raise errors.ConfigError(f"data.extra_fields={tuple(d.extra_fields)} needs data.source='cache' (random "
-                                     f"latents have no fields)")
+        for name in d.get("extra_fields", ()):
+            if name in RESERVED_BATCH_KEYS:
+                raise errors.ConfigError(f"data.extra_fields: {name!r} is a batch entry of its own "
+                                         f"({', '.join(RESERVED_BATCH_KEYS)}); name other fields")
         if d.get("weight_field", ""):
             raise ValueError(f"data.weight_field={d.weight_field!r} needs data.source='cache' (random latents have no fields)")
+        # extra fields as abstract_step assumes them: '*latents' latent-shaped, others one number per example
         return random_latents.RandomLatentBatches(seed, d.batch_size, d.random_latent_shape, d.random_text_shape,
-                                   jax.process_index(), n_proc)
+                                                  jax.process_index(), n_proc, d.get("extra_fields", ()))
     if d.source != "cache":
         raise ValueError(f"unknown data.source {d.source!r}; expected 'cache' or 'random'")
     if not d.cache_dir:

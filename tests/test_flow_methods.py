@@ -128,6 +128,29 @@ def test_extra_fields_missing_field_is_one_line_error(pair_cache):
         dit_setup.host_batches(d, 0)
 
 
+def test_random_source_extra_fields_leave_the_other_entries_and_match_the_abstract_batch():
+    # smoke and speed runs of Flow-DPO / Flow-RWR at real size need no files: the random source draws the
+    # extra fields after latents and text, so the same seed gives the same latents and text with or without them
+    d = dit_setup.data_section()
+    d.source, d.batch_size, d.random_latent_shape, d.random_text_shape = "random", 4, SHAPE, TEXT
+    plain = next(dit_setup.host_batches(d, 3))
+    d.extra_fields = ("loser_latents", "reward")
+    batch = next(dit_setup.host_batches(d, 3))
+    np.testing.assert_array_equal(batch["latents"], plain["latents"])
+    np.testing.assert_array_equal(batch["context"], plain["context"])
+    assert batch["loser_latents"].shape == batch["latents"].shape and batch["reward"].shape == (4,)
+    assert not np.allclose(batch["loser_latents"], batch["latents"])
+    cfg = flow_rwr.default_config()
+    cfg.data.source, cfg.data.batch_size, cfg.data.extra_fields = "random", 4, ("loser_latents", "reward")
+    ab = dit_setup.abstract_step(cfg, flow_rwr.make_loss(cfg), devices=jax.devices()[:1], latent_shape=SHAPE,
+                                 text_shape=TEXT)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in ab.batch.items()} == \
+        {k: (v.shape, v.dtype) for k, v in batch.items()}
+    d.extra_fields = ("context",)
+    with pytest.raises(ConfigError, match="data.extra_fields"):
+        dit_setup.host_batches(d, 0)
+
+
 def test_extra_fields_are_normalised_like_latents(pair_cache):
     cache_dir, win, lose = pair_cache
     d = dit_setup.data_section()
