@@ -497,6 +497,8 @@ class Setup:
     param_shardings: Any             # shardings of ``params`` (for copies of them, e.g. a frozen reference)
 
 
+# A loss may carry ``loss_fn.prepare_batch(batch, frozen) -> batch``: run on the whole global batch before the
+# microbatch split (shelllcc.training.step.make_train_step), for what it normalises over the batch.
 MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
 
 
@@ -527,7 +529,8 @@ def step_parts(config, make_loss: MakeLoss, mesh, rules, graphdef, trainable, fr
     loss_fn, extra_frozen, extra_sh = make_loss(Setup(graphdef, params, frozen_pure, mesh, param_sh))
     frozen_sh = {"model": frozen_model_sh, **extra_sh}
     state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
-    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k), state_sh, mesh)
+    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k, getattr(loss_fn, "prepare_batch", None)),
+                          state_sh, mesh)
     return StepParts(params, frozen_pure, optimizer, param_sh, frozen_sh, extra_frozen, state_sh, step)
 
 

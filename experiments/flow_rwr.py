@@ -11,9 +11,10 @@ minimises (``objectives.flow_rwr_objective``)::
 
 The paper's weight is ``exp(r / beta)`` with beta unspecified; the temperature knob is that beta, and the
 normalisation over the batch (the softmax) is ours: it keeps the loss on the flow-matching loss's scale and
-independent of the rewards' offset. The batch is the step's batch, or one microbatch with
-``train.microbatch_size`` (the weights are then normalised per microbatch). Resuming with another
-``rwr.temperature`` is refused (the frozen input ``rwr_temperature``). ``flow.text_dropout`` keeps the
+independent of the rewards' offset. The batch is the step's whole global batch, also with
+``train.microbatch_size``: the step computes the weights before it splits the batch (``loss_fn.prepare_batch``),
+so that one example per pass does not make every weight 1. Resuming with another ``rwr.temperature`` is
+refused, naming it. ``flow.text_dropout`` keeps the
 null-prompt training of the base as in ``sft``.
 """
 
@@ -31,6 +32,7 @@ from shelllcc.flow import objectives
 from shelllcc.flow.timesteps import sample_training_sigmas
 
 REWARD_FIELD = "reward"
+WEIGHT_ENTRY = "rwr_weight"       # the batch entry the step adds: B softmax(r / T) over the global batch
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -72,7 +74,15 @@ def make_loss(config: ml_collections.ConfigDict):
             eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
             context = objectives.drop_text(jax.random.fold_in(key, 2), batch["context"], dropout)
             return objectives.flow_rwr_objective(model, x0, eps, context, batch[REWARD_FIELD], k_s,
-                                                 temperature=frozen["rwr_temperature"], sigma_sampler=sampler)
+                                                 temperature=frozen["rwr_temperature"], sigma_sampler=sampler,
+                                                 weights=batch.get(WEIGHT_ENTRY))
+
+        def prepare_batch(batch, frozen):
+            # the weights over the whole global batch, before the step splits it into microbatches: else
+            # each microbatch would normalise alone (one example per pass: every weight 1, plain flow matching)
+            return {**batch, WEIGHT_ENTRY: objectives.flow_rwr_weights(batch[REWARD_FIELD], frozen["rwr_temperature"])}
+
+        loss_fn.prepare_batch = prepare_batch
         # an input, not a constant: temperatures share one compilation, and dit_setup.resume_settings
         # records its hash, so a resume with another temperature is refused
         return (loss_fn, {"rwr_temperature": jnp.asarray(temperature, jnp.float32)},

@@ -241,6 +241,14 @@ def test_flow_rwr_loss_of_the_experiment(tmp_path, base_model_dir):
     w = np.exp(r - r.max())
     np.testing.assert_allclose(float(loss), np.sum(w / w.sum() * err), rtol=1e-5)
     np.testing.assert_allclose(float(m["sft"]), err.mean(), rtol=1e-5)
+    # in microbatches (rows i, i + 2, ... as the step splits them) with the weights of the whole batch
+    # (the step's prepare_batch), the mean of the microbatches' losses is the whole batch's loss
+    ws = np.asarray(objectives.flow_rwr_weights(batch["reward"], 0.5))
+    np.testing.assert_allclose(ws, 8 * w / w.sum(), rtol=1e-5)
+    halves = [objectives.flow_rwr_objective(model, batch["latents"][j::2], eps[j::2], batch["context"][j::2],
+                                            batch["reward"][j::2], None, temperature=0.5, s=s[j::2],
+                                            weights=ws[j::2])[0] for j in (0, 1)]
+    np.testing.assert_allclose(np.mean(halves), np.sum(w / w.sum() * err), rtol=1e-5)
     loss, m = loss_fn({**batch, "reward": jnp.full((8,), 0.3)}, key)
     np.testing.assert_allclose(float(loss), err.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(m["ess"]), 1.0, rtol=1e-6)
@@ -381,3 +389,33 @@ def test_make_pairs_skips_ties_within_the_margin():
     ctx = np.zeros((2, 5, 3), np.float32)
     ctx[0, :2], ctx[1, 3] = 1.0, 1.0                 # a zero token inside the prompt counts towards its length
     np.testing.assert_array_equal(score_samples.text_lengths(ctx), [2, 4])
+
+
+def test_prepare_batch_runs_on_the_whole_batch_before_the_microbatch_split():
+    """make_train_step's prepare_batch: batch-normalised weights give the same loss and update with 1 or 4
+    microbatches (a per-microbatch softmax would not)."""
+    import optax
+
+    from shelllcc.training import train_state as ts
+    from shelllcc.training.step import make_train_step
+
+    rng = np.random.default_rng(0)
+    x, r = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32), jnp.asarray(rng.standard_normal(8), jnp.float32)
+
+    def loss_fn(params, frozen, batch, key):
+        err = jnp.sum(jnp.square(batch["x"] @ params["w"] - 1.0), axis=-1)
+        loss = jnp.mean(batch["weight"] * err)
+        return loss, {"loss": loss}
+
+    def prepare(batch, frozen):
+        return {**batch, "weight": objectives.flow_rwr_weights(batch["r"], 0.5)}
+
+    opt = optax.sgd(0.1)
+    params = {"w": jnp.ones((3, 2), jnp.float32)}
+    out = {k: jax.jit(make_train_step(loss_fn, opt, lambda s: 0.1, k, prepare))(
+        ts.create(params, opt), {"x": x, "r": r}, jax.random.PRNGKey(0)) for k in (1, 4)}
+    np.testing.assert_allclose(out[4][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out[4][0].params["w"], out[1][0].params["w"], rtol=1e-6)
+    p = np.exp(np.asarray(r, np.float64) / 0.5)
+    err = np.sum((np.asarray(x, np.float64) @ np.ones((3, 2)) - 1.0) ** 2, axis=-1)
+    np.testing.assert_allclose(out[4][1]["loss"], np.sum(p / p.sum() * err), rtol=1e-5)

@@ -284,21 +284,36 @@ def flow_rwr_loss(errors, rewards, temperature: float):
     return jnp.sum(w * jnp.asarray(errors, jnp.float32))
 
 
+def flow_rwr_weights(rewards, temperature) -> jax.Array:
+    """Flow-RWR's weights scaled to mean 1 over the batch: ``B softmax(r / temperature)`` ``[B]`` (no gradient).
+
+    With these, ``mean_i(w_i err_i)`` is :func:`flow_rwr_loss`; computed on the whole batch before a microbatch
+    split, the mean of the microbatches' means is still the whole batch's softmax-weighted loss."""
+    r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+    return r.shape[0] * jax.nn.softmax(r / jnp.asarray(temperature, jnp.float32))
+
+
 def flow_rwr_objective(velocity_fn: VelocityFn, x0, eps, context, rewards, key, *, temperature: float,
-                       sigma_sampler: SigmaSampler | None = None, s=None):
+                       sigma_sampler: SigmaSampler | None = None, s=None, weights=None):
     """Flow-RWR on a batch: ``s`` as in :func:`sft_loss`, ``err = velocity_errors(...)``, the loss
-    :func:`flow_rwr_loss`. Returns ``(loss, metrics)``: ``loss``, ``sft`` (the unweighted mean error),
-    ``weight_max`` (the largest softmax weight), ``ess`` (the effective sample size ``1 / sum w^2`` as a
-    share of the batch: 1 with equal weights), ``reward_mean``, ``s_mean``, ``s_min``, ``s_max``."""
+    :func:`flow_rwr_loss`, or ``mean(weights * err)`` with ``weights`` from :func:`flow_rwr_weights` of the
+    whole batch when this batch is a microbatch of it. Returns ``(loss, metrics)``: ``loss``, ``sft`` (the
+    unweighted mean error), ``weight_max`` (the largest softmax weight of this batch's rows), ``ess`` (the
+    effective sample size ``1 / sum p^2`` as a share of the batch, ``p`` the softmax weights: 1 with equal
+    weights; of this batch's weights), ``reward_mean``, ``s_mean``, ``s_min``, ``s_max``."""
     s = _noise_levels(key, s, x0.shape[0], 0.0, 1.0, sigma_sampler)
     err = velocity_errors(velocity_fn, x0, eps, context, s)
-    loss = flow_rwr_loss(err, rewards, temperature)
-    w = jax.nn.softmax(jnp.asarray(rewards, jnp.float32) / jnp.asarray(temperature, jnp.float32))
-    metrics = {"loss": loss, "sft": jnp.mean(err), "weight_max": jnp.max(w),
-               "ess": 1.0 / (jnp.sum(jnp.square(w)) * x0.shape[0]),
+    if weights is None:
+        loss = flow_rwr_loss(err, rewards, temperature)
+        weights = flow_rwr_weights(rewards, temperature)
+    else:
+        loss = jnp.mean(jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32)) * err)
+    p = weights / jnp.sum(weights)
+    metrics = {"loss": loss, "sft": jnp.mean(err), "weight_max": jnp.max(weights) / weights.shape[0],
+               "ess": 1.0 / (jnp.sum(jnp.square(p)) * x0.shape[0]),
                "reward_mean": jnp.mean(jnp.asarray(rewards, jnp.float32)), **_s_metrics(s)}
     return loss, metrics
 
 
-__all__ = ["flow_dpo_loss", "flow_dpo_objective", "flow_rwr_loss", "flow_rwr_objective", "velocity_errors",
+__all__ = ["flow_dpo_loss", "flow_dpo_objective", "flow_rwr_loss", "flow_rwr_objective", "flow_rwr_weights", "velocity_errors",
            "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]

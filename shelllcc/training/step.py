@@ -25,17 +25,21 @@ def _split_microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: LossFn, optimizer, schedule, microbatches: int = 1):
+def make_train_step(loss_fn: LossFn, optimizer, schedule, microbatches: int = 1, prepare_batch=None):
     """``(state, batch, rng) -> (state, metrics)`` from ``loss_fn(params, frozen, batch, key) -> (loss, metrics)``.
 
     The step's key is ``fold_in(rng, state.step)`` (the same on every device and on resume).
     ``microbatches = k > 1`` accumulates gradients over ``k`` slices of the batch in a ``lax.scan``
-    (loss, gradient and metrics are their means), then makes one update.
+    (loss, gradient and metrics are their means), then makes one update. ``prepare_batch(batch, frozen)
+    -> batch`` runs on the whole global batch before the split: what a loss normalises over the batch
+    (Flow-RWR's weights) is then the same with or without microbatches.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: ts.TrainState, batch: dict, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
+        if prepare_batch is not None:
+            batch = prepare_batch(batch, state.frozen)
         if microbatches == 1:
             (loss, metrics), grads = grad_fn(state.params, state.frozen, batch, key)
         else:
