@@ -41,7 +41,8 @@ from experiments.config_checks import check_config
 from experiments.overrides import apply_overrides
 from shelllcc.errors import UserError
 
-EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline")
+EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline",
+               "train_reward_model")
 DONE_FILE = "DONE"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py[:arg].",
