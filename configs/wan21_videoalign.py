@@ -14,7 +14,12 @@ ARG (paths left empty; ``--config.*`` flags give them):
   (``rwr.temperature`` 0.5 is ours, on the reward model's logit scale), weights softmax(r / T) over the
   whole batch of 64 (computed before the microbatch split);
 * ``guided``: ``wan21_pipeline.py:sample`` with Flow-NRG reward guidance from the noise-aware reward model
-  (``sampler.guidance``; weight 1 per dimension: the paper's Table 6 weights are not available here).
+  (``sampler.guidance``; weight 1 per dimension: the paper's Table 6 weights are not available here);
+* ``reward_model``: ``train_reward_model`` on pair caches of Wan latents (``shelllcc.data.preference_cache``:
+  both clips through the Wan2.1 VAE, normalised with its statistics; umT5 text): the first 8 of the 1.3B
+  DiT's 30 blocks (the paper takes "the first blocks" without a number: 8 is ours) with LoRA, three query
+  tokens, BTT (theta 5), t ~ U[0, 1); LoRA r 64 / alpha 128, lr 2e-6, batch 32 are the settings VideoAlign
+  released for its VLM reward model, taken over here (their latent model's are unpublished).
 
 One epoch of Flow-DPO is ``pairs / 64`` steps: set ``--config.train.steps`` from the pair count that
 ``score`` prints. Each pass runs one pair (``train.microbatch_size`` 1: the winner and the loser through the
@@ -31,9 +36,9 @@ The caches hold latents in the DiT's normalised space (the sampler's output), so
 """
 
 from configs import wan21_pipeline
-from experiments import flow_dpo, flow_rwr, sample, score_samples
+from experiments import flow_dpo, flow_rwr, sample, score_samples, train_reward_model
 
-ARGS = ("score", "flow_dpo", "flow_dpo_t", "flow_rwr", "guided")
+ARGS = ("score", "flow_dpo", "flow_dpo_t", "flow_rwr", "guided", "reward_model")
 
 
 def _model(m) -> None:
@@ -57,6 +62,19 @@ def get_config(arg: str | None = None):
     arg = arg or "flow_dpo"
     if arg not in ARGS:
         raise ValueError(f"unknown wan21_videoalign config arg {arg!r}; expected one of {ARGS}")
+    if arg == "reward_model":
+        c = train_reward_model.default_config()
+        _model(c.model)
+        c.model.scan_layers = False            # the reward model runs its few blocks one by one
+        r = c.reward_model
+        r.num_blocks, r.backbone, r.loss, r.theta, r.t_max = 8, "lora", "btt", 5.0, 1.0
+        c.lora.rank, c.lora.alpha = 64, 128.0
+        c.optim.learning_rate, c.optim.grad_clip = 2e-6, 1.0
+        c.data.batch_size = 32
+        c.train.microbatch_size, c.train.steps = 1, 1000
+        c.train.log_every, c.train.checkpoint_every = 10, 200
+        c.eval.batch_size = 4
+        return c
     if arg in ("score", "guided"):
         c = score_samples.default_config() if arg == "score" else sample.default_config()
         _sampling(c)

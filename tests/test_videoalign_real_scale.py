@@ -9,10 +9,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from configs import wan21_pipeline, wan21_videoalign
 from experiments import dit_setup, flow_dpo, flow_rwr
+from shelllcc.models.wan_transformer import WanTransformer
+from shelllcc.rewards import reward_model as rm
+from shelllcc.training import lora as lora_lib
 
 LATENTS, TEXT = wan21_pipeline.LATENT_SHAPE, wan21_pipeline.TEXT_SHAPE
 LORA_1_3B_R64 = 8 * 30 * 64 * (1536 + 1536)      # rank 64 on q, k, v, o of both attentions in 30 blocks
@@ -65,3 +69,28 @@ def test_train_step_traces_at_81x480x832(arg):
     expected = {"accuracy", "margin", "err_ref_w"} if arg == "flow_dpo" else {"ess", "weight_max", "sft"}
     assert expected | {"loss", "grad_norm"} <= set(metrics)
     assert all(m.shape == () and m.dtype == jnp.float32 for m in metrics.values())
+
+
+def test_reward_model_on_the_first_blocks_of_the_1_3b_dit_traces():
+    """configs/wan21_videoalign.py:reward_model: the first 8 of 30 blocks with LoRA r 64 and the readout,
+    built from nnx.eval_shape; its BTT loss on one pair of 81 x 480 x 832 latents traced."""
+    c = parse("reward_model", "--config.model.attention_impl=xla", "--config.data.train=pairs/train")
+    r = c.reward_model
+    cfg = dit_setup.transformer_config(c.model)
+
+    def build():
+        model = rm.LatentRewardModel(WanTransformer(cfg, rngs=nnx.Rngs(0)), r.num_blocks, rngs=nnx.Rngs(r.seed))
+        lora_lib.apply_lora(model, rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets),
+                            rngs=nnx.Rngs(1))
+        return nnx.split(model, rm.trainable_filter(r.backbone), ...)
+
+    graphdef, trainable, frozen = nnx.eval_shape(build)
+    n_lora = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(trainable))
+                 if "lora" in jax.tree_util.keystr(p))
+    assert n_lora == 8 * 8 * 64 * (1536 + 1536)            # q, k, v, o of both attentions in 8 blocks
+    loss_fn = rm.make_loss_fn(graphdef, r.loss, r.t_max, r.theta)
+    pair = {"z_a": jax.ShapeDtypeStruct((1, *LATENTS), jnp.float32), "z_b": jax.ShapeDtypeStruct((1, *LATENTS), jnp.float32),
+            "context": jax.ShapeDtypeStruct((1, *TEXT), jnp.float32), "labels": jax.ShapeDtypeStruct((1, 3), jnp.int32)}
+    loss, metrics = jax.eval_shape(loss_fn, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), pair,
+                                   jax.ShapeDtypeStruct((2,), jnp.uint32))
+    assert loss.shape == () and loss.dtype == jnp.float32 and "acc_without_ties" in metrics
