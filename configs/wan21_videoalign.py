@@ -15,6 +15,8 @@ ARG (paths left empty; ``--config.*`` flags give them):
   whole batch of 64 (computed before the microbatch split);
 * ``guided``: ``wan21_pipeline.py:sample`` with Flow-NRG reward guidance from the noise-aware reward model
   (``sampler.guidance``; weight 1 per dimension: the paper's Table 6 weights are not available here);
+* ``sft``: the control row: plain flow matching on the Flow-RWR cache (every scored clip, unweighted) with the
+  same LoRA, optimizer, batch and steps as Flow-DPO and Flow-RWR;
 * ``reward_model``: ``train_reward_model`` on pair caches of Wan latents (``shelllcc.data.preference_cache``:
   both clips through the Wan2.1 VAE, normalised with its statistics; umT5 text): the first 8 of the 1.3B
   DiT's 30 blocks (the paper takes "the first blocks" without a number: 8 is ours) with LoRA, three query
@@ -36,9 +38,9 @@ The caches hold latents in the DiT's normalised space (the sampler's output), so
 """
 
 from configs import wan21_pipeline
-from experiments import flow_dpo, flow_rwr, sample, score_samples, train_reward_model
+from experiments import flow_dpo, flow_rwr, sample, score_samples, sft, train_reward_model
 
-ARGS = ("score", "flow_dpo", "flow_dpo_t", "flow_rwr", "guided", "reward_model")
+ARGS = ("score", "flow_dpo", "flow_dpo_t", "flow_rwr", "sft", "guided", "reward_model")
 
 
 def _model(m) -> None:
@@ -85,7 +87,7 @@ def get_config(arg: str | None = None):
             g = c.sampler.guidance
             g.kind, g.weight, g.dimension_weights = "reward_model", 1.0, (1.0, 1.0, 1.0)
         return c
-    c = flow_dpo.default_config() if arg != "flow_rwr" else flow_rwr.default_config()
+    c = {"flow_rwr": flow_rwr.default_config, "sft": sft.default_config}.get(arg, flow_dpo.default_config)()
     _model(c.model)
     c.lora.rank, c.lora.alpha = 64, 128.0
     c.optim.learning_rate, c.optim.schedule, c.optim.grad_clip = 5e-6, "constant", 1.0
@@ -95,6 +97,6 @@ def get_config(arg: str | None = None):
     c.train.log_every, c.train.checkpoint_every, c.train.keep_checkpoints = 5, 50, 3
     if arg == "flow_rwr":
         c.rwr.temperature = 0.5
-    else:
+    elif arg != "sft":
         c.dpo.beta, c.dpo.time_dependent = 500.0, arg == "flow_dpo_t"
     return c

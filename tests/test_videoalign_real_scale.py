@@ -31,12 +31,14 @@ def parse(arg: str, *extra: str):
 
 
 def test_configs_hold_the_papers_settings():
-    for arg in ("flow_dpo", "flow_dpo_t", "flow_rwr"):
+    for arg in ("flow_dpo", "flow_dpo_t", "flow_rwr", "sft"):
         c = parse(arg, "--config.data.cache_dir=runs/va-score/dpo_cache")
         assert (c.lora.rank, c.lora.alpha, c.optim.learning_rate, c.data.batch_size) == (64, 128.0, 5e-6, 64)
         assert c.model.preset == "wan2.1-t2v-1.3b" and c.model.param_dtype == "bfloat16"
         assert c.data.latent_mean == () and c.data.latent_dtype == "bfloat16"   # the caches are normalised latents
-        if arg != "flow_rwr":
+        if arg == "sft":
+            assert c.experiment == "sft"
+        elif arg != "flow_rwr":
             assert (c.dpo.beta, c.dpo.time_dependent) == (500.0, arg == "flow_dpo_t")
             flow_dpo.check_config(c)
         else:
