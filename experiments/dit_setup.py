@@ -525,8 +525,45 @@ def step_parts(config, make_loss: MakeLoss, mesh, rules, graphdef, trainable, fr
     return StepParts(params, frozen_pure, optimizer, param_sh, frozen_sh, extra_frozen, state_sh, step)
 
 
+@dataclasses.dataclass
+class ModelHooks:
+    """What :func:`run_training` trains, beyond the stack it shares (optimizer, step, checkpoints, loop):
+    the DiT by default (:func:`dit_hooks`); another model (e.g. the latent reward model of
+    ``train_reward_model``) gives its own. Each takes the run's config."""
+
+    what: str                                              # for the progress lines, e.g. "the DiT"
+    build: Callable[[Any, Any, Any], LoadedModel]          # (config, mesh, rules) -> the placed model
+    split: Callable[[nnx.Module, Any], tuple]              # (model, config) -> (graphdef, trainable, frozen)
+    batches: Callable[[Any], Any]                          # config -> host batch iterator (get/set_state)
+    export: Callable[[nnx.Module, Any, str, dict], str]    # (trained model, config, workdir, extra) -> dir
+    frozen_sources: Callable[[Any], dict]                  # config -> where the non-checkpointed weights come from
+    resume_settings: Callable[[Any, nnx.Module, dict], dict]   # (config, model, extra_frozen) -> must-match settings
+    describe: Callable[[Any], str]                         # config -> what is trained, e.g. "LoRA rank 8"
+
+
+def _export_dit(model, config, workdir: str, extra: dict) -> str:
+    if config.lora.rank:
+        lora_lib.merge_lora(model)
+    return saving.save_model(os.path.join(workdir, MODEL_DIR), model, extra=extra)
+
+
+def dit_hooks() -> ModelHooks:
+    """The DiT experiments' hooks (``sft``, ``reward_finetune``): what run_training did before hooks existed."""
+    return ModelHooks(
+        what="the DiT",
+        build=lambda config, mesh, rules: build_model(config.model, mesh, rules),
+        split=lambda model, config: split_trainable(model, config.lora, config.seed),
+        batches=lambda config: host_batches(config.data, config.seed),
+        export=_export_dit,
+        frozen_sources=frozen_sources,
+        resume_settings=lambda config, model, extra: resume_settings(config, model.config, extra),
+        describe=lambda config: (f"LoRA rank {config.lora.rank} (alpha {config.lora.alpha})" if config.lora.rank
+                                 else "full fine-tuning"))
+
+
 def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: MakeLoss,
-                 on_eval: Callable[[int, nnx.Module], None] | None = None) -> ts.TrainState:
+                 on_eval: Callable[[int, nnx.Module], None] | None = None,
+                 hooks: ModelHooks | None = None) -> ts.TrainState:
     """Build model, data, optimizer and step for a DiT experiment, restore the latest checkpoint if any,
     train, and export the final (LoRA-merged) model to ``workdir/model``.
 
@@ -536,7 +573,11 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     ``make_loss(setup) -> (loss_fn, extra_frozen, extra_frozen_shardings)``: the experiment's loss and any
     frozen inputs it needs (a manifold, a reference model) with their shardings; they are placed in
     ``state.frozen`` next to ``"model"``.
+
+    ``hooks`` (default :func:`dit_hooks`): which model is built, split, fed and exported; everything else
+    (optimizer, sharded step, checkpoints with exact resume, SIGTERM, metrics) is the same for every model.
     """
+    hooks = hooks or dit_hooks()
 
     mesh = make_mesh(config.mesh)
     rules = sharding_rules(config)
@@ -545,19 +586,19 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
           f"mesh {dict(mesh.shape)}; global batch {config.data.batch_size}"
           + (f" in {k} microbatches" if k > 1 else ""), flush=True)
 
-    print("building the DiT ...", flush=True)
-    loaded = build_model(config.model, mesh, rules)
-    graphdef, trainable, frozen_model = split_trainable(loaded.model, config.lora, config.seed)
+    print(f"building {hooks.what} ...", flush=True)
+    loaded = hooks.build(config, mesh, rules)
+    graphdef, trainable, frozen_model = hooks.split(loaded.model, config)
     parts = step_parts(config, make_loss, mesh, rules, graphdef, trainable, frozen_model)
     params, frozen_pure, optimizer = parts.params, parts.frozen_pure, parts.optimizer
     param_sh, state_sh, step_fn = parts.param_sh, parts.state_sh, parts.step
     frozen, frozen_sh = {"model": frozen_pure, **parts.extra_frozen}, parts.frozen_sh
     abstract = jax.eval_shape(lambda p: ts.create(p, optimizer), params)
-    resume = resume_settings(config, loaded.model.config, parts.extra_frozen)
+    resume = hooks.resume_settings(config, loaded.model, parts.extra_frozen)
 
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen_pure))
-    what = f"LoRA rank {config.lora.rank} (alpha {config.lora.alpha})" if config.lora.rank else "full fine-tuning"
+    what = hooks.describe(config)
     print(f"model: {loaded.source}; {what}: {n_train:,} trainable, {n_frozen:,} frozen parameters", flush=True)
     if jax.process_index() == 0:
         overview = describe_params(params)
@@ -568,7 +609,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
                                                                     f"full table in parameters.txt) ..."] + lines[-20:]),
               flush=True)
 
-    host_iter = host_batches(config.data, config.seed)      # bad data settings stop the run before any file
+    host_iter = hooks.batches(config)      # bad data settings stop the run before any file
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                                     asynchronous=config.train.async_checkpoints)
     rep = parallel.replicated(mesh)
@@ -579,7 +620,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
     def resume_from(step):
         # before the arrays: a changed setting is named, not reported as a shape the restore cannot match
         saved = ckpt.meta(step)
-        check_frozen_sources(saved.get("frozen_sources"), frozen_sources(config), ckpt.directory)
+        check_frozen_sources(saved.get("frozen_sources"), hooks.frozen_sources(config), ckpt.directory)
         checkpoints.check_resume_settings(saved.get("resume_settings"), resume, f"{ckpt.directory} (step {step})")
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               ts.checkpoint_items(abstract), ts.checkpoint_items(state_sh))
@@ -609,7 +650,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
         with checkpoints.PreemptionGuard() as guard:
             state = loop.train(step_fn, state, rng, batches, settings=settings, checkpointer=ckpt, writer=writer,
                                guard=guard, data_state=batches.get_state, meta={"experiment": config.experiment,
-                                                                         "frozen_sources": frozen_sources(config),
+                                                                         "frozen_sources": hooks.frozen_sources(config),
                                                                          "resume_settings": resume},
                                on_eval=hook)
     finally:
@@ -618,11 +659,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_loss: Mak
         writer.close()
     skipped = int(jax.device_get(state.skipped))
     model = nnx.merge(graphdef, state.params, state.frozen["model"])
-    if config.lora.rank:
-        lora_lib.merge_lora(model)
-    out = saving.save_model(os.path.join(workdir, MODEL_DIR), model,
-                            extra={"experiment": config.experiment, "steps": config.train.steps,
-                                   "skipped_updates": skipped})
+    out = hooks.export(model, config, workdir, {"experiment": config.experiment, "steps": config.train.steps,
+                                                "skipped_updates": skipped})
     print(f"exported the trained model to {out}; non-finite updates skipped: {skipped}", flush=True)
     return state
 

@@ -81,7 +81,9 @@ WRITER_OPTIONS = "group_size:1"
 # The fields of cache.json that must match for a run to resume into an existing directory.
 _RESUME_KEYS = ("format_version", "num_examples", "shard_size", "batch_size", "num_shards", "keep_fields",
                 "video_key", "caption_key", "latent_dtype", "trim_text", "video_encoder", "text_encoder",
-                "source_description")
+                "source_description", "latent_fields")
+# what a cache written before a key existed holds for it
+_RESUME_DEFAULTS = {"latent_fields": ["latents"]}
 
 VideoEncoder = Callable[[np.ndarray], Any]
 TextEncoderFn = Callable[[list], tuple]
@@ -299,7 +301,7 @@ def encode_to_cache(
     batch_size: int,
     shard_size: int,
     keep_fields: Sequence[str] = ("index",),
-    video_key: str = "video",
+    video_key: str | Sequence[str] = "video",
     caption_key: str = "caption",
     latent_dtype: Any = None,
     trim_text: bool = True,
@@ -307,6 +309,7 @@ def encode_to_cache(
     text_encoder_description: str | None = None,
     source_description: str = "",
     progress: bool = True,
+    latent_fields: Sequence[str] = ("latents",),
 ) -> dict:
     """Encode every example of ``source`` into a latent cache in ``out_dir`` (module doc); resumable.
 
@@ -325,7 +328,11 @@ def encode_to_cache(
         ``batch_size`` to avoid wasted work.
       shard_size: examples per output file (the unit of resumption).
       keep_fields: source fields copied into each record unchanged (e.g. ``"index"``, labels).
-      video_key, caption_key: names of the clip and caption fields in the source.
+      video_key, caption_key: names of the clip and caption fields in the source. ``video_key`` may be a
+        tuple of several clip fields (e.g. the two clips of a preference pair), each encoded with
+        ``encode_video`` and stored under the matching entry of ``latent_fields``.
+      latent_fields: the record fields of the latents, one per ``video_key`` (default ``("latents",)``;
+        a pair cache: ``("z_a", "z_b")``). ``latent_dtype`` and the reader's conversion apply to each.
       latent_dtype: storage dtype of the latents (e.g. ``"bfloat16"`` halves the cache); ``None``
         stores what ``encode_video`` returns.
       trim_text: store text embeddings only up to each caption's length (module doc).
@@ -349,7 +356,11 @@ def encode_to_cache(
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size}, {shard_size}")
     keep_fields = tuple(keep_fields)
-    reserved = {"latents", "text_embeddings", "text_length", "caption", "source_index"}
+    video_keys = (video_key,) if isinstance(video_key, str) else tuple(video_key)
+    latent_fields = tuple(latent_fields)
+    if len(video_keys) != len(latent_fields) or len(set(latent_fields)) != len(latent_fields):
+        raise ValueError(f"video_key {video_keys} and latent_fields {latent_fields} must pair up one to one")
+    reserved = {"text_embeddings", "text_length", "caption", "source_index", *latent_fields}
     if reserved & set(keep_fields):
         raise ValueError(f"keep_fields may not include the reserved names {sorted(reserved & set(keep_fields))}")
     num_shards = -(-n // shard_size)
@@ -366,13 +377,14 @@ def encode_to_cache(
     with DirectoryLock(out_dir, what="latent cache"):
         return _encode_locked(source, out_dir, n=n, num_shards=num_shards, encode_video=encode_video,
                               encode_text=encode_text, batch_size=batch_size, shard_size=shard_size,
-                              keep_fields=keep_fields, video_key=video_key, caption_key=caption_key,
+                              keep_fields=keep_fields, video_key=video_keys, caption_key=caption_key,
+                              latent_fields=latent_fields,
                               latent_dtype=latent_dtype, trim_text=trim_text, video_desc=video_desc,
                               text_desc=text_desc, source_description=source_description, progress=progress)
 
 
 def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text, batch_size, shard_size, keep_fields,
-                   video_key, caption_key, latent_dtype, trim_text, video_desc, text_desc, source_description,
+                   video_key, caption_key, latent_fields, latent_dtype, trim_text, video_desc, text_desc, source_description,
                    progress) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -380,14 +392,16 @@ def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text,
     spec = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "num_examples": n, "shard_size": shard_size,
         "batch_size": batch_size, "num_shards": num_shards, "keep_fields": list(keep_fields),
-        "video_key": video_key, "caption_key": caption_key, "latent_dtype": latent_dtype,
+        # one clip field: stored as a string, as caches of before several fields
+        "video_key": video_key[0] if len(video_key) == 1 else list(video_key), "caption_key": caption_key,
+        "latent_dtype": latent_dtype,
         "trim_text": bool(trim_text), "video_encoder": video_desc, "text_encoder": text_desc,
-        "source_description": source_description,
+        "source_description": source_description, "latent_fields": list(latent_fields),
     }
     if os.path.exists(json_path):
         info = _read_cache_json(json_path)
-        diffs = [f"{k}: cache has {info.get(k)!r}, this run {spec[k]!r}" for k in _RESUME_KEYS
-                 if info.get(k) != spec[k]]
+        diffs = [f"{k}: cache has {info.get(k, _RESUME_DEFAULTS.get(k))!r}, this run {spec[k]!r}" for k in _RESUME_KEYS
+                 if info.get(k, _RESUME_DEFAULTS.get(k)) != spec[k]]
         if diffs:
             raise ValueError(f"cannot resume into {out_dir!r}: it holds a cache made with different settings "
                              f"({'; '.join(diffs)}). Use another directory or delete this one.")
@@ -437,16 +451,16 @@ def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text,
 
             real = len(examples)
             padded = examples + [examples[-1]] * (batch_size - real)
-            videos = np.stack([np.asarray(e[video_key]) for e in padded])
             captions = [_as_text(e[caption_key]) for e in padded]
-            latents = np.asarray(encode_video(videos))[:real]
+            encoded = {}
+            for key, field in zip(video_key, latent_fields):
+                lat = np.asarray(encode_video(np.stack([np.asarray(e[key]) for e in padded])))[:real]
+                encoded[field] = lat.astype(_dtype_from_name(latent_dtype)) if latent_dtype is not None else lat
             emb, lengths = encode_text(captions)
             emb, lengths = np.asarray(emb)[:real], np.asarray(lengths).astype(np.int32)[:real]
-            if latent_dtype is not None:
-                latents = latents.astype(_dtype_from_name(latent_dtype))
-            if latents.shape[0] != real or emb.shape[0] != real or lengths.shape != (real,):
-                raise ValueError(f"encoders returned inconsistent batch sizes: latents {latents.shape}, "
-                                 f"text embeddings {emb.shape}, lengths {lengths.shape}")
+            if any(v.shape[0] != real for v in encoded.values()) or emb.shape[0] != real or lengths.shape != (real,):
+                raise ValueError(f"encoders returned inconsistent batch sizes: latents "
+                                 f"{[v.shape for v in encoded.values()]}, text embeddings {emb.shape}, lengths {lengths.shape}")
 
             for j in range(real):
                 ln = int(lengths[j])
@@ -456,8 +470,8 @@ def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text,
                         raise ValueError(f"text embedding of example {idx[j]} ({captions[j]!r:.60}) is non-zero "
                                          f"past its length {ln}; cannot trim it (pass trim_text=False)")
                     text = text[:ln]
-                record = {"latents": latents[j], "text_embeddings": text, "text_length": np.int32(ln),
-                          "caption": captions[j], "source_index": np.int64(idx[j])}
+                record = {**{f: v[j] for f, v in encoded.items()}, "text_embeddings": text,
+                          "text_length": np.int32(ln), "caption": captions[j], "source_index": np.int64(idx[j])}
                 for field in keep_fields:
                     if field not in examples[j]:
                         raise KeyError(f"keep_fields: example {idx[j]} has no field {field!r} "
@@ -467,7 +481,7 @@ def _encode_locked(source, out_dir, *, n, num_shards, encode_video, encode_text,
                 shard_records += 1
 
             if info["fields"] is None:
-                info["fields"] = {"latents": _describe(latents[0]),
+                info["fields"] = {**{f: _describe(v[0]) for f, v in encoded.items()},
                                   "text_embeddings": {"shape": list(emb.shape[1:]), "dtype": emb.dtype.name},
                                   "text_length": {"shape": [], "dtype": "int32"},
                                   "caption": {"shape": [], "dtype": "str"},
@@ -566,8 +580,9 @@ class LatentCache:
         full = np.zeros(self._text_shape, self._text_dtype)
         full[: emb.shape[0]] = emb
         ex["text_embeddings"] = full
-        lat = ex["latents"]
-        ex["latents"] = lat.astype(self._latent_dtype) if self._latent_dtype is not None else lat.copy()
+        for field in self.info.get("latent_fields", ("latents",)):
+            lat = ex[field]
+            ex[field] = lat.astype(self._latent_dtype) if self._latent_dtype is not None else lat.copy()
         return ex
 
     def _check(self, i: Any) -> int:

@@ -23,28 +23,67 @@ t for both clips of a pair" is **ours**:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shelllcc.models.wan_transformer import Dense, KeyStream, WanTransformer, _layer_norm_f32, convert_layout, rope_tables
+from shelllcc.models import saving
+from shelllcc.models.wan_transformer import (
+    Dense,
+    KeyStream,
+    WanTransformer,
+    WanTransformerConfig,
+    _layer_norm_f32,
+    convert_layout,
+    rope_tables,
+)
 from shelllcc.rewards.preference import bt_loss, btt_loss, regression_loss
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 LOSSES = ("btt", "bt", "regression")
 HEAD_MODULES = ("queries", "readout_q", "readout_k", "readout_v", "readout_o", "head")
+KIND = "latent_reward_model"          # its kind in shelllcc.models.saving (model.json)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig(WanTransformerConfig):
+    """The generator's architecture (``num_layers``: the generator's, of which the first ``num_blocks`` are
+    kept) plus the reward model's own fields; what ``model.json`` stores for a saved reward model."""
+
+    num_blocks: int = 1
+    pooled: bool = False
+
+    def generator_config(self) -> WanTransformerConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(WanTransformerConfig)}
+        return WanTransformerConfig(**fields)
 
 
 class LatentRewardModel(nnx.Module):
-    """``(latents [B, T, H, W, C], timestep [B] in 0..1000, context [B, L, text_dim]) -> rewards [B, 3]``."""
+    """``(latents [B, T, H, W, C], timestep [B] in 0..1000, context [B, L, text_dim]) -> rewards [B, 3]``.
 
-    def __init__(self, generator: WanTransformer, num_blocks: int, *, pooled: bool = False, rngs: nnx.Rngs):
+    Built from a generator (its first ``num_blocks`` blocks are copied) or, when loading a saved one, from
+    a :class:`RewardModelConfig` alone (random weights of that shape, replaced by the saved ones).
+    """
+
+    def __init__(self, generator: WanTransformer | RewardModelConfig, num_blocks: int | None = None, *,
+                 pooled: bool = False, rngs: nnx.Rngs):
+        generator_layers = None
+        if isinstance(generator, RewardModelConfig):
+            num_blocks, pooled, generator_layers = generator.num_blocks, generator.pooled, generator.num_layers
+            # only the kept blocks are built (their shapes do not depend on the generator's depth)
+            gcfg = dataclasses.replace(generator.generator_config(), num_layers=num_blocks, scan_layers=False)
+            generator = WanTransformer(gcfg, rngs=rngs)
         # a copy: the reward model trains its own blocks, the generator keeps its weights
         generator = convert_layout(nnx.clone(generator), scan_layers=False)
-        cfg = self.config = generator.config
-        if not 1 <= num_blocks <= cfg.num_layers:
-            raise ValueError(f"num_blocks must be in 1..{cfg.num_layers}, got {num_blocks}")
-        self.num_blocks, self.pooled = num_blocks, pooled
+        gcfg = generator.config
+        if num_blocks is None or not 1 <= num_blocks <= gcfg.num_layers:
+            raise ValueError(f"num_blocks must be in 1..{gcfg.num_layers} (the generator's layers), got {num_blocks}")
+        fields = {f.name: getattr(gcfg, f.name) for f in dataclasses.fields(WanTransformerConfig)}
+        fields["num_layers"] = generator_layers or gcfg.num_layers
+        cfg = self.config = RewardModelConfig(**fields, num_blocks=int(num_blocks), pooled=bool(pooled))
+        self.num_blocks, self.pooled = int(num_blocks), bool(pooled)
         self.patch_embed, self.time_embed = generator.patch_embed, generator.time_embed
         self.time_proj, self.text_embed = generator.time_proj, generator.text_embed
         self.blocks = nnx.List(list(generator.blocks)[:num_blocks])
@@ -161,5 +200,29 @@ def make_loss_fn(graphdef, kind: str = "btt", t_max: float = 1.0, theta: float =
     return loss_fn
 
 
-__all__ = ["DIMENSIONS", "LOSSES", "LatentRewardModel", "make_loss_fn", "noised", "pair_rewards", "preference_loss",
-           "trainable_filter"]
+saving.register_kind(KIND, LatentRewardModel, RewardModelConfig,
+                     runtime=("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers"))
+
+
+def load_reward_model(path: str, **runtime) -> LatentRewardModel:
+    """A saved reward model: ``path`` is its directory (``model.json`` of kind ``latent_reward_model``) or
+    the workdir of a ``train_reward_model`` run (its ``model/``). ``runtime``: dtypes, attention kernel."""
+    import os
+    d = os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
+    info = saving.read_model_json(d)
+    if info["kind"] != KIND:
+        raise ValueError(f"{d!r} holds a {info['kind']!r} model, not a {KIND} (train one with train_reward_model)")
+    return saving.load_model(d, **runtime)
+
+
+def score(model: LatentRewardModel, latents, timestep, context) -> jax.Array:
+    """Rewards ``[B, 3]`` (VQ, MQ, TA) of normalised latents ``[B, T, H, W, C]`` noised to ``timestep`` (``[B]`` or a
+    scalar in 0..1000, Wan's scale: ``1000 t``) under ``context`` ``[B, L, text_dim]``. Pure: differentiable in
+    ``latents`` (guidance) and jittable with the model as an argument (``nnx.jit``)."""
+    b = latents.shape[0]
+    return model(jnp.asarray(latents, jnp.float32), jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,)),
+                 jnp.asarray(context, jnp.float32))
+
+
+__all__ = ["DIMENSIONS", "KIND", "LOSSES", "LatentRewardModel", "RewardModelConfig", "load_reward_model",
+           "make_loss_fn", "noised", "pair_rewards", "preference_loss", "score", "trainable_filter"]
