@@ -8,9 +8,9 @@ on two CPU cores (``benchmarks/demo_timing.py``).
 
 Args (``--config=configs/demo.py:ARG``):
 
-* ``quick``: a miniature of every stage, models trained here (tens of seconds; the pipeline test), with one
-  row of each method: the control, two Shell-LCC rows, Flow-DPO, Flow-RWR and Flow-NRG guidance from a
-  reward model trained on a handful of preference pairs. Its numbers mean nothing.
+* ``quick``: a miniature of every stage, models trained here (minutes on two CPU cores, mostly compilation;
+  the pipeline test), with one row of each method: the control, two Shell-LCC rows, Flow-DPO, Flow-RWR and
+  Flow-NRG guidance from a reward model trained on a handful of preference pairs. Its numbers mean nothing.
 * ``videoalign``: the default protocol (shipped models) with VideoAlign's rows beside the Shell-LCC ones:
   ``control``, ``flow_dpo``, ``flow_dpo_t``, ``flow_rwr``, ``nrg_reward_model``, ``nrg_shell``, ``shell_norm``,
   ``shell_band``, ``shell``; their prerequisites sized for two CPU cores (150 preference prompts, a
