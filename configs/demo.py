@@ -14,8 +14,9 @@ Args (``--config=configs/demo.py:ARG``):
 * ``videoalign``: the default protocol (shipped models) with VideoAlign's rows beside the Shell-LCC ones:
   ``control``, ``flow_dpo``, ``flow_dpo_t``, ``flow_rwr``, ``nrg_reward_model``, ``nrg_shell``, ``shell_norm``,
   ``shell_band``, ``shell``; their prerequisites sized for two CPU cores (150 preference prompts, a
-  reward model of the base's first 2 blocks trained 150 steps, 48 train prompts x 4 samples scored). About
-  35 minutes on two idle CPU cores (the default's 13 plus about 10 for the prerequisites and 2 per extra row).
+  reward model of the base's first 2 blocks trained 150 steps, 48 train prompts x 4 samples scored).
+  Measured on two CPU cores shared with other work (load 7-14): the prerequisites 15 minutes, a trained row
+  3-5 minutes, six rows about 55 minutes in all (``benchmarks/RESULTS.md``); expect less on an idle machine.
 * ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
   encoder and the base DiT trained here, the base checked on the validation prompts, then all three
   packed into ``pretrained.export_to``. Stops after the classifier.
