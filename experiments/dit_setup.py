@@ -11,6 +11,10 @@ Config sections defined here (each experiment's ``default_config`` includes them
   (``source='random'``: smoke and speed runs, no files).
 * ``mesh``, ``sharding_rules``: the ('data', 'fsdp') mesh and the logical-axis rules for parameters (flax's
   ``nnx.logical_axis_rules``; see :func:`sharding_context`).
+
+:func:`run_training` trains the DiT by default; another model (the latent reward model of
+``train_reward_model``) passes its :class:`ModelHooks` (build, split, batches, export, resume settings) and
+shares the rest of the stack.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=64, shard_size=1024,
     ))
     c.eval = ml_collections.ConfigDict(dict(timesteps=(0.0, 0.25, 0.5, 0.75), n_boot=1000, seed=0, batch_size=64))
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 600, 50, 200
-    c.optim.learning_rate = 1e-4
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = 200, 25, 100
+    c.optim.learning_rate = 3e-4
     return c
 
 
@@ -280,6 +280,7 @@ def evaluate(config, workdir: str, model=None) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     check_config(config)
+    os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
     if config.pairs.build:
         dirs = build_pairs(config, workdir)

@@ -21,6 +21,7 @@ prompt are not independent, so the intervals are somewhat narrow.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -35,29 +36,38 @@ from shelllcc.rewards.preference import accuracy_at, tie_calibrated_accuracy
 DIMENSIONS = ("VQ", "MQ", "TA")
 
 
+@functools.lru_cache(maxsize=8)
+def _pair_diffs_fn(graphdef, seed: int):
+    """One compiled ``(state, z_a, z_b, context, positions, t) -> r(A) - r(B)`` per model structure and seed:
+    ``t`` is an argument, so every noise level and split of a batch size share it."""
+    from shelllcc.rewards.reward_model import pair_rewards
+
+    @jax.jit
+    def diffs(state, z_a, z_b, context, positions, t):
+        m = nnx.merge(graphdef, state)
+        key = jax.random.PRNGKey(seed)
+        eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), z_a.shape[1:], jnp.float32))(positions)
+        r_a, r_b = pair_rewards(m, z_a, z_b, eps, jnp.full((z_a.shape[0],), t, jnp.float32), context)
+        return r_a - r_b
+
+    return diffs
+
+
 def reward_differences(model, pairs: dict[str, np.ndarray], t: float, *, seed: int = 0,
                        batch_size: int = 64) -> np.ndarray:
     """``r(A) - r(B)`` ``[N, 3]`` of every pair of ``pairs`` (``z_a``, ``z_b``, ``context``) at noise level ``t``:
     ``x = (1 - t) z + t eps`` with one ``eps`` per pair (``PRNGKey(seed)`` folded with the pair's position),
     the same for A and B; ``t = 0`` gives the clean latents."""
-    from shelllcc.rewards.reward_model import pair_rewards
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def diffs(state, z_a, z_b, context, positions):
-        m = nnx.merge(graphdef, state)
-        key = jax.random.PRNGKey(seed)
-        eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), z_a.shape[1:], jnp.float32))(positions)
-        tt = jnp.full((z_a.shape[0],), t, jnp.float32)
-        r_a, r_b = pair_rewards(m, z_a, z_b, eps, tt, context)
-        return r_a - r_b
-
+    diffs = _pair_diffs_fn(graphdef, int(seed))
     n = len(pairs["z_a"])
+    batch_size = min(batch_size, n)
     out = []
     for lo in range(0, n, batch_size):
         idx = np.arange(lo, min(lo + batch_size, n))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])     # one compiled shape
-        d = diffs(state, pairs["z_a"][pad], pairs["z_b"][pad], pairs["context"][pad], jnp.asarray(pad, jnp.int32))
+        d = diffs(state, pairs["z_a"][pad], pairs["z_b"][pad], pairs["context"][pad], jnp.asarray(pad, jnp.int32),
+                  jnp.float32(t))
         out.append(np.asarray(d)[: len(idx)])
     return np.concatenate(out).astype(np.float64)
 
