@@ -8,8 +8,15 @@ on two CPU cores (``benchmarks/demo_timing.py``).
 
 Args (``--config=configs/demo.py:ARG``):
 
-* ``quick``: a miniature of every stage, models trained here (tens of seconds; the pipeline test). Its
-  numbers mean nothing.
+* ``quick``: a miniature of every stage, models trained here (minutes on two CPU cores, mostly compilation;
+  the pipeline test), with one row of each method: the control, two Shell-LCC rows, Flow-DPO, Flow-RWR and
+  Flow-NRG guidance from a reward model trained on a handful of preference pairs. Its numbers mean nothing.
+* ``videoalign``: the default protocol (shipped models) with VideoAlign's rows beside the Shell-LCC ones:
+  ``control``, ``flow_dpo``, ``flow_dpo_t``, ``flow_rwr``, ``nrg_reward_model``, ``nrg_shell``, ``shell_norm``,
+  ``shell_band``, ``shell``; their prerequisites sized for two CPU cores (150 preference prompts, a
+  reward model of the base's first 2 blocks trained 150 steps, 48 train prompts x 4 samples scored).
+  Measured on two CPU cores shared with other work (load 7-14): the prerequisites 15 minutes, a trained row
+  3-5 minutes, six rows about 55 minutes in all (``benchmarks/RESULTS.md``); expect less on an idle machine.
 * ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
   encoder and the base DiT trained here, the base checked on the validation prompts, then all three
   packed into ``pretrained.export_to``. Stops after the classifier.
@@ -23,7 +30,7 @@ Args (``--config=configs/demo.py:ARG``):
 
 from experiments import embedded_pipeline
 
-ARGS = ("quick", "pretrain", "from_scratch", "long", "authors")
+ARGS = ("quick", "pretrain", "from_scratch", "long", "authors", "videoalign")
 
 
 def _dit(c, dim, layers, heads, ffn):
@@ -62,8 +69,16 @@ def get_config(arg: str | None = None):
         c.manifold.manifold.init_patches = 1024
         c.reward.train.steps, c.reward.data.batch_size = 4, 8
         c.reward.train.log_every = 2
-        c.run_variants = ("control", "shell_norm", "shell_band")
+        c.run_variants = ("control", "shell_norm", "shell_band", "flow_dpo", "flow_rwr", "nrg_reward_model")
         c.variants.shell_band.tau = "shell_norm@2"
+        c.variants.flow_dpo.options = "train.log_every=1"     # its first step's loss (log 2) in the log
+        v = c.videoalign
+        v.preferences.num_prompts, v.preferences.pairs_per_prompt, v.preferences.degraded_per_prompt = 12, 2, 2
+        v.preferences.batch_size, v.preferences.shard_size = 8, 64
+        v.reward_model.steps, v.reward_model.batch_size, v.reward_model.num_blocks = 2, 4, 1
+        v.reward_model.log_every, v.reward_model.eval_timesteps, v.reward_model.eval_n_boot = 1, (0.0,), 100
+        v.score.prompts, v.score.clips_per_prompt, v.score.batch_size = 4, 2, 8
+        v.guidance.reward_model_weight = 5.0
         c.validation.prompts, c.validation.every = 4, 2
         c.sample.sampler.steps, c.sample.sampler.batch_size = 2, 8
         c.evaluate.num_prompts, c.evaluate.montage_prompts, c.evaluate.comparison_prompts = 8, 2, 2
@@ -103,6 +118,14 @@ def get_config(arg: str | None = None):
             s.learning_rate, s.warmup_steps, s.grad_clip = 1e-3, 0, 0.0
         c.run_variants = ("control", "lcc", "shell_norm", "shell_band", "shell")
         c.validation.every = 5                     # they checkpoint every 5-10 steps
+    elif arg == "videoalign":
+        # issue 17 section 3: VideoAlign's rows next to the Shell-LCC rows, same base, evaluation and intervals
+        c.run_variants = ("control", "flow_dpo", "flow_dpo_t", "flow_rwr", "nrg_reward_model", "nrg_shell",
+                          "shell_norm", "shell_band", "shell")
+        v = c.videoalign
+        v.preferences.num_prompts = 150
+        v.reward_model.steps, v.reward_model.batch_size, v.reward_model.log_every = 150, 16, 25
+        v.score.prompts, v.score.clips_per_prompt = 48, 4
     elif arg:
         raise ValueError(f"unknown demo config arg {arg!r}; expected nothing or one of {ARGS}")
     return c

@@ -22,6 +22,13 @@ The claim, per Shell-LCC variant, holds only when the interval excludes the null
 a spectrum distance below the base's, an accuracy change above ``-max_accuracy_drop``; for ``lcc``, detail
 ratios below 1. Reference rows: ``real`` (the test clips) and ``real_vae`` (through the VAE: the most
 detail any generator here can reach).
+
+Costs per row (:func:`costs`; ``results.json``'s ``costs``, the report's "Cost of each row"): the labels it
+used (preference pairs x 3 dimensions for the rows on the reward model, 0 for the Shell-LCC rows and the
+control), what it needed before its run (the reward model's training wall time, and the scoring of the
+base's samples for DPO / RWR; the manifold's fit for the Shell-LCC rows), its mean wall time per training
+step between validations against the control row's (:meth:`embedded_validation.Trajectory.timing`), and
+for guidance rows the seconds per sampled clip against the base's (measured back to back, compiled).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import embedded_videoalign as va
 from experiments import embedded_workdir as workdir
 from experiments import train_vae
 from shelllcc.data import moving_textures as mt
@@ -294,6 +302,104 @@ def diagnostics(results: dict, config) -> list[str]:
     return notes
 
 
+# ------------------------------------------------------------------------------------------ costs
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def costs(config, paths, names, seeds) -> dict:
+    """Per row (module doc): labels, prerequisite seconds, seconds per training step (and against the
+    control's), seconds per sampled clip for guidance rows (and against the base's)."""
+    pre = va.prerequisite_costs(paths)
+    stage_s = _read_json(os.path.join(paths.root, "timings.json"))
+    out = {}
+    for name in names:
+        e = config.variants[name]
+        t = [_read_json(os.path.join(paths.variant(name, s), va.TIMING_JSON)) for s in seeds]
+        row = {"method": e.method, "labels": 0}
+        if va.uses_reward_model(e):
+            row["labels"] = pre.get("labels")
+            row["train_pairs"] = pre.get("train_pairs")
+            row["reward_model_train_s"] = pre.get("reward_model_train_s")
+            if e.method in va.TRAINING_METHODS:
+                row["scoring_s"] = pre.get("scoring_s")
+        elif e.reward:                                  # a distance to the manifold: the Shell-LCC rows
+            row["manifold_fit_s"] = stage_s.get("manifold")
+        if e.method == va.GUIDANCE:
+            row["sample_seconds_per_clip"] = _mean(x.get("sample_seconds_per_clip") for x in t)
+            row["base_sample_seconds_per_clip"] = _mean(x.get("base_sample_seconds_per_clip") for x in t)
+            if row["sample_seconds_per_clip"] and row["base_sample_seconds_per_clip"]:
+                row["sample_ratio_vs_base"] = row["sample_seconds_per_clip"] / row["base_sample_seconds_per_clip"]
+        else:
+            row["train_seconds_per_step"] = _mean(x.get("train_seconds_per_step") for x in t)
+        out[name] = row
+    control = out.get("control", {}).get("train_seconds_per_step")
+    for name, row in out.items():
+        if control and row.get("train_seconds_per_step"):
+            row["step_ratio_vs_control"] = row["train_seconds_per_step"] / control
+    return out
+
+
+def cost_notes(results: dict, config) -> str:
+    """What the cost columns measure, and the reward model's own accuracy where it was trained."""
+    lines = ["*Labels used*: preference pairs the reward model trained on x 3 dimensions (VQ, MQ, TA); the Shell-LCC "
+             "rows and the control use none. *Built before the run*: wall time of the shared prerequisites (the "
+             "reward model's training; the scoring of the base's samples for DPO / RWR; the manifold's fit for the "
+             "Shell-LCC rows), once per pipeline run whatever the number of rows and seeds. *s / training step*: "
+             "between validations, compilation and validation excluded, mean over seeds; *x control*: against the "
+             "control row's. *s / sampled clip*: guidance rows, validation prompts, compiled, the base's measured "
+             "right after (*x base*)."]
+    pre = results.get("videoalign", {})
+    ev = pre.get("reward_model_eval", {})
+    if ev:
+        from shelllcc.evaluation import preference_eval
+        for t, rep_ in ev.items():
+            line = (f"Reward model on {rep_['pairs']} held-out test pairs at t = {t}: accuracy without ties "
+                    f"{preference_eval.summary_line(rep_)}; with ties (eps fitted on the test pairs, optimistic) "
+                    f"{preference_eval.summary_line(rep_, 'acc_with_ties')}")
+            if "acc_at_val_eps" in rep_:
+                line += f"; with ties at the validation split's eps {preference_eval.summary_line(rep_, 'acc_at_val_eps')}"
+            lines.append(line + ".")
+    if "scored" in pre and pre["scored"]:
+        sc = pre["scored"]
+        lines.append(f"Scored samples of the base: {sc.get('prompts')} train prompts, {sc.get('clips')} clips, "
+                     f"{sc.get('pairs')} DPO pairs (best vs worst per prompt).")
+    return "\n\n".join(lines)
+
+
+def cost_table(c: dict) -> str:
+    def sec(x, fmt=".1f"):
+        return "" if x is None else f"{x:{fmt}}"
+    rows = []
+    for name, r in c.items():
+        before = []
+        if r.get("reward_model_train_s") is not None:
+            before.append(f"reward model {r['reward_model_train_s']:.0f}s")
+        if r.get("scoring_s") is not None:
+            before.append(f"scoring {r['scoring_s']:.0f}s")
+        if r.get("manifold_fit_s") is not None:
+            before.append(f"manifold fit {r['manifold_fit_s']:.0f}s")
+        rows.append({"model": name, "method": r["method"], "labels": "" if r["labels"] is None else str(r["labels"]),
+                     "before": ", ".join(before) or "none",
+                     "step": sec(r.get("train_seconds_per_step"), ".3f"),
+                     "step_ratio": sec(r.get("step_ratio_vs_control"), ".2f"),
+                     "clip": sec(r.get("sample_seconds_per_clip"), ".3f"),
+                     "clip_ratio": sec(r.get("sample_ratio_vs_base"), ".2f")})
+    return report.markdown_table(rows, [
+        ("model", "model", None), ("method", "method", None), ("labels", "labels used", None),
+        ("before", "built before the run (wall time)", None), ("step", "s / training step", None),
+        ("step_ratio", "x control", None), ("clip", "s / sampled clip", None), ("clip_ratio", "x base", None)])
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 def run(config: ml_collections.ConfigDict, paths) -> dict:
@@ -367,6 +473,10 @@ def run(config: ml_collections.ConfigDict, paths) -> dict:
     results["claim"] = claim_checks(results, config)
     results["verdict"] = verdict(results, config)
     results["diagnostics"] = diagnostics(results, config)
+    results["costs"] = costs(config, paths, names[1:], seeds)
+    pre = va.prerequisite_costs(paths)
+    if pre:
+        results["videoalign"] = pre
     results["vae_reconstruction"] = {k: v for k, v in json.load(open(os.path.join(
         paths.vae, train_vae.RECONSTRUCTION_JSON))).items() if k not in ("latents_mean", "latents_std")}
     results["classifier_real_test_accuracy"] = json.load(open(os.path.join(paths.classifier,
@@ -390,8 +500,9 @@ def run(config: ml_collections.ConfigDict, paths) -> dict:
                             references={"laplacian_ratio": 1.0, "hf_ratio": 1.0,
                                         "attribute_accuracy": base_acc - config.validation.max_accuracy_drop},
                             title="validation during fine-tuning (star: the picked checkpoint)")
+    curves = {m: os.path.join(paths.variant(m, seeds[0]), "metrics.jsonl") for m in names[1:]}
     report.training_curves_png(os.path.join(root, "training_curves.png"),
-                               {m: os.path.join(paths.variant(m, seeds[0]), "metrics.jsonl") for m in names[1:]},
+                               {m: p for m, p in curves.items() if os.path.exists(p)},
                                ["loss", "reward", "grad_norm"], title=f"reward fine-tuning (seed {seeds[0]})")
     base_curve = os.path.join(paths.base, "metrics.jsonl")
     if os.path.exists(base_curve):
@@ -488,6 +599,7 @@ def write_report(path: str, results: dict, config, runs: dict, picks: dict) -> s
         ("Attribute accuracy per attribute", report.markdown_table(acc_rows, [("model", "model", None)]
                                                                    + [(a, a, None) for a in attrs])),
         ("The claim, item by item", claim),
+        ("Cost of each row", cost_table(results["costs"]) + "\n\n" + cost_notes(results, config)),
         ("Trajectories and picked checkpoints",
          "![trajectories](trajectories.png)\n\n" + report.markdown_table(traj_rows, [
              ("model", "model", None), ("seed", "seed", None), ("steps", "steps run", None),

@@ -17,31 +17,47 @@ variant run restarts):
 5. ``base``          the base DiT (``base/``): installed, or flow matching here (experiment ``sft``);
 6. ``classifier``    the attribute classifier of the evaluation, trained on the real train clips;
 7. ``manifold``      Shell-LCC fitted on the train latents (``manifold/``, experiment ``fit_manifold``);
-8. ``variants``      for every seed and every entry of ``run_variants``, fine-tuning of a copy of the base
-                     (``variants/<name>/seed<k>/``, experiment ``reward_finetune``) with validation every
-                     ``validation.every`` steps (:mod:`experiments.embedded_validation`) and the checkpoint
-                     rule applied to the validation rows (``picked/``, ``pick.json``);
-9. ``sample``        the first ``evaluate.num_prompts`` test prompts from the base and every picked
-                     checkpoint, noise seeded by the seed (``samples/<name>/seed<k>/``);
-10. ``evaluate``     metrics with 95% intervals, trajectories, montages and ``report.md``
+8. ``videoalign``    the VideoAlign rows' prerequisites, only for the steps the rows of ``run_variants`` need
+                     (``videoalign/``; :mod:`experiments.embedded_videoalign`): the preference pairs and
+                     their latent cache, the reward model trained on the base, the base's scored samples;
+9. ``variants``      for every seed and every entry of ``run_variants``, fine-tuning of a copy of the base
+                     (``variants/<name>/seed<k>/``, experiment ``reward_finetune``, ``flow_dpo`` or
+                     ``flow_rwr`` by the entry's method) with validation every ``validation.every`` steps
+                     (:mod:`experiments.embedded_validation`) and the checkpoint rule applied to the
+                     validation rows (``picked/``, ``pick.json``); a guidance row trains nothing: its one
+                     validation row is the base sampled with its guidance;
+10. ``sample``       the first ``evaluate.num_prompts`` test prompts from the base and every picked
+                     checkpoint (a guidance row: the base with its guidance), noise seeded by the seed
+                     (``samples/<name>/seed<k>/``);
+11. ``evaluate``     metrics with 95% intervals, trajectories, montages, each row's cost and ``report.md``
                      (:mod:`experiments.embedded_evaluation`).
 
 Variants: ``config.variants`` holds one entry per row of the table, ``run_variants`` chooses and orders
-them. An entry is a method (``reward_finetune`` today), an objective, a reward and options::
+them. An entry is a method, an objective, a reward and options::
 
-    objective   one_step | noised_data | sft           (reward_finetune's objective.name)
-    reward      lcc | shell_norm | shell | shell_band  ('' with objective sft: the no-reward control)
+    method      reward_finetune                        (experiments/reward_finetune.py: the Shell-LCC rows)
+                flow_dpo | flow_rwr                    (VideoAlign's offline methods on the reward model's
+                                                        ranking of the base's samples; no objective, no reward)
+                guidance                               (no training: the base sampled with reward guidance)
+    objective   one_step | noised_data | sft           (reward_finetune's objective.name; '' otherwise)
+    reward      lcc | shell_norm | shell | shell_band  (reward_finetune; '' with objective sft: the control)
+                reward_model | lcc | shell_norm | shell (guidance: the trained reward model, or the distance
+                                                        to the pipeline's manifold, training-free)
     tau         shell_band's target: '' (the manifold's stored mean over real patches), a number, or
                 'NAME@STEP': the reward logged at STEP of variant NAME's run with the same seed (the
                 authors' way: the value of a good plain-reward run early on)
-    options     'key=value; key=value' overrides of that variant's reward_finetune config (its run length
-                ``train.steps``, its evaluation spacing ``train.eval_every``, its objective's weights ...)
+    options     'key=value; key=value' overrides of that variant's config: reward_finetune's, flow_dpo's or
+                flow_rwr's (its run length ``train.steps``, its evaluation spacing ``train.eval_every``, its
+                objective's weights, ``dpo.time_dependent`` ...) or, for guidance, the sample config's
+                (``sampler.guidance.weight`` ...)
     rule        the checkpoint rule of this row ('': ``validation.rule``); 'final' for a variant whose
                 point is that it needs no early stopping
     label       what the row is, for the report
 
-Every variant starts from ``config.reward`` (shared optimizer, steps, batch, sampler of noise levels), so
-rows differ only by what their entry says. Later methods add entries, not stages.
+Every trained variant starts from ``config.reward`` (shared optimizer, steps, batch, sampler of noise
+levels), so rows differ only by what their entry says; VideoAlign's knobs (its data, its reward model, beta,
+the temperature, the guidance weights) are in ``config.videoalign``. Later methods add entries, not stages
+(the VideoAlign rows added one stage: their prerequisites, shared by several rows).
 """
 
 from __future__ import annotations
@@ -65,12 +81,16 @@ from experiments import (
     embedded_evaluation,
     embedded_validation,
     fit_manifold,
+    flow_dpo,
+    flow_rwr,
     reward_finetune,
     sample,
     sft,
     stage_markers,
     train_vae,
 )
+from experiments import embedded_videoalign as va
+from experiments import embedded_workdir as workdir_lib
 from experiments.embedded_workdir import (
     ATTRIBUTE_FIELDS,
     DONE,
@@ -90,13 +110,13 @@ from shelllcc.models import packed, saving
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig, split_words
 
 OBJECT_MASK = "object_mask"      # the dataset's and the caches' field: the object's coverage (cache: per latent)
-STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "variants", "sample",
-          "evaluate")
+STAGES = ("dataset", "vae", "text_encoder", "cache", "base", "classifier", "manifold", "videoalign", "variants",
+          "sample", "evaluate")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRETRAINED = os.path.join("configs", "pretrained", "demo")
 PRETRAINED_MODELS = ("vae", "text_encoder", "base")
 OBJECTIVES = reward_finetune.OBJECTIVES
-METHODS = ("reward_finetune",)
+METHODS = va.METHODS
 
 
 DIT_STAGES = ("sft", "reward", "sample")
@@ -161,6 +181,18 @@ def catalogue() -> ml_collections.ConfigDict:
         shell_norm_drift=entry("one_step", "shell_norm",
                                options="objective.drift_weight=10.0; objective.drift_margin=0.05",
                                label="shell_norm + anti-drift relu(mse(z, z_ref) - 0.05) x 10 against the base"),
+        # VideoAlign (issue 17 section 3; experiments/embedded_videoalign.py): on the reward model trained on
+        # the preference pairs, from the same base, with the same optimizer, steps and checkpoint rule
+        flow_dpo=entry("", method="flow_dpo",
+                       label="Flow-DPO, constant beta, on the reward model's best-vs-worst of the base's samples"),
+        flow_dpo_t=entry("", method="flow_dpo", options="dpo.time_dependent=True",
+                         label="Flow-DPO, beta (1 - t)^2 (the literal derivation; reward-hacks in the paper)"),
+        flow_rwr=entry("", method="flow_rwr",
+                       label="Flow-RWR, softmax(r / T)-weighted flow matching on the base's scored samples"),
+        nrg_reward_model=entry("", "reward_model", method="guidance",
+                               label="Flow-NRG: the base guided by the noise-aware reward model (no training)"),
+        nrg_shell=entry("", "shell_norm", method="guidance",
+                        label="the base guided by the shell_norm distance of x0_hat (ours, training-free)"),
     ))
 
 
@@ -224,6 +256,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.output.mp4 = c.sample.output.gif = False   # the evaluation decodes the latents losslessly
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
     c.evaluate = embedded_evaluation.default_config()
+    c.videoalign = va.default_config()
     return c
 
 
@@ -262,6 +295,9 @@ def check_config(config) -> None:
         where = f"config.variants.{name}"
         if e.method not in METHODS:
             raise ValueError(f"{where}.method={e.method!r}; expected one of {METHODS}")
+        if e.method != "reward_finetune":
+            variant_config(config, name, None, 0)    # options: every key must exist
+            continue                                 # the rest: va.check_config below
         if e.objective not in OBJECTIVES:
             raise ValueError(f"{where}.objective={e.objective!r}; expected one of {OBJECTIVES}")
         if e.objective == "sft" and e.reward:
@@ -286,6 +322,7 @@ def check_config(config) -> None:
             except ValueError:
                 raise ValueError(f"{where}.tau={e.tau!r} is neither a number nor 'VARIANT@STEP'") from None
         variant_config(config, name, None, 0)        # options: every key must exist
+    va.check_config(config)
     seeds = tuple(config.seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"config.seeds must be distinct and non-empty, got {seeds}")
@@ -322,8 +359,14 @@ def resolve_tau(config, name: str, paths: Paths | None, seed: int) -> float | No
 
 
 def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_collections.ConfigDict:
-    """The reward_finetune config of variant ``name`` and ``seed``: ``config.reward`` with the entry applied."""
+    """The run config of variant ``name`` and ``seed``: for reward_finetune ``config.reward`` with the entry
+    applied; for flow_dpo / flow_rwr their config on ``config.reward``'s shared settings
+    (:func:`embedded_videoalign.row_config`); for guidance the sampler section it samples with."""
     e = config.variants[name]
+    if e.method in va.TRAINING_METHODS:
+        return va.row_config(config, name, paths, seed)
+    if e.method == va.GUIDANCE:
+        return va.guidance_section(config, name, paths)
     c = copy.deepcopy(config.reward)
     _like_base(c.model, config)
     c.seed = int(seed)
@@ -531,6 +574,19 @@ class _Evaluators:
             self._by_seed[seed] = (ev, row)
         return self._by_seed[seed]
 
+    def guided(self, seed: int, sampler_cfg) -> tuple:
+        """``(evaluator, base_row)`` of ``seed`` that samples with ``sampler_cfg.guidance`` (a guidance row); its
+        reference is the unguided base's (same prompts and noise), so its ratios are against the base."""
+        plain, row = self.get(seed)
+        s = self._shared
+        guide = sample.build_guidance(sampler_cfg.guidance, s["base"], seed)
+        ev = embedded_validation.Evaluator(
+            base_model=s["base"], mesh=s["mesh"], contexts=s["contexts"], labels=s["labels"],
+            real_videos=s["real"], latent_shape=s["shape"], sampler_cfg=sampler_cfg, seed=seed,
+            decoder=s["decoder"], classifier=s["classifier"], manifold=s["manifold"], reward_guidance=guide)
+        ev.reference = plain.reference
+        return ev, plain, row
+
 
 def variant_record(config, name: str, seed: int, inputs: dict[str, str]) -> dict:
     """The marker record of variant ``name`` with ``seed``: what its run reads (its reward_finetune config as
@@ -541,6 +597,9 @@ def variant_record(config, name: str, seed: int, inputs: dict[str, str]) -> dict
                 "run": variant_config(config, name, None, seed).to_dict(),
                 "validation": stage_markers.settings_of(config, ("validation", "sample.sampler"))}
     inputs = dict(inputs)
+    step = va.row_step(e)
+    if step is not None:                     # the VideoAlign prerequisite it reads (only these rows)
+        inputs[f"videoalign {step}"] = va.records(config, inputs)[step]["hash"]
     if "@" in e.tau:
         source = e.tau.split("@", 1)[0]
         inputs[f"variant {source}"] = variant_record(config, source, seed, inputs)["hash"]
@@ -562,7 +621,10 @@ def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluat
         shutil.rmtree(out)
     os.makedirs(out)
     c = variant_config(config, name, paths, seed)
-    if c.reward.kind == "shell_band" and c.objective.name != "sft":
+    method = config.variants[name].method
+    if method == va.GUIDANCE:
+        return _run_guidance_row(config, paths, name, seed, evaluators, rec, c)
+    if method == "reward_finetune" and c.reward.kind == "shell_band" and c.objective.name != "sft":
         tau = c.reward.shell_band_target
         print(f"variant {name} seed {seed}: shell_band tau = "
               + (f"{tau:.4f} ({config.variants[name].tau})" if tau >= 0 else "the manifold's stored value"), flush=True)
@@ -573,10 +635,41 @@ def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluat
     traj = embedded_validation.Trajectory(out, evaluator, base_row, vcfg)
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=1))
-    reward_finetune.run(c, out, on_eval=traj)
+    t0 = time.time()
+    {"reward_finetune": reward_finetune.run, "flow_dpo": flow_dpo.run, "flow_rwr": flow_rwr.run}[method](
+        c, out, on_eval=traj)
+    timing = {"run_s": round(time.time() - t0, 2), **traj.timing()}
+    with open(os.path.join(out, va.TIMING_JSON), "w") as f:
+        json.dump(timing, f, indent=1)
     choice = traj.export(saving.load_model(os.path.join(out, "model")))
-    print(f"variant {name} seed {seed}: picked step {choice['step']} ({choice['reason']})", flush=True)
+    step_s = timing.get("train_seconds_per_step")
+    print(f"variant {name} seed {seed}: picked step {choice['step']} ({choice['reason']}); "
+          + (f"{step_s:.3f}s per training step (between validations)" if step_s is not None else
+             "too few validations to time a training step"), flush=True)
     stage_markers.write(marker, rec)
+    return choice
+
+
+def _run_guidance_row(config, paths: Paths, name: str, seed: int, evaluators: _Evaluators, rec: dict,
+                      sampler_cfg) -> dict:
+    """A guidance row: no training; its validation row is the base sampled with the row's guidance, scored
+    against the unguided base on the same prompts and noise; both samplings are timed again once compiled
+    (seconds per clip, the row's sampling cost beside the base's under the same load)."""
+    out = paths.variant(name, seed)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(sampler_cfg.to_json_best_effort(indent=1))
+    evaluator, plain, base_row = evaluators.guided(seed, sampler_cfg)
+    s = evaluators._shared
+    traj = embedded_validation.Trajectory(out, evaluator, base_row, config.validation)
+    traj(0, s["base"])
+    timing = {"sample_seconds_per_clip": evaluator.timed_sampling(s["base"]),
+              "base_sample_seconds_per_clip": plain.timed_sampling(s["base"]), "clips": evaluator.n}
+    with open(os.path.join(out, va.TIMING_JSON), "w") as f:
+        json.dump(timing, f, indent=1)
+    choice = traj.export_fixed(0, "guidance: no training, the base sampled with the row's guidance")
+    print(f"variant {name} seed {seed}: guided sampling {timing['sample_seconds_per_clip']:.3f}s per clip, base "
+          f"{timing['base_sample_seconds_per_clip']:.3f}s (compiled, {evaluator.n} validation prompts)", flush=True)
+    stage_markers.write(os.path.join(out, DONE), rec)
     return choice
 
 
@@ -601,19 +694,16 @@ def stage_variants(config, paths: Paths, hashes: dict[str, str]) -> None:
             run_variant(config, paths, name, seed, evaluators, rec)
 
 
-# The base's architecture is stated once, in config.base.model; the fine-tuning and sampling runs load
-# saved models (init_from), whose model.json carries it, and take the base's runtime knobs.
-ARCHITECTURE_KEYS = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size")
-RUNTIME_KEYS = ("scan_layers",)
+ARCHITECTURE_KEYS, RUNTIME_KEYS = workdir_lib.ARCHITECTURE_KEYS, workdir_lib.RUNTIME_KEYS
+_like_base = workdir_lib.like_base
 
 
-def _like_base(model: ml_collections.ConfigDict, config) -> None:
-    for k in ARCHITECTURE_KEYS + RUNTIME_KEYS:
-        model[k] = config.base.model[k]
-
-
-def sample_config(config, paths: Paths, model_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
+def sample_config(config, paths: Paths, model_dir: str, seed: int = 0, name: str = "") -> ml_collections.ConfigDict:
+    """The sample config of ``model_dir`` on the test prompts; ``name``: a guidance row, whose sampler (with its
+    guidance) replaces ``config.sample.sampler``."""
     c = copy.deepcopy(config.sample)
+    if name and config.variants[name].method == va.GUIDANCE:
+        c.sampler = variant_config(config, name, paths, seed)
     _like_base(c.model, config)
     mean, std = latent_stats(paths)
     c.seed = int(seed)
@@ -628,7 +718,8 @@ def model_dirs(config, paths: Paths, seed: int) -> dict[str, str]:
     """``{model: weights to sample}`` for ``seed``: the base and every variant's picked checkpoint."""
     out = {"base": paths.base}
     for name in variant_names(config):
-        out[name] = os.path.join(paths.variant(name, seed), embedded_validation.PICKED_DIR)
+        out[name] = (paths.base if config.variants[name].method == va.GUIDANCE else
+                     os.path.join(paths.variant(name, seed), embedded_validation.PICKED_DIR))
     return out
 
 
@@ -655,8 +746,12 @@ def stage_sample(config, paths: Paths, hashes: dict[str, str]) -> None:
             if os.path.exists(out):
                 shutil.rmtree(out)
             print(f"--- samples of {name}, seed {seed} ---", flush=True)
-            sample.run(sample_config(config, paths, model_dir, seed), out)
+            sample.run(sample_config(config, paths, model_dir, seed, "" if name == "base" else name), out)
             stage_markers.write(os.path.join(out, DONE), rec)
+
+
+def stage_videoalign(config, paths: Paths, hashes: dict[str, str]) -> None:
+    va.run_stage(config, paths, hashes, sample_config)
 
 
 def stage_evaluate(config, paths: Paths) -> None:
@@ -726,9 +821,9 @@ def export_pretrained(config, paths: Paths) -> str:
 
 RUNNERS = {"dataset": stage_dataset, "vae": stage_vae, "text_encoder": stage_text_encoder, "cache": stage_cache,
            "base": stage_base, "classifier": stage_classifier, "manifold": stage_manifold,
-           "variants": stage_variants, "sample": stage_sample, "evaluate": stage_evaluate}
+           "videoalign": stage_videoalign, "variants": stage_variants, "sample": stage_sample, "evaluate": stage_evaluate}
 # the stages that keep markers of their own per (variant or model, seed) and take the upstream hashes
-PER_ITEM_STAGES = ("variants", "sample")
+PER_ITEM_STAGES = ("videoalign", "variants", "sample")
 
 # What each stage reads: config settings (a section or a dotted key) and the stages whose outputs it opens.
 # A stage's hash covers both, so a change reaches everything downstream through STAGE_INPUTS. Of
@@ -743,14 +838,18 @@ STAGE_SETTINGS = {
     "base": ("base",) + _INSTALL,
     "classifier": ("classifier",),
     "manifold": ("manifold",),
-    "variants": ("reward", "variants", "validation", "seeds", "run_variants", "sample.sampler"),
-    "sample": ("sample", "evaluate.num_prompts", "seeds", "run_variants"),
-    "evaluate": ("evaluate", "variants", "run_variants", "seeds", "validation"),
+    # its steps have markers of their own: a rerun of the stage redoes only the steps whose settings changed
+    "videoalign": ("videoalign", "variants", "run_variants", "sample.sampler"),
+    "variants": ("reward", "variants", "validation", "seeds", "run_variants", "sample.sampler", "videoalign"),
+    "sample": ("sample", "evaluate.num_prompts", "seeds", "run_variants", "videoalign.guidance"),
+    "evaluate": ("evaluate", "variants", "run_variants", "seeds", "validation", "videoalign"),
 }
 STAGE_INPUTS = {
     "dataset": (), "vae": ("dataset",), "text_encoder": (), "cache": ("dataset", "vae", "text_encoder"),
     "base": ("cache",), "classifier": ("dataset",), "manifold": ("cache", "vae"),
+    "videoalign": ("base", "cache"),
     # the validation decodes with the VAE and scores with the classifier
+    # (a VideoAlign row's marker names the prerequisite step it reads: variant_record)
     "variants": ("base", "manifold", "classifier", "cache", "vae"),
     "sample": ("variants", "base", "cache", "vae"),
     "evaluate": ("sample", "variants", "classifier", "dataset", "vae"),

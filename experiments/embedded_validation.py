@@ -14,6 +14,12 @@ the run, :func:`shelllcc.evaluation.checkpoint_rule.pick_checkpoint` picks one e
 rows alone, and its weights are exported to ``picked/`` (``pick.json`` says which and why). The weights
 of every evaluated step stay in host memory until then (a few MB each at this scale), so the rule may
 look back at any of them. An interrupted run restarts from its first step (its runs take a minute).
+
+Timing (the rows' cost, :meth:`Trajectory.timing`): the wall time between the end of one validation and the
+start of the next, over the training steps in between: the seconds per training step without the
+compilation (before the first validation) and without the validations themselves. A guidance row (no
+training) has one validation row of the base sampled with its guidance (:meth:`Trajectory.export_fixed`)
+and :meth:`Evaluator.timed_sampling` of its sampler and of the base's.
 """
 
 from __future__ import annotations
@@ -68,13 +74,15 @@ class Evaluator:
     """
 
     def __init__(self, *, base_model: nnx.Module, mesh, contexts: np.ndarray, labels: dict[str, np.ndarray],
-                 real_videos: np.ndarray, latent_shape, sampler_cfg, seed: int, decoder, classifier, manifold):
+                 real_videos: np.ndarray, latent_shape, sampler_cfg, seed: int, decoder, classifier, manifold,
+                 reward_guidance=None):
         self.contexts = np.asarray(contexts, np.float32)
         self.labels = labels
         self.n = len(self.contexts)
         self.sampler = sample_lib.LatentSampler(
             base_model, mesh, latent_shape=latent_shape, solver=sampler_cfg.solver, steps=sampler_cfg.steps,
-            shift=sampler_cfg.shift, guidance_scale=sampler_cfg.guidance_scale, batch_size=self.n, seed=seed)
+            shift=sampler_cfg.shift, guidance_scale=sampler_cfg.guidance_scale, batch_size=self.n, seed=seed,
+            reward_guidance=reward_guidance)
         self.negative = np.zeros(self.contexts.shape[1:], np.float32)
         self.decoder, self.classifier, self.manifold = decoder, classifier, manifold
         self.real_spectrum = ev.mean_spectrum(real_videos)
@@ -87,6 +95,16 @@ class Evaluator:
         lat = self.sampler.sample(list(range(self.n)), self.contexts, self.negative)
         videos, _ = self.decoder.decode(lat)
         return sample_lib._to_host(lat)[: self.n].astype(np.float32), videos[: self.n]
+
+    def timed_sampling(self, model: nnx.Module) -> float:
+        """Seconds per clip of sampling the prompts (latents only, on the host), once more after a first call
+        has compiled the program: the sampler's steady cost."""
+        _, state = nnx.split(model)
+        self.sampler.state = state
+        jax.block_until_ready(self.sampler.sample(list(range(self.n)), self.contexts, self.negative))
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.sampler.sample(list(range(self.n)), self.contexts, self.negative))
+        return (time.perf_counter() - t0) / self.n
 
     def scores(self, model: nnx.Module) -> dict[str, Any]:
         lat, videos = self.sample(model)
@@ -129,6 +147,8 @@ class Trajectory:
         self.run_dir, self.evaluator, self.v = run_dir, evaluator, v
         self.rows: list[dict] = [dict(base_row)]
         self.weights: dict[int, Any] = {}
+        self._mark: tuple[int, float] | None = None      # (step, end time) of the last validation
+        self._train_s, self._train_steps = 0.0, 0
         self._write()
 
     def _write(self) -> None:
@@ -137,14 +157,36 @@ class Trajectory:
                 f.write(json.dumps(r) + "\n")
 
     def __call__(self, step: int, model: nnx.Module) -> None:
+        now = time.perf_counter()
+        if self._mark is not None and step > self._mark[0]:
+            self._train_s += now - self._mark[1]
+            self._train_steps += step - self._mark[0]
         row = self.evaluator.evaluate(step, model)
         self.rows.append(row)
         self.weights[step] = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
         self._write()
+        self._mark = (step, time.perf_counter())
         print(f"  validation at step {step}: Laplacian ratio {row['laplacian_ratio']:.3f}, hf ratio "
               f"{row['hf_ratio']:.3f}, spectrum distance {row['spectrum_distance']:.3f}, attribute accuracy "
               f"{row['attribute_accuracy']:.3f} (base {self.rows[0]['attribute_accuracy']:.3f}) [{row['seconds']:.1f}s]",
               flush=True)
+
+    def timing(self) -> dict[str, Any]:
+        """Seconds per training step between validations (module doc; absent with fewer than two validations),
+        the steps so timed and the validations' seconds."""
+        out = {"steps_timed": self._train_steps,
+               "validation_s": round(float(sum(r.get("seconds", 0.0) for r in self.rows[1:])), 2)}
+        if self._train_steps:
+            out["train_seconds_per_step"] = self._train_s / self._train_steps
+        return out
+
+    def export_fixed(self, step: int, reason: str) -> dict[str, Any]:
+        """``pick.json`` naming ``step`` without a rule (a row with nothing to pick: guidance); no weights."""
+        row = next(r for r in self.rows[1:] if r["step"] == step)
+        choice = {"step": int(step), "collapse_step": None, "rule": "none", "reason": reason, "validation": row}
+        with open(os.path.join(self.run_dir, PICK_JSON), "w") as f:
+            json.dump(choice, f, indent=1)
+        return choice
 
     def pick(self) -> dict[str, Any]:
         v = self.v

@@ -58,6 +58,18 @@ def latent_stats(paths: Paths) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(info["latents_mean"]), tuple(info["latents_std"])
 
 
+# The base's architecture is stated once, in config.base.model; the fine-tuning and sampling runs load
+# saved models (init_from), whose model.json carries it, and take the base's runtime knobs.
+ARCHITECTURE_KEYS = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "freq_dim", "patch_size")
+RUNTIME_KEYS = ("scan_layers",)
+
+
+def like_base(model: ml_collections.ConfigDict, config) -> None:
+    """A DiT ``model`` section given the base's architecture and runtime knobs."""
+    for k in ARCHITECTURE_KEYS + RUNTIME_KEYS:
+        model[k] = config.base.model[k]
+
+
 def variant_names(config) -> tuple[str, ...]:
     return tuple(config.run_variants)
 

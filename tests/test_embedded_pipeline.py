@@ -1,6 +1,7 @@
 """The README's main job in miniature: every stage of the embedded pipeline, end to end, then a rerun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from experiments import embedded_evaluation, embedded_pipeline, embedded_validation
+from experiments import embedded_evaluation, embedded_pipeline, embedded_validation, stage_markers
+from experiments import embedded_videoalign as va
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1)
@@ -56,8 +58,26 @@ def test_every_stage_runs_and_reports(quick_run):
     assert {c_["model"] for c_ in results["claim"]} == {"shell_norm", "shell_band"}
     assert results["verdict"]
     report = open(os.path.join(workdir, "report.md")).read()
-    for section in ("## Verdict", "Checkpoint rule", "The claim, item by item", "Trajectories and picked checkpoints"):
+    for section in ("## Verdict", "Checkpoint rule", "The claim, item by item", "Trajectories and picked checkpoints",
+                    "## Cost of each row", "Reward model on"):
         assert section in report
+    for name in names:
+        assert f"| {name} |" in report, name
+    # costs: labels for the rows on the reward model only; step times against the control; guided sampling
+    costs = results["costs"]
+    assert set(costs) == set(names)
+    labels = costs["flow_dpo"]["labels"]
+    assert labels > 0 and labels % 3 == 0 and labels == 3 * results["videoalign"]["train_pairs"]
+    for name in names:
+        e = c.variants[name]
+        assert costs[name]["labels"] == (labels if va.uses_reward_model(e) else 0), name
+        if e.method == "guidance":
+            assert costs[name]["sample_seconds_per_clip"] > 0 and costs[name]["sample_ratio_vs_base"] > 0
+            assert costs[name]["reward_model_train_s"] > 0
+        else:
+            assert costs[name]["train_seconds_per_step"] > 0 and costs[name]["step_ratio_vs_control"] > 0, name
+    assert costs["control"]["step_ratio_vs_control"] == pytest.approx(1.0)
+    assert costs["shell_norm"]["manifold_fit_s"] > 0 and costs["flow_rwr"]["scoring_s"] > 0
     for png in ("montage.png", "spectra.png", "trajectories.png", "training_curves.png", "distance_shell_norm.png"):
         with Image.open(os.path.join(workdir, png)) as im:
             assert im.size[0] > 100 and im.size[1] > 100, png
@@ -92,6 +112,12 @@ def test_trajectories_and_picks(quick_run):
         for seed in SEEDS:
             d = paths.variant(name, seed)
             rows = embedded_validation.read_trajectory(d)
+            if c.variants[name].method == "guidance":
+                # no training: the base's row, then the base sampled with the row's guidance
+                assert [r["step"] for r in rows] == [0, 0]
+                pick = json.load(open(os.path.join(d, embedded_validation.PICK_JSON)))
+                assert pick["step"] == 0 and pick["rule"] == "none"
+                continue
             # the base's row first, then every validation.every steps up to the last step
             assert [r["step"] for r in rows] == [0] + list(range(c.validation.every, c.reward.train.steps + 1,
                                                                  c.validation.every))
@@ -118,6 +144,68 @@ def test_paired_sampling(quick_run):
     a = np.load(os.path.join(paths.samples("base", 0), "samples", "latents.npy"))
     b = np.load(os.path.join(paths.samples("base", 1), "samples", "latents.npy"))
     assert not np.allclose(a, b)            # seeds draw different noise
+
+
+def test_guidance_row_changes_the_samples_of_the_same_noise(quick_run):
+    workdir, _ = quick_run
+    paths = embedded_pipeline.Paths(str(workdir))
+    for seed in SEEDS:
+        base = np.load(os.path.join(paths.samples("base", seed), "samples", "latents.npy"))
+        guided = np.load(os.path.join(paths.samples("nrg_reward_model", seed), "samples", "latents.npy"))
+        assert np.all(np.isfinite(guided)) and not np.allclose(base, guided, atol=1e-4)
+        # ... while its run config names the trained reward model, and it sampled the base's weights
+        cfg = json.load(open(os.path.join(paths.variant("nrg_reward_model", seed), "config.json")))
+        assert cfg["guidance"]["kind"] == "reward_model"
+        assert cfg["guidance"]["reward_model"] == va.reward_model_dir(paths)
+    assert os.path.exists(os.path.join(va.reward_model_dir(paths), "model", "model.json"))
+
+
+def test_dpo_and_rwr_rows_start_from_the_base(quick_run):
+    workdir, _ = quick_run
+    paths = embedded_pipeline.Paths(str(workdir))
+    for seed in SEEDS:
+        for name, cache in (("flow_dpo", "dpo_cache"), ("flow_rwr", "rwr_cache")):
+            d = paths.variant(name, seed)
+            cfg = json.load(open(os.path.join(d, "config.json")))
+            assert cfg["model"]["init_from"] == paths.base and cfg["experiment"] == name
+            assert cfg["data"]["cache_dir"] == os.path.join(workdir, "videoalign", "scored", cache)
+        metrics = [json.loads(line) for line in open(os.path.join(paths.variant("flow_dpo", seed), "metrics.jsonl"))]
+        first = next(m for m in metrics if "loss" in m)
+        # step 1's metrics are of the starting weights: policy = reference = the base
+        assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_videoalign_knob_redoes_its_rows_only(quick_run):
+    """The markers a changed knob invalidates: the reward model's steps redo it, the scored samples and the
+    rows on them; not the pairs, the Shell-LCC rows or the control."""
+    workdir, _ = quick_run
+    paths = embedded_pipeline.Paths(str(workdir))
+    c = demo.get_config("quick")
+    c.seeds = SEEDS
+    hashes = {}
+    for stage in embedded_pipeline.STAGES[:embedded_pipeline.STAGES.index("variants")]:
+        hashes[stage] = embedded_pipeline.stage_record(c, stage, hashes)["hash"]
+        assert stage_markers.read(paths.stage_marker(stage))["hash"] == hashes[stage], stage
+
+    def stale(config):
+        recs = va.records(config, hashes)
+        steps = {s for s in va.STEPS
+                 if stage_markers.read(os.path.join(va.step_dir(paths, s), "DONE"))["hash"] != recs[s]["hash"]}
+        inputs = embedded_pipeline._variant_inputs(hashes)
+        rows = {n for n in config.run_variants for s in SEEDS
+                if stage_markers.read(os.path.join(paths.variant(n, s), "DONE"))["hash"]
+                != embedded_pipeline.variant_record(config, n, s, inputs)["hash"]}
+        return steps, rows
+
+    assert stale(c) == (set(), set())                        # what ran is what the config says
+    c.videoalign.reward_model.steps = 3
+    assert stale(c) == ({"reward_model", "scored"}, {"flow_dpo", "flow_rwr", "nrg_reward_model"})
+    c = demo.get_config("quick")
+    c.videoalign.beta = 100.0
+    assert stale(c) == (set(), {"flow_dpo"})
+    c = demo.get_config("quick")
+    c.videoalign.preferences.num_prompts = 13
+    assert stale(c) == (set(va.STEPS), {"flow_dpo", "flow_rwr", "nrg_reward_model"})
 
 
 def test_rerun_skips_finished_stages(quick_run):
@@ -149,6 +237,17 @@ def test_config_errors(tmp_path):
     bad("takes no reward", variants__control__reward="shell")
     bad("stop_after", stop_after="sampling")
     bad("validation.prompts", validation__prompts=100)
+    bad("config.variants.flow_dpo.reward='shell'", variants__flow_dpo__reward="shell")
+    bad("config.variants.flow_rwr.objective='one_step'", variants__flow_rwr__objective="one_step")
+    bad("config.variants.nrg_reward_model.reward='shell_band'", variants__nrg_reward_model__reward="shell_band")
+    bad("config.variants.nrg_reward_model.rule='peak'", variants__nrg_reward_model__rule="peak")
+    bad("config.variants.flow_dpo.method='dpo'", variants__flow_dpo__method="dpo")
+    bad("no config key 'dpo.betta'", variants__flow_dpo__options="dpo.betta=1.0")
+    bad("config.videoalign.beta=0.0 must be > 0", videoalign__beta=0.0)
+    bad("config.videoalign.temperature=-1.0 must be > 0", videoalign__temperature=-1.0)
+    bad("config.videoalign.reward_model: reward_model.loss='hinge'", videoalign__reward_model__loss="hinge")
+    bad("config.videoalign.score.clips_per_prompt=1", videoalign__score__clips_per_prompt=1)
+    bad("config.videoalign.reward_model.num_blocks=9", videoalign__reward_model__num_blocks=9)
     with pytest.raises(ValueError, match="unknown demo config arg"):
         demo.get_config("fast")
 

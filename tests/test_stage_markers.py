@@ -29,18 +29,21 @@ def _redone(edit) -> set[str]:
 
 
 def test_a_change_redoes_its_stage_and_everything_downstream():
-    downstream_of_cache = {"cache", "base", "manifold", "variants", "sample", "evaluate"}
+    downstream_of_cache = {"cache", "base", "manifold", "videoalign", "variants", "sample", "evaluate"}
     assert _redone(lambda c: None) == set()
     assert _redone(lambda c: setattr(c.benchmark, "seed", 1)) == set(ep.STAGES) - {"text_encoder"}
     assert _redone(lambda c: setattr(c.vae.train, "steps", 5)) == {"vae"} | downstream_of_cache
     assert _redone(lambda c: setattr(c.text_encoder, "num_layers", 2)) == {"text_encoder"} | downstream_of_cache
-    assert _redone(lambda c: setattr(c.base.train, "steps", 8)) == {"base", "variants", "sample", "evaluate"}
+    assert _redone(lambda c: setattr(c.base.train, "steps", 8)) == {"base", "videoalign", "variants", "sample",
+                                                                     "evaluate"}
     assert _redone(lambda c: setattr(c.manifold.manifold, "num_anchors", 4)) == {"manifold", "variants", "sample",
                                                                                  "evaluate"}
     # the validation scores with the classifier, so the picked checkpoints (and their samples) may change
     assert _redone(lambda c: setattr(c.classifier, "steps", 5)) == {"classifier", "variants", "sample", "evaluate"}
     assert _redone(lambda c: setattr(c.reward.train, "steps", 6)) == {"variants", "sample", "evaluate"}
-    assert _redone(lambda c: setattr(c.sample.sampler, "steps", 3)) == {"variants", "sample", "evaluate"}
+    # the VideoAlign prerequisites sample the base (its steps have markers of their own: what_redone below)
+    assert _redone(lambda c: setattr(c.sample.sampler, "steps", 3)) == {"videoalign", "variants", "sample", "evaluate"}
+    assert _redone(lambda c: setattr(c.videoalign, "beta", 100.0)) == {"videoalign", "variants", "sample", "evaluate"}
     assert _redone(lambda c: setattr(c.evaluate, "n_boot", 100)) == {"evaluate"}
     # what acts after the stages (the export) redoes none of them
     assert _redone(lambda c: setattr(c.pretrained, "export_to", "x")) == set()
@@ -60,6 +63,15 @@ def test_a_changed_variant_entry_redoes_that_variant_and_what_reads_it():
     c = demo.get_config("quick")
     c.variants.control.label = "another label"        # the report's text, not the run
     assert records(c) == base
+    # a VideoAlign knob: the rows on the reward model, not the Shell-LCC rows nor the control
+    c = demo.get_config("quick")
+    c.videoalign.reward_model.steps = 3
+    changed = records(c)
+    assert {n for n in base if base[n] != changed[n]} == {"flow_dpo", "flow_rwr", "nrg_reward_model"}
+    c = demo.get_config("quick")
+    c.videoalign.temperature = 1.0
+    changed = records(c)
+    assert {n for n in base if base[n] != changed[n]} == {"flow_rwr"}
 
 
 def test_what_changed_names_the_setting():
@@ -83,13 +95,14 @@ def test_rerun_with_a_change_redoes_the_stage_and_keeps_a_config_history(tmp_pat
     assert _main(w).returncode == 0
     proc = _main(w, "--config.benchmark.train_size=32")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[stage 1/10: dataset] config changed (benchmark.train_size: 64 -> 32): redoing it" in proc.stdout
+    head = f"[stage 1/{len(ep.STAGES)}: dataset]"
+    assert f"{head} config changed (benchmark.train_size: 64 -> 32): redoing it" in proc.stdout
     assert json.load(open(w / "stages" / "dataset.DONE"))["settings"]["benchmark"]["train_size"] == 32
     # interrupted under other settings: what it left is not resumed from
     os.rename(w / "stages" / "dataset.DONE", w / "stages" / "dataset.STARTED")
     (w / "data" / "left_by_the_interrupted_run").write_text("")
     proc = _main(w, "--config.benchmark.train_size=48")
-    assert "[stage 1/10: dataset] an unfinished run of it had other settings (config changed (benchmark.train_size: " \
+    assert f"{head} an unfinished run of it had other settings (config changed (benchmark.train_size: " \
            "32 -> 48)); starting it over" in proc.stdout
     assert not (w / "data" / "left_by_the_interrupted_run").exists()
     assert not (w / "stages" / "dataset.STARTED").exists()

@@ -1,0 +1,462 @@
+"""VideoAlign's rows on the embedded benchmark (issue 17 section 3): their prerequisites and their run configs.
+
+Rows (``embedded_pipeline.catalogue()``; ``method`` of an entry):
+
+* ``flow_dpo``  Flow-DPO (``experiments/flow_dpo.py``) on the pairs the reward model ranked among the base's
+                samples (``flow_dpo``: constant beta, ``flow_dpo_t``: beta (1 - t)^2 through its options);
+* ``flow_rwr``  Flow-RWR (``experiments/flow_rwr.py``) on every scored sample;
+* ``guidance``  no training: the base sampled with reward guidance (``sample.py``'s ``sampler.guidance``),
+                from the trained noise-aware reward model (``nrg_reward_model``, VideoAlign's Flow-NRG) or
+                from the pipeline's Shell-LCC manifold (``nrg_shell``, ours, training-free).
+
+The DPO and RWR rows start from the base like the Shell-LCC rows and take ``config.reward``'s optimizer, run
+length, batch, noise levels and LoRA setting (so rows differ by their objective and data only), run through
+the same validation trajectory and checkpoint rule; their data is the base's own samples on the train prompts.
+
+Prerequisites (one pipeline stage, ``videoalign``, placed before ``variants``; under ``WORKDIR/videoalign/``).
+A stage rather than a lazy build inside the variants stage (the ``_Evaluators`` pattern) because these are
+outputs of their own, minutes long, with settings of their own (``config.videoalign``), which the per-row
+markers must name as inputs: a stage with markers per step gives each step a hash, so a changed knob redoes
+that step, the steps after it and the rows that read them, and nothing else. It does nothing when no row of
+``run_variants`` needs it (a Shell-LCC-only run pays nothing). Its steps, each with ``DONE`` marker:
+
+1. ``pairs``         the preference set (:mod:`shelllcc.data.preferences`, ``videoalign.preferences``: its
+                     size, and optionally ``generated_prompts`` of its prompts sampled by the base as extra
+                     clips) and its pair latent cache per split (the pipeline's VAE and text encoder);
+2. ``reward_model``  ``train_reward_model`` on the pipeline's base (its first blocks), with its evaluation
+                     (accuracy with and without ties) on the test pairs;
+3. ``scored``        ``score_samples`` of the base on the first ``videoalign.score.prompts`` train prompts,
+                     ``clips_per_prompt`` each, scored by that reward model: the DPO pair cache and the RWR cache.
+
+The guidance row of the reward model needs steps 1-2; the DPO and RWR rows need 1-3; ``nrg_shell`` none.
+The pairs' marker takes the latent cache's hash as its input, which stands for the VAE and the text encoder
+(the cache's own inputs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+
+import ml_collections
+
+from experiments import embedded_workdir as workdir
+from experiments import flow_dpo, flow_rwr, score_samples, stage_markers, train_reward_model
+from experiments.overrides import apply_overrides, parse_overrides
+
+DIR = "videoalign"
+STEPS = ("pairs", "reward_model", "scored")
+TRAINING_METHODS = ("flow_dpo", "flow_rwr")
+GUIDANCE = "guidance"
+METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE,)
+GUIDES = ("reward_model", "lcc", "shell_norm", "shell")     # a guidance row's reward: the model or a distance
+TIMING_JSON = "timing.json"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        preferences=dict(num_prompts=200, pairs_per_prompt=6, degraded_per_prompt=4, tie_share=1 / 3, seed=0,
+                         # the base's samples of the first N preference prompts join their clips (0: none)
+                         generated_prompts=0,
+                         batch_size=32, shard_size=1024),
+        # train_reward_model on the base's first num_blocks blocks
+        reward_model=dict(steps=300, batch_size=32, learning_rate=1e-4, num_blocks=2, backbone="full", loss="btt",
+                          theta=5.0, t_max=1.0, seed=0, log_every=25, eval_timesteps=(0.0, 0.5), eval_n_boot=1000),
+        # score_samples of the base on the train prompts (DPO pairs: best vs worst of K; RWR: every clip)
+        score=dict(prompts=128, clips_per_prompt=4, tie_margin=0.0, seed=0, batch_size=16),
+        beta=500.0,                  # Flow-DPO's beta (paper: 500 with their unknown reduction; ours: per-element mean)
+        temperature=0.1,             # Flow-RWR: softmax(r / temperature) over the batch
+        guidance=dict(reward_model_weight=1.0, shell_weight=1.0, t_max=0.95, dimension_weights=(1.0, 1.0, 1.0)),
+    ))
+
+
+# ------------------------------------------------------------------------------------------ which rows need what
+
+def steps_needed(config) -> tuple[str, ...]:
+    """The prerequisite steps the rows of ``run_variants`` need (none for Shell-LCC rows and ``nrg_shell``)."""
+    need = 0
+    for name in workdir.variant_names(config):
+        e = config.variants[name]
+        if e.method in TRAINING_METHODS:
+            need = max(need, 3)
+        elif e.method == GUIDANCE and e.reward == "reward_model":
+            need = max(need, 2)
+    return STEPS[:need]
+
+
+def row_step(entry) -> str | None:
+    """The last prerequisite step a row reads (its marker's input), or ``None``."""
+    if entry.method in TRAINING_METHODS:
+        return "scored"
+    if entry.method == GUIDANCE and entry.reward == "reward_model":
+        return "reward_model"
+    return None
+
+
+def uses_reward_model(entry) -> bool:
+    return row_step(entry) is not None
+
+
+def records(config, hashes: dict[str, str]) -> dict[str, dict]:
+    """The marker record of every prerequisite step, from the settings and the upstream stages' hashes
+    (``base``, ``cache``; no I/O, so a row's record can name its step's hash before the step runs)."""
+    v = config.videoalign
+    pairs_settings = {"preferences": v.preferences.to_dict(),
+                      "clip": stage_markers.settings_of(config, ("benchmark.num_frames", "benchmark.height",
+                                                                  "benchmark.width"))}
+    pairs_inputs = {"cache": hashes["cache"]}
+    if v.preferences.generated_prompts:
+        pairs_settings["sampler"] = stage_markers.settings_of(config, ("sample.sampler",))
+        pairs_inputs["base"] = hashes["base"]
+    out = {"pairs": stage_markers.record(pairs_settings, pairs_inputs)}
+    out["reward_model"] = stage_markers.record({"reward_model": v.reward_model.to_dict()},
+                                               {"pairs": out["pairs"]["hash"], "base": hashes["base"]})
+    out["scored"] = stage_markers.record({"score": v.score.to_dict(),
+                                          "sampler": stage_markers.settings_of(config, ("sample.sampler",))},
+                                         {"reward_model": out["reward_model"]["hash"], "base": hashes["base"],
+                                          "cache": hashes["cache"]})
+    return out
+
+
+def step_dir(paths, step: str) -> str:
+    return os.path.join(paths.root, DIR, step)
+
+
+def reward_model_dir(paths) -> str:
+    return step_dir(paths, "reward_model")
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+def reward_model_config(config, paths, splits: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """``train_reward_model``'s config: the base's first blocks, the pair caches of step 1."""
+    v = config.videoalign.reward_model
+    c = train_reward_model.default_config()
+    workdir.like_base(c.model, config)
+    c.model.scan_layers = False
+    c.seed = int(v.seed)
+    r = c.reward_model
+    r.num_blocks, r.backbone, r.loss, r.theta, r.t_max, r.seed = (int(v.num_blocks), v.backbone, v.loss,
+                                                                 float(v.theta), float(v.t_max), int(v.seed))
+    c.data.batch_size = int(v.batch_size)
+    c.optim.learning_rate = float(v.learning_rate)
+    c.train.steps, c.train.log_every = int(v.steps), int(v.log_every)
+    c.train.checkpoint_every, c.train.async_checkpoints = max(int(v.steps), 1), False
+    c.eval.timesteps, c.eval.n_boot = tuple(float(t) for t in v.eval_timesteps), int(v.eval_n_boot)
+    c.mesh = copy.deepcopy(config.reward.mesh)
+    c.data.train = "(the pairs step's train cache)"      # placeholder for check_config
+    if paths is not None:
+        c.model.init_from = paths.base
+        splits = splits or {}
+        for s in train_reward_model.SPLITS:
+            c.data[s] = splits.get(s, "")
+    return c
+
+
+def row_config(config, name: str, paths, seed: int) -> ml_collections.ConfigDict:
+    """The flow_dpo / flow_rwr config of row ``name`` and ``seed``: ``config.reward``'s shared settings, the
+    method's knobs from ``config.videoalign``, the entry's options; with ``paths``, the scored caches."""
+    e = config.variants[name]
+    module = flow_dpo if e.method == "flow_dpo" else flow_rwr
+    r = config.reward
+    c = module.default_config()
+    for section in ("mesh", "model", "lora", "optim", "train"):
+        c[section] = copy.deepcopy(r[section])
+    c.sharding_rules = r.sharding_rules
+    workdir.like_base(c.model, config)
+    c.seed = int(seed)
+    for k in ("batch_size", "prefetch", "latent_dtype"):
+        c.data[k] = r.data[k]
+    c.data.source = "cache"
+    for k in c.flow:
+        if k in r.flow:
+            c.flow[k] = r.flow[k]
+    if e.method == "flow_dpo":
+        c.dpo.beta = float(config.videoalign.beta)
+    else:
+        c.rwr.temperature = float(config.videoalign.temperature)
+    c.train.eval_every = config.validation.every
+    where = f"config.variants.{name}.options"
+    apply_overrides(c, parse_overrides(e.options, where), where)
+    if paths is not None:
+        sub = score_samples.DPO_DIR if e.method == "flow_dpo" else score_samples.RWR_DIR
+        c.data.cache_dir = os.path.join(step_dir(paths, "scored"), sub)
+        c.data.latent_mean, c.data.latent_std = (), ()        # score_samples stores normalised latents
+        c.model.init_from = paths.base
+    return c
+
+
+def guidance_section(config, name: str, paths) -> ml_collections.ConfigDict:
+    """The sampler of guidance row ``name``: ``config.sample.sampler`` with its ``guidance`` filled in, then
+    the entry's options (keys of the sample config, e.g. ``sampler.guidance.weight=2``)."""
+    e = config.variants[name]
+    g = config.videoalign.guidance
+    c = copy.deepcopy(config.sample)
+    s = c.sampler.guidance
+    s.t_max, s.dimension_weights = float(g.t_max), tuple(g.dimension_weights)
+    if e.reward == "reward_model":
+        s.kind, s.weight = "reward_model", float(g.reward_model_weight)
+        s.reward_model = reward_model_dir(paths) if paths is not None else "(the reward_model step's output)"
+    else:
+        s.kind, s.weight, s.manifold_kind = "shell_lcc", float(g.shell_weight), e.reward
+        s.manifold = paths.manifold if paths is not None else "(the manifold stage's output)"
+    where = f"config.variants.{name}.options"
+    apply_overrides(c, parse_overrides(e.options, where), where)
+    return c.sampler
+
+
+def check_config(config) -> None:
+    """The entries of the VideoAlign rows and the knobs their prerequisites read; errors name the key."""
+    methods = {config.variants[n].method for n in workdir.variant_names(config)}
+    if "flow_dpo" in methods and not float(config.videoalign.beta) > 0:
+        raise ValueError(f"config.videoalign.beta={config.videoalign.beta} must be > 0")
+    if "flow_rwr" in methods and not float(config.videoalign.temperature) > 0:
+        raise ValueError(f"config.videoalign.temperature={config.videoalign.temperature} must be > 0")
+    for name in workdir.variant_names(config):
+        e = config.variants[name]
+        where = f"config.variants.{name}"
+        if e.method == "reward_finetune":
+            continue
+        if e.objective:
+            raise ValueError(f"{where}.objective={e.objective!r}: method {e.method!r} takes no objective (leave it '')")
+        if e.tau:
+            raise ValueError(f"{where}.tau={e.tau!r}: only reward_finetune's shell_band reads tau")
+        if e.method in TRAINING_METHODS:
+            if e.reward:
+                raise ValueError(f"{where}.reward={e.reward!r}: {e.method} reads the reward model's scores (leave "
+                                 "it '')")
+            c = row_config(config, name, None, 0)
+            (flow_dpo if e.method == "flow_dpo" else flow_rwr).check_config(c)
+        else:
+            if e.reward not in GUIDES:
+                raise ValueError(f"{where}.reward={e.reward!r}; a guidance row's reward is one of {GUIDES}")
+            if e.rule:
+                raise ValueError(f"{where}.rule={e.rule!r}: a guidance row trains nothing, no checkpoint to pick")
+            from experiments import sample
+            sample.check_guidance(guidance_section(config, name, None).guidance)
+    need = steps_needed(config)
+    if not need:
+        return
+    v = config.videoalign
+    p = v.preferences
+    for k in ("num_prompts", "pairs_per_prompt", "batch_size", "shard_size"):
+        if p[k] < 1:
+            raise ValueError(f"config.videoalign.preferences.{k}={p[k]} must be >= 1")
+    if not 0 <= p.generated_prompts <= p.num_prompts:
+        raise ValueError(f"config.videoalign.preferences.generated_prompts={p.generated_prompts} must be in "
+                         f"[0, num_prompts={p.num_prompts}]")
+    if v.reward_model.steps < 1:
+        raise ValueError(f"config.videoalign.reward_model.steps={v.reward_model.steps} must be >= 1")
+    if v.reward_model.eval_n_boot < 100:
+        raise ValueError(f"config.videoalign.reward_model.eval_n_boot={v.reward_model.eval_n_boot} must be >= 100 "
+                         "(a 95% interval)")
+    try:
+        train_reward_model.check_config(reward_model_config(config, None))
+    except ValueError as err:
+        raise ValueError(f"config.videoalign.reward_model: {err}") from None
+    if config.videoalign.reward_model.num_blocks > config.base.model.num_layers:
+        raise ValueError(f"config.videoalign.reward_model.num_blocks={v.reward_model.num_blocks} exceeds the base's "
+                         f"{config.base.model.num_layers} layers")
+    if "scored" in need:
+        s = v.score
+        if s.clips_per_prompt < 2:
+            raise ValueError(f"config.videoalign.score.clips_per_prompt={s.clips_per_prompt} must be >= 2 (a pair)")
+        if not 1 <= s.prompts <= config.benchmark.train_size:
+            raise ValueError(f"config.videoalign.score.prompts={s.prompts} must be in [1, benchmark.train_size="
+                             f"{config.benchmark.train_size}]")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+def _done(out: str, rec: dict, what: str) -> bool:
+    old = stage_markers.read(os.path.join(out, workdir.DONE))
+    if old is not None and old.get("hash") == rec["hash"]:
+        print(f"videoalign {what}: done earlier; skipped", flush=True)
+        return True
+    if old is not None:
+        print(f"videoalign {what}: {stage_markers.what_changed(old, rec)}; redoing it", flush=True)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    return False
+
+
+def _write_timing(out: str, seconds: dict) -> None:
+    with open(os.path.join(out, TIMING_JSON), "w") as f:
+        json.dump({k: round(float(v), 2) for k, v in seconds.items()}, f, indent=1)
+
+
+def preference_config(config, generated=None):
+    from shelllcc.data import preferences
+    p, b = config.videoalign.preferences, config.benchmark
+    kw = {} if generated is None else {"generated": generated}
+    return preferences.PreferenceConfig(num_frames=b.num_frames, height=b.height, width=b.width,
+                                        num_prompts=p.num_prompts, pairs_per_prompt=p.pairs_per_prompt,
+                                        degraded_per_prompt=p.degraded_per_prompt, tie_share=p.tie_share, seed=p.seed,
+                                        **kw)
+
+
+def preference_captions(config, n: int) -> list[str]:
+    """The captions of the first ``n`` prompts of the preference set, in its order (its prompt walk, without
+    rendering a clip): what the base samples when ``generated_prompts`` is set."""
+    from shelllcc.data import moving_textures as mt
+    from shelllcc.data import preferences
+    p = config.videoalign.preferences
+    base = mt.split_seed(p.seed, "train")
+    seen, captions, index = set(), [], 0
+    while len(captions) < n:
+        ex_rng = mt.clip_rng(base, index)
+        index += 1
+        attrs = mt.sample_attributes(ex_rng)
+        key = preferences.attribute_key(attrs)
+        if key in seen:
+            continue
+        seen.add(key)
+        captions.append(mt.caption(attrs, int(ex_rng.integers(len(mt.CAPTION_TEMPLATES)))))
+    return captions
+
+
+def _generated_source(config, paths, sample_config_fn, out: str):
+    """The base's samples of the first ``generated_prompts`` preference prompts, as a GeneratedSource."""
+    from experiments import embedded_evaluation, sample, train_vae
+    from shelllcc.data import preferences
+    n = int(config.videoalign.preferences.generated_prompts)
+    gen = os.path.join(out, "generated")
+    os.makedirs(gen, exist_ok=True)
+    prompt_file = os.path.join(gen, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(preference_captions(config, n)) + "\n")
+    c = sample_config_fn(config, paths, paths.base, 0)
+    c.prompts.source, c.prompts.file, c.prompts.text_encoder, c.prompts.count = "file", prompt_file, \
+        paths.text_encoder, n
+    print(f"videoalign pairs: the base samples {n} preference prompts (their clips join the pairs)", flush=True)
+    sample.run(c, gen)
+    vae = train_vae.load(paths.vae)
+    mean, std = workdir.latent_stats(paths)
+    return preferences.GeneratedSource(directories=(gen,),
+                                       decode=lambda lat: embedded_evaluation.decode_latents(vae, lat, mean, std))
+
+
+def build_pairs(config, paths, out: str, sample_config_fn) -> dict:
+    from experiments import train_vae
+    from shelllcc.data import latent_cache, preference_cache, preferences
+    from shelllcc.models import saving
+    p = config.videoalign.preferences
+    t0 = time.time()
+    generated = _generated_source(config, paths, sample_config_fn, out) if p.generated_prompts else None
+    builder = preferences.build(os.path.join(out, "preferences"), preference_config(config, generated))
+    encode_video = preference_cache.normalised_encoder(train_vae.load(paths.vae))
+    encode_text = latent_cache.text_encoder_fn(saving.load_model(paths.text_encoder))
+    splits, counts = {}, {}
+    for split in train_reward_model.SPLITS:
+        if split not in builder.info.splits:
+            print(f"videoalign pairs: the preference set has no {split} split (too few prompts)", flush=True)
+            continue
+        d = os.path.join(out, "cache", split)
+        s = preference_cache.encode_pairs(builder.as_data_source(split), d, encode_video=encode_video,
+                                          encode_text=encode_text, batch_size=p.batch_size, shard_size=p.shard_size,
+                                          source_description=f"{builder.info.full_name} {split}", progress=False)
+        splits[split], counts[split] = d, int(s["num_examples"])
+    if "train" not in splits:
+        raise ValueError("config.videoalign.preferences: the preference set has no train pairs; raise num_prompts")
+    info = {"splits": splits, "pairs": counts, "labels_per_pair": 3, "seconds": round(time.time() - t0, 2),
+            "generated_prompts": int(p.generated_prompts)}
+    with open(os.path.join(out, "pairs.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"videoalign pairs: {counts} pairs (x 3 labels) [{info['seconds']:.0f}s]", flush=True)
+    return info
+
+
+def read_pairs(paths) -> dict:
+    with open(os.path.join(step_dir(paths, "pairs"), "pairs.json")) as f:
+        return json.load(f)
+
+
+def score_config(config, paths) -> ml_collections.ConfigDict:
+    s = config.videoalign.score
+    mean, std = workdir.latent_stats(paths)
+    c = score_samples.default_config()
+    c.seed = int(s.seed)
+    workdir.like_base(c.model, config)
+    c.model.init_from = paths.base
+    c.mesh = copy.deepcopy(config.sample.mesh)
+    c.prompts.source, c.prompts.cache_dir, c.prompts.count = "cache", paths.train_cache, int(s.prompts)
+    c.latents.latent_mean, c.latents.latent_std = mean, std
+    for k in config.sample.sampler:
+        if k != "guidance":
+            c.sampler[k] = config.sample.sampler[k]
+    c.score.reward, c.score.reward_model = "reward_model", reward_model_dir(paths)
+    c.score.clips_per_prompt, c.score.tie_margin = int(s.clips_per_prompt), float(s.tie_margin)
+    c.score.batch_size = int(s.batch_size)
+    return c
+
+
+def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
+    """Build the prerequisite steps the rows need (module doc); each is skipped when its marker matches."""
+    need = steps_needed(config)
+    if not need:
+        print("videoalign: no row of run_variants needs the reward model: nothing to build", flush=True)
+        return
+    recs = records(config, hashes)
+    pairs = None
+    for i, step in enumerate(need):
+        out = step_dir(paths, step)
+        what = f"{i + 1}/{len(need)} {step}"
+        if _done(out, recs[step], what):
+            continue
+        print(f"--- videoalign {what} ---", flush=True)
+        t0 = time.time()
+        if step == "pairs":
+            build_pairs(config, paths, out, sample_config_fn)
+        elif step == "reward_model":
+            pairs = pairs or read_pairs(paths)
+            c = reward_model_config(config, paths, pairs["splits"])
+            with open(os.path.join(out, "config.json"), "w") as f:
+                f.write(c.to_json_best_effort(indent=1))
+            train_reward_model.run(c, out)
+        else:
+            score_samples.run(score_config(config, paths), out)
+            _write_timing(out, {"seconds": time.time() - t0})
+        print(f"videoalign {what}: finished in {time.time() - t0:.0f}s", flush=True)
+        stage_markers.write(os.path.join(out, workdir.DONE), recs[step])
+
+
+# ------------------------------------------------------------------------------------------ costs
+
+def _json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def prerequisite_costs(paths) -> dict:
+    """Labels and seconds of the prerequisites that exist: ``{"train_pairs", "labels", "reward_model_train_s",
+    "scoring_s", "reward_model_eval"}`` (missing ones left out)."""
+    out = {}
+    pairs = _json(os.path.join(step_dir(paths, "pairs"), "pairs.json"))
+    if pairs:
+        out["train_pairs"] = pairs["pairs"].get("train", 0)
+        out["labels"] = out["train_pairs"] * pairs.get("labels_per_pair", 3)
+        out["pairs_s"] = pairs.get("seconds")
+    t = _json(os.path.join(reward_model_dir(paths), "timing.json"))
+    if t:
+        out["reward_model_train_s"] = round(float(t["train_s"]), 1)
+    ev = _json(os.path.join(reward_model_dir(paths), train_reward_model.EVAL_JSON))
+    if ev:
+        out["reward_model_eval"] = ev.get("by_t", {})
+    s = _json(os.path.join(step_dir(paths, "scored"), TIMING_JSON))
+    if s:
+        out["scoring_s"] = s["seconds"]
+    summ = _json(os.path.join(step_dir(paths, "scored"), score_samples.SUMMARY))
+    if summ:
+        out["scored"] = {k: summ.get(k) for k in ("prompts", "clips", "pairs")}
+    return out
+
+
+__all__ = ["default_config", "steps_needed", "row_step", "records", "row_config", "guidance_section",
+           "reward_model_config", "check_config", "run_stage", "prerequisite_costs", "METHODS", "TRAINING_METHODS",
+           "GUIDANCE", "GUIDES"]
