@@ -11,9 +11,9 @@ higher is better; ``[B, 3]`` are VideoAlign's dimensions (VQ, MQ, TA), reduced t
 
 Sources:
 
-* ``reward_model``: a trained latent reward model (``shelllcc.rewards.reward_model``), loaded through
-  ``load_reward_model(path)`` and ``score(model, latents, timestep, context)`` where that API exists (it is
-  being built by the ``train_reward_model`` work); ``random`` instead of a path is a stand-in for smoke runs
+* ``reward_model``: a trained latent reward model (``shelllcc.rewards.reward_model``: a ``train_reward_model``
+  workdir or its ``model/``), loaded through ``load_reward_model(path)`` and scored by ``score(model, latents,
+  timestep, context)``; ``random`` instead of a path is a stand-in for smoke runs
   and tests: a :class:`~shelllcc.rewards.reward_model.LatentRewardModel` on the first block of the generator
   being sampled, with a seeded random readout.
 * ``shell_lcc``: ``-manifold_distance(manifold, latents, kind)`` per clip (ours: the Shell-LCC distance as a
@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from shelllcc.errors import ConfigError
+from shelllcc.rewards import reward_model as rm
 
 Apply = Callable[[Any, Any, Any, Any], Any]
 
@@ -60,21 +61,15 @@ def reward_model_source(path: str, generator: nnx.Module | None = None, seed: in
     if not path:
         raise ConfigError(f"{key} is empty: give a trained reward model, or 'random' (a stand-in for smoke runs)")
     if path == "random":
-        from shelllcc.rewards.reward_model import LatentRewardModel
         if generator is None:
             raise ConfigError(f"{key}='random' needs the generator to build the stand-in from")
-        model = LatentRewardModel(generator, num_blocks=1, rngs=nnx.Rngs(seed))
+        model = rm.LatentRewardModel(generator, num_blocks=1, rngs=nnx.Rngs(seed))
         graphdef, state = nnx.split(model)
         return RewardSource(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c), state,
                             f"a random stand-in reward model (seed {seed})", True)
-    try:
-        from shelllcc.rewards.reward_model import load_reward_model, score
-    except ImportError:
-        raise ConfigError(f"{key}={path!r}: this checkout has no shelllcc.rewards.reward_model.load_reward_model / "
-                          f"score (the train_reward_model work); use 'random' or a newer checkout") from None
-    model = load_reward_model(path)
+    model = rm.load_reward_model(path)
     graphdef, state = nnx.split(model)
-    return RewardSource(lambda p, x, t, c: score(nnx.merge(graphdef, p), x, t, c), state,
+    return RewardSource(lambda p, x, t, c: rm.score(nnx.merge(graphdef, p), x, t, c), state,
                         f"reward model {path}", True)
 
 
