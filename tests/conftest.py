@@ -15,9 +15,17 @@ if importlib.util.find_spec("libtpu") is not None and not os.path.exists("/dev/a
         importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from experiments.main import FAST_CPU_COMPILE  # noqa: E402  (imports no JAX)
+
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+# Most of the suite's time is XLA:CPU compiling small programs; the embedded pipeline's compile flags
+# (LLVM at -O1 without its expensive passes) halve that. Floating-point semantics are unchanged (no
+# fast-math), so the tolerances hold; the subprocesses the tests start inherit them.
+if "xla_backend_optimization_level" not in flags:
+    flags += " " + FAST_CPU_COMPILE
+os.environ["XLA_FLAGS"] = flags.strip()
 
 # Programs that take at least this long to compile are written to the cache. Most of the suite's time is
 # compilation of small programs (tiny models, a few steps), many of them compiled again by later tests or
@@ -44,6 +52,13 @@ def _compilation_cache_dir(config) -> str:
 
 def pytest_configure(config):
     path = _compilation_cache_dir(config)
+    # pytest-xdist (README: `-n 2`): a folder per worker, shared by that worker's tests and subprocesses.
+    # JAX writes cache entries without a lock when the cache has no size limit, so a process could read
+    # another worker's half-written entry (a warning on stderr, then a compile of its own).
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        path = os.path.join(path, worker)
+        os.makedirs(path, exist_ok=True)
     # the environment for the subprocesses the tests start (python -m experiments.main ...), the config
     # update for this process (jax may already be imported by a plugin)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
