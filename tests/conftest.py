@@ -1,9 +1,12 @@
 """Test setup: 8 host-platform devices for the sharding tests (must precede the first jax import), and a
 persistent JAX compilation cache shared by every test and every subprocess a test starts."""
 
+import gc
 import importlib.util
 import os
 import tempfile
+
+import pytest
 
 # libtpu (test requirements: tests/test_tpu_aot.py) takes a lock file when it loads; processes of the suite
 # load it side by side and only compile for TPU, so none needs it exclusively
@@ -67,3 +70,16 @@ def pytest_configure(config):
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_each_file():
+    """JAX keeps every program it compiled (and Python keeps cycles) until asked: after each test file,
+    drop them. A worker of `-n 2` runs about half the files in one process and otherwise grows to several
+    GB; this keeps each smaller (~10% on 4 files measured) at no measured CPU cost; programs another file
+    compiles again come from the persistent cache when they took >= CACHE_MIN_COMPILE_SECS."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
