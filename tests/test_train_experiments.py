@@ -140,6 +140,11 @@ def _config_file(tmp_path, cache_dir, steps, checkpoint_every):
     return str(path)
 
 
+def _xla_flags(devices):
+    """A subprocess's XLA_FLAGS: its own device count, the suite's compile flags (tests/conftest.py)."""
+    return f"--xla_force_host_platform_device_count={devices} {main_lib.FAST_CPU_COMPILE}"
+
+
 def _cmd(cfg, workdir):
     return [sys.executable, "-m", "experiments.main", f"--config={cfg}", f"--workdir={workdir}"]
 
@@ -149,7 +154,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, cache_dir):
     parameters (bit-identical) and per-step metrics as a run that never stopped."""
     steps = 40
     cfg = _config_file(tmp_path, cache_dir, steps, checkpoint_every=20)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(8))
     straight = tmp_path / "straight"
     out = subprocess.run(_cmd(cfg, straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -197,6 +202,8 @@ def test_checkpoint_moves_between_8_devices_and_1(tmp_path, cache_dir):
 def test_ablation_runs_variants_and_skips_finished(tmp_path, cache_dir, capsys):
     import ml_collections
     base = sft_config(cache_dir, 2)
+    # one device: the variants' orchestration is under test here (sharding has the tests above)
+    base.mesh.devices, base.mesh.data, base.mesh.fsdp = 1, 1, 1
     c = ml_collections.ConfigDict({"ablation": {"base": base, "variants": (
         ("lr-a", {"optim.learning_rate": 1e-3}), ("lr-b", {"optim.learning_rate": 1e-4}))}})
     main_lib.run_variants(c, str(tmp_path))
@@ -253,14 +260,14 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, cache_dir):
     flags = ["--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.data.source=random",
              "--config.data.random_latent_shape=(2,4,4,16)", "--config.data.random_text_shape=(6,32)"]
     one = subprocess.run(_cmd(cfg, tmp_path / "one") + flags, cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
+                         env=dict(os.environ, XLA_FLAGS=_xla_flags(2)), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen(_cmd(cfg, tmp_path / "two") + flags, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                              env=dict(os.environ, XLA_FLAGS=_xla_flags(1),
                                        JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i)))
              for i in range(2)]
@@ -289,9 +296,11 @@ def test_resume_refuses_other_frozen_weights(tmp_path, cache_dir, base_model_dir
     """Checkpoints hold the trained part only: resuming with another base model or manifold is an error."""
     c = reward_config(cache_dir, base_model_dir, steps=2)
     c.lora.rank = 4
+    c.mesh.devices, c.mesh.data, c.mesh.fsdp = 1, 1, 1      # one device: the refusal is under test
     main_lib.run_one(c, str(tmp_path))
     c2 = reward_config(cache_dir, base_model_dir, steps=3)
     c2.lora.rank = 4
+    c2.mesh.devices, c2.mesh.data, c2.mesh.fsdp = 1, 1, 1
     c2.model.init_from = ""
     with pytest.raises(ValueError, match="model.init_from: checkpoint"):
         main_lib.run_one(c2, str(tmp_path))
