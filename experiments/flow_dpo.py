@@ -32,7 +32,6 @@ from experiments import config_entry, dit_setup, sft
 from shelllcc import parallel
 from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
-from shelllcc.flow.timesteps import sample_training_sigmas
 
 LOSER_FIELD = "loser_latents"
 
@@ -57,10 +56,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if LOSER_FIELD not in tuple(config.data.extra_fields):
         raise ConfigError(f"data.extra_fields={tuple(config.data.extra_fields)} must hold {LOSER_FIELD!r}: Flow-DPO "
                           f"reads pairs (a score_samples DPO cache)")
-    try:
-        sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)
-    except ValueError as e:
-        raise ConfigError(f"flow.sigma_distribution={config.flow.sigma_distribution!r}: {e}") from None
+    sft.check_flow(config.flow)
 
 
 def make_loss(config: ml_collections.ConfigDict):

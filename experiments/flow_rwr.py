@@ -29,7 +29,6 @@ from experiments import config_entry, dit_setup, sft
 from shelllcc import parallel
 from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
-from shelllcc.flow.timesteps import sample_training_sigmas
 
 REWARD_FIELD = "reward"
 WEIGHT_ENTRY = "rwr_weight"       # the batch entry the step adds: B softmax(r / T) over the global batch
@@ -52,12 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if REWARD_FIELD not in tuple(config.data.extra_fields):
         raise ConfigError(f"data.extra_fields={tuple(config.data.extra_fields)} must hold {REWARD_FIELD!r}: Flow-RWR "
                           f"weights each clip by its reward (a score_samples RWR cache)")
-    try:
-        sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)
-        objectives.drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), float(config.flow.text_dropout))
-    except ValueError as e:
-        raise ConfigError(f"flow.sigma_distribution={config.flow.sigma_distribution!r}, "
-                          f"flow.text_dropout={config.flow.text_dropout}: {e}") from None
+    sft.check_flow(config.flow)
 
 
 def make_loss(config: ml_collections.ConfigDict):

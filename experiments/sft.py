@@ -42,14 +42,22 @@ def sigma_sampler(flow: ml_collections.ConfigDict):
                              std=flow.sigma_std, shift=flow.shift)
 
 
+def check_flow(flow: ml_collections.ConfigDict) -> None:
+    """The ``flow`` section's noise levels (and text dropout, where the section has it): the library's own
+    checks, re-said with the config key the user has to change."""
+    keys = f"flow.sigma_distribution={flow.sigma_distribution!r}"
+    try:
+        sample_training_sigmas(jax.random.PRNGKey(0), (1,), flow.sigma_distribution)
+        if "text_dropout" in flow:
+            keys += f", flow.text_dropout={flow.text_dropout}"
+            drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), float(flow.text_dropout))
+    except ValueError as e:
+        raise ConfigError(f"{keys}: {e}") from None
+
+
 def make_loss(config: ml_collections.ConfigDict):
     sampler = sigma_sampler(config.flow)
-    try:    # the library's own checks, re-said with the config key the user has to change
-        sample_training_sigmas(jax.random.PRNGKey(0), (1,), config.flow.sigma_distribution)
-        drop_text(jax.random.PRNGKey(0), jnp.zeros((1, 1)), float(config.flow.text_dropout))
-    except ValueError as e:
-        raise ConfigError(f"flow.sigma_distribution={config.flow.sigma_distribution!r}, "
-                          f"flow.text_dropout={config.flow.text_dropout}: {e}") from None
+    check_flow(config.flow)
     dropout = float(config.flow.text_dropout)
     region_weight = float(config.flow.get("region_weight", 0.0))
     if region_weight < 0:
