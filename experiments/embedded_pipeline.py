@@ -202,6 +202,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.stop_after = ""                # run the stages up to and including this one ('' : all)
     c.fast_cpu_compile = True        # experiments.main.FAST_CPU_COMPILE (CPU only; no effect on a GPU)
+    # programs that take at least this long to compile go to the on-disk cache (workdir/jax_cache, or
+    # $JAX_COMPILATION_CACHE_DIR when set): the variants and seeds build the same programs again and again
+    c.compile_cache_min_seconds = 1.0
     # 9 frames (3 latent frames). The textured background stays: on a flat one the latents have no spread
     # around the skeleton, the shell's premise fails there (seen in an earlier run of this pipeline)
     c.benchmark = dict(num_frames=9, height=64, width=64, train_size=1024, validation_size=64, test_size=128,
@@ -890,9 +893,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          "experiments separately for multi-process training")
     paths = Paths(os.path.abspath(workdir))
     os.makedirs(os.path.dirname(paths.stage_marker("x")), exist_ok=True)
-    # the variants and seeds compile the same few programs again and again: keep them on disk
-    jax.config.update("jax_compilation_cache_dir", os.path.join(paths.root, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(paths.root, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(config.compile_cache_min_seconds))
     stages = STAGES[:STAGES.index(config.stop_after) + 1] if config.stop_after else STAGES
     timings_path = os.path.join(paths.root, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}

@@ -299,13 +299,14 @@ def _quadratic_reward(center):
 
 
 @pytest.mark.parametrize("solver", ["euler", "unipc"])
-def test_zero_weight_guidance_gives_identical_samples(solver):
+def test_zero_weight_guidance_gives_the_unguided_samples(solver):
     noise = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5))
     sched = linear_sampling_schedule(6, s_max=0.999)
     hook = samplers.reward_guidance(_quadratic_reward(0.5), 0.0, "noisy", t_max=1.0)
     plain = samplers.sample(_toy_velocity, noise, None, sched, solver=solver)
     guided = samplers.sample(_toy_velocity, noise, None, sched, solver=solver, velocity_guidance=hook)
-    np.testing.assert_array_equal(np.asarray(plain), np.asarray(guided))
+    # float32: equal up to rounding; XLA may fuse the guided program's multiply-adds differently (one ulp seen on CI)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(guided), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("at", ["noisy", "x0"])

@@ -21,6 +21,7 @@ blocks' weights while saving or loading a stacked model, is paid once per save o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -133,6 +134,14 @@ def abstract_model(kind: str, config: Any, *, param_dtype: Any = None, dtype: An
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=None)
+def _stack_onto(sharding: jax.sharding.Sharding):
+    """``jnp.stack`` of the arguments onto ``sharding``: one jitted function per sharding, so that loading
+    models again (every variant and seed of a pipeline) reuses its compiled programs instead of tracing and
+    compiling a new function per leaf (measured: 972 stacks, 24 s of a 344 s embedded pipeline miniature)."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
 def load_model(directory: str, *, shardings: Any = None, **runtime) -> nnx.Module:
     """Rebuild a saved model. ``runtime``: ``dtype``, ``param_dtype``, ``attention_impl``,
     ``remat_policy``, ``scan_layers`` as the kind accepts. ``shardings``: ``fn(abstract pure-dict params)
@@ -163,10 +172,7 @@ def load_model(directory: str, *, shardings: Any = None, **runtime) -> nnx.Modul
         block_sh = {jax.tree_util.keystr(p): s.sharding
                     for p, s in jax.tree_util.tree_flatten_with_path(target["blocks"])[0]}
 
-        def stack(path, leaves):
-            return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=block_sh[jax.tree_util.keystr(path)])(*leaves)
-
-        restored = stack_blocks(restored, stack)
+        restored = stack_blocks(restored, lambda path, leaves: _stack_onto(block_sh[jax.tree_util.keystr(path)])(*leaves))
     return nnx.merge(graphdef, restored, rest)
 
 

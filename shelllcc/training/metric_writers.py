@@ -44,12 +44,26 @@ class MetricWriter:
         self.flush()
 
 
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch: its ``writer`` module imports torch when it is
+    installed (2-4 s and a few hundred MB per process) only to accept torch tensors, and the project writes
+    numbers and NumPy arrays. A process that already imported torch keeps it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None         # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter(MetricWriter):
     """TensorBoard event files under ``logdir`` (scalars, texts, images, histograms), via tensorboardX."""
 
     def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter  # imports torch-free protobuf code only, on first use
-
+        SummaryWriter = _summary_writer_class()
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
         self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
