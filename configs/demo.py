@@ -55,6 +55,7 @@ def get_config(arg: str | None = None):
     c = embedded_pipeline.default_config()
     if arg == "quick":
         c.pretrained.dir = ""
+        c.compile_cache_min_seconds = 0.1      # its programs compile in well under a second each
         c.benchmark.train_size, c.benchmark.validation_size, c.benchmark.test_size = 64, 8, 16
         c.vae.train.steps, c.vae.data.batch_size, c.vae.data.stats_clips, c.vae.data.eval_clips = 4, 8, 16, 8
         c.vae.model.width, c.vae.model.conv_width, c.vae.model.depth = 32, 8, 1

@@ -134,6 +134,8 @@ def apply_cpu_compile_flags(config) -> None:
     if not cpu_only and any(importlib.util.find_spec(m) is not None for m in (
             "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")):
         return          # an accelerator's plugin is installed: its compiler keeps its defaults
+    if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+        return          # compile flags chosen by the caller (e.g. the test suite's) stay
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
         print("note: fast_cpu_compile is set but JAX's backends are already running; XLA_FLAGS unchanged", flush=True)

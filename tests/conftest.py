@@ -18,16 +18,14 @@ if importlib.util.find_spec("libtpu") is not None and not os.path.exists("/dev/a
         importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from experiments.main import FAST_CPU_COMPILE  # noqa: E402  (imports no JAX)
+from tests.xla_flags import SUITE_CPU_COMPILE  # noqa: E402  (imports no JAX)
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
-# Most of the suite's time is XLA:CPU compiling small programs; the embedded pipeline's compile flags
-# (LLVM at -O1 without its expensive passes) halve that. Floating-point semantics are unchanged (no
-# fast-math), so the tolerances hold; the subprocesses the tests start inherit them.
+# the suite's compile flags (tests/xla_flags.py); the subprocesses the tests start inherit them
 if "xla_backend_optimization_level" not in flags:
-    flags += " " + FAST_CPU_COMPILE
+    flags += " " + SUITE_CPU_COMPILE
 os.environ["XLA_FLAGS"] = flags.strip()
 
 # Programs that take at least this long to compile are written to the cache. Most of the suite's time is

@@ -13,6 +13,7 @@ from PIL import Image
 from configs import demo
 from experiments import embedded_evaluation, embedded_pipeline, embedded_validation, stage_markers
 from experiments import embedded_videoalign as va
+from tests.xla_flags import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1)
@@ -23,7 +24,7 @@ def _main(workdir, *flags):
            f"--config.seeds={SEEDS}", *flags]
     # one CPU device, as the README's command runs (the 8 forced devices of the test process would make
     # every stage compile for an 8-way mesh; sharding has tests of its own)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(1))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
 
 

@@ -9,6 +9,7 @@ import sys
 from configs import demo
 from experiments import embedded_pipeline as ep
 from experiments import stage_markers
+from tests.xla_flags import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +87,7 @@ def test_what_changed_names_the_setting():
 def _main(workdir, *flags):
     cmd = [sys.executable, "-m", "experiments.main", "--config=configs/demo.py:quick", "--config.stop_after=dataset",
            f"--workdir={workdir}", *flags]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(1))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 

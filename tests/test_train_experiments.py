@@ -19,6 +19,7 @@ from shelllcc.models import saving
 from shelllcc.models.wan_transformer import WanTransformer
 from shelllcc.models.wan_transformer import get_config as wan_config
 from tests.helpers import write_tiny_latent_cache
+from tests.xla_flags import subprocess_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Parameters after a few Adam steps at lr 1e-3: Adam divides by sqrt(v), so a gradient element near 0
@@ -140,11 +141,6 @@ def _config_file(tmp_path, cache_dir, steps, checkpoint_every):
     return str(path)
 
 
-def _xla_flags(devices):
-    """A subprocess's XLA_FLAGS: its own device count, the suite's compile flags (tests/conftest.py)."""
-    return f"--xla_force_host_platform_device_count={devices} {main_lib.FAST_CPU_COMPILE}"
-
-
 def _cmd(cfg, workdir):
     return [sys.executable, "-m", "experiments.main", f"--config={cfg}", f"--workdir={workdir}"]
 
@@ -154,7 +150,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, cache_dir):
     parameters (bit-identical) and per-step metrics as a run that never stopped."""
     steps = 40
     cfg = _config_file(tmp_path, cache_dir, steps, checkpoint_every=20)
-    env = dict(os.environ, XLA_FLAGS=_xla_flags(8))
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(8))
     straight = tmp_path / "straight"
     out = subprocess.run(_cmd(cfg, straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -260,14 +256,14 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, cache_dir):
     flags = ["--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.data.source=random",
              "--config.data.random_latent_shape=(2,4,4,16)", "--config.data.random_text_shape=(6,32)"]
     one = subprocess.run(_cmd(cfg, tmp_path / "one") + flags, cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, XLA_FLAGS=_xla_flags(2)), timeout=600)
+                         env=dict(os.environ, XLA_FLAGS=subprocess_xla_flags(2)), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen(_cmd(cfg, tmp_path / "two") + flags, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, XLA_FLAGS=_xla_flags(1),
+                              env=dict(os.environ, XLA_FLAGS=subprocess_xla_flags(1),
                                        JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i)))
              for i in range(2)]
