@@ -9,7 +9,7 @@ and the ``strength`` parametrisation are ours.
 Each perturbation is a pure function ``(key, latents, strength) -> latents'`` of ONE latent clip
 ``[T, H, W, C]`` (channels last, as everywhere in the project), same shape and dtype, jit-able with
 ``strength`` static (a Python float in [0, 1]: the sizes it sets are array shapes). ``strength = 0`` returns
-``latents`` itself. Sizes are counts ``n(strength, N)`` of frames or rows out of ``N``::
+``latents`` unchanged (as a jax array). Sizes are counts ``n(strength, N)`` of frames or rows out of ``N``::
 
     n(strength, N) = 0                                               strength = 0
                    = clip(floor(strength N + 1/2), m, N)             strength > 0   (m: the least that perturbs)
