@@ -1,6 +1,7 @@
 """Generator objectives, as pure, jit-able functions: reward fine-tuning (DESIGN 2.5: ``one_step_from_noise``,
 ``noised_data``, ``sft_loss``) and VideoAlign's preference and reward-weighted objectives (``flow_dpo_*``,
-``flow_rwr_*``, on the per-sample ``velocity_errors``; ``../shared/ALIGNMENT_METHODS.md`` section 1).
+``flow_rwr_*``, on the per-sample ``velocity_errors``; ``../shared/ALIGNMENT_METHODS.md`` section 1), and our
+reconstruction of HALO's Gran-DPO (``gran_dpo_loss``, section 3).
 
 Conventions (see :mod:`shelllcc.flow.rectified`): ``x_s = (1 - s) x0 + s eps``, target
 ``v = eps - x0``, model timestep ``1000 s``, one-step denoise ``z = x_s - s v``.
@@ -214,6 +215,80 @@ def flow_dpo_loss(err_theta_w, err_ref_w, err_theta_l, err_ref_l, t, beta, time_
     return -jnp.mean(jax.nn.log_sigmoid(-0.5 * beta_t * z))
 
 
+def _masked_mean_errors(err_map, patch_masks) -> jax.Array:
+    """``[B, P]``: per example, the mean of the per-element errors ``err_map [B, T, H, W(, C)]`` over each mask
+    ``patch_masks [P, T, H, W]`` (and every channel)."""
+    m = patch_masks.astype(jnp.float32)
+    e = err_map if err_map.ndim == 4 else jnp.mean(err_map, axis=tuple(range(4, err_map.ndim)))
+    # the channel mean first: a mean over (mask x channels) is the mask-weighted mean of the channel means
+    return jnp.einsum("bthw,pthw->bp", e, m) / jnp.maximum(jnp.sum(m, axis=(1, 2, 3)), 1.0)
+
+
+def gran_dpo_loss(err_theta_w, err_ref_w, err_theta_l, err_ref_l, t, patch_masks, patch_rewards_w, patch_rewards_l,
+                  *, beta, delta: float, lam: float, time_dependent: bool = False):
+    """Gran-DPO (HALO, arXiv 2502.06812) as we reconstruct it from the abstract (``ALIGNMENT_METHODS.md``
+    section 3): Flow-DPO on the whole clips plus Flow-DPO on the patches whose patch rewards disagree.
+
+    Inputs (the layout is ours): ``err_*`` the per-element squared velocity errors ``(v_m(x_t, t, y) - (eps -
+    x0))^2`` of a pair, ``[B, T, H, W]`` or ``[B, T, H, W, C]`` on the latent grid, policy (``theta``) or frozen
+    reference (``ref``), winner ``w`` and loser ``l`` ordered by the *video* reward, one shared ``eps`` and
+    ``t`` ``[B]`` per pair; ``patch_masks [P, T, H, W]`` in {0, 1}, the same patches for every clip;
+    ``patch_rewards_w``, ``patch_rewards_l`` ``[B, P]`` (e.g. the Shell-LCC per-patch manifold distance,
+    negated). With ``e(x)`` the mean over all elements and ``e_p(x)`` the mean over the elements of mask ``M_p``
+    (and all channels)::
+
+        L_video  = flow_dpo_loss(e(theta, w), e(ref, w), e(theta, l), e(ref, l), t)
+        S        = {(b, p) : |r_w,bp - r_l,bp| > delta  and  M_p not empty}
+        (w', l') = (w, l) if r_w,bp >= r_l,bp else (l, w)              (each patch ordered by its own rewards)
+        L_bp     = flow_dpo_loss(e_p(theta, w'), e_p(ref, w'), e_p(theta, l'), e_p(ref, l'), t_b)
+        L_patch  = mean over S of L_bp         (0 when S is empty)
+        L        = L_video + lam * L_patch
+
+    From the source: the two terms, patch-level ordering by patch rewards, the threshold on their difference.
+    Ours: Flow-DPO as the patch loss with the clip's ``beta_t``, the errors restricted to a patch as the mean over
+    its mask, the mean over the selected (clip, patch) entries of the whole batch (not per clip), empty masks
+    never selected. The rewards are data (no gradient); the caller stops gradients into the reference errors.
+
+    Returns ``(loss, metrics)``, metrics with fixed keys: ``loss``, ``video_loss``, ``patch_loss`` (unweighted),
+    ``patch_selected`` (the share of (clip, patch) entries in S), ``patch_flipped`` (the share of S ordered
+    against the video reward, ``r_l,bp > r_w,bp``; 0 when S is empty).
+    """
+    for name, value in (("delta", delta), ("lam", lam)):
+        if isinstance(value, (int, float)) and not value >= 0:      # a traced one is the caller's to check
+            raise ValueError(f"gran_dpo_loss: {name} must be >= 0, got {value}")
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    e_tw, e_rw, e_tl, e_rl = (f(e) for e in (err_theta_w, err_ref_w, err_theta_l, err_ref_l))
+    patch_masks = jnp.asarray(patch_masks)
+    if e_tw.ndim not in (4, 5) or patch_masks.ndim != 4 or patch_masks.shape[1:] != e_tw.shape[1:4]:
+        raise ValueError(f"gran_dpo_loss: patch_masks must be [P, T, H, W] on the errors' grid [B, T, H, W(, C)], "
+                         f"got patch_masks {patch_masks.shape} and errors {e_tw.shape}")
+    b, p = e_tw.shape[0], patch_masks.shape[0]
+    r_w = jax.lax.stop_gradient(f(patch_rewards_w))
+    r_l = jax.lax.stop_gradient(f(patch_rewards_l))
+    if r_w.shape != (b, p) or r_l.shape != (b, p):
+        raise ValueError(f"gran_dpo_loss: patch rewards must be [B, P] = {(b, p)}, got {r_w.shape} and {r_l.shape}")
+    t = f(t)
+
+    clip_mean = lambda e: jnp.mean(e, axis=tuple(range(1, e.ndim)))
+    video = flow_dpo_loss(clip_mean(e_tw), clip_mean(e_rw), clip_mean(e_tl), clip_mean(e_rl), t, beta, time_dependent)
+
+    pe_tw, pe_rw, pe_tl, pe_rl = (_masked_mean_errors(e, patch_masks) for e in (e_tw, e_rw, e_tl, e_rl))
+    flip = r_l > r_w
+    order = lambda a, z: (jnp.where(flip, z, a), jnp.where(flip, a, z))
+    (pe_tw, pe_tl), (pe_rw, pe_rl) = order(pe_tw, pe_tl), order(pe_rw, pe_rl)
+    # flow_dpo_loss of one entry is that entry's loss: mapped over the (clip, patch) entries it gives each L_bp
+    per_patch = jax.vmap(lambda a, r, c, d, tt: flow_dpo_loss(a, r, c, d, tt, beta, time_dependent))(
+        *(x.reshape(-1) for x in (pe_tw, pe_rw, pe_tl, pe_rl, jnp.broadcast_to(t[:, None], (b, p)))))
+    nonempty = jnp.sum(patch_masks, axis=(1, 2, 3)) > 0
+    selected = ((jnp.abs(r_w - r_l) > delta) & nonempty[None, :]).reshape(-1)
+    n_sel = jnp.sum(selected.astype(jnp.float32))
+    patch = jnp.sum(jnp.where(selected, per_patch, 0.0)) / jnp.maximum(n_sel, 1.0)
+    loss = video + lam * patch
+    metrics = {"loss": loss, "video_loss": video, "patch_loss": patch, "patch_selected": n_sel / (b * p),
+               "patch_flipped": jnp.sum((selected & flip.reshape(-1)).astype(jnp.float32)) / jnp.maximum(n_sel, 1.0)}
+    return loss, metrics
+
+
 def velocity_errors(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
     """Per-sample flow-matching errors ``[B]`` (float32), shared by Flow-DPO and Flow-RWR::
 
@@ -315,5 +390,5 @@ def flow_rwr_objective(velocity_fn: VelocityFn, x0, eps, context, rewards, key, 
     return loss, metrics
 
 
-__all__ = ["flow_dpo_loss", "flow_dpo_objective", "flow_rwr_loss", "flow_rwr_objective", "flow_rwr_weights", "velocity_errors",
-           "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
+__all__ = ["flow_dpo_loss", "flow_dpo_objective", "gran_dpo_loss", "flow_rwr_loss", "flow_rwr_objective", "flow_rwr_weights",
+           "velocity_errors", "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
