@@ -50,11 +50,16 @@ def set_replica_parallel_min_slice_bytes(min_bytes: int) -> bool:
     such option (its default, every array split, stays)."""
     try:
         from orbax.checkpoint._src.metadata import array_metadata_store
+        from orbax.checkpoint._src.serialization import type_handler_registry
+
         handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                                  min_slice_bytes_for_replica_parallel=int(min_bytes))
+        # register_type_handler would log an "overriding" warning to stderr in every process, which
+        # breaks the one-line errors of the command line
+        type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True,
+                                                               ignore_warnings=True)
     except (ImportError, AttributeError, TypeError):
         return False
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
     return True
 
 
