@@ -211,3 +211,43 @@ def test_gran_dpo_bad_inputs():
         _gran(errs, t, masks, r_w[:, :3], r_l, beta=1.0, delta=0.1, lam=1.0)
     with pytest.raises(ValueError, match="delta must be >= 0"):
         _gran(errs, t, masks, r_w, r_l, beta=1.0, delta=-0.1, lam=1.0)
+
+
+def _toy_velocity(weight):
+    """``v = weight * x + 0.1 * sum_C(x)`` per element: a policy or reference with one parameter tensor."""
+    return lambda x, timestep, context: weight * x + 0.1 * jnp.sum(x, axis=-1, keepdims=True)
+
+
+def test_gran_dpo_objective_is_the_loss_of_the_models_errors():
+    """The objective over velocity functions == the numpy loop on errors computed in float64 from the same
+    noise levels; lam = 0 gives flow_dpo_objective; policy = reference gives log 2 (1 + lam)."""
+    rng = np.random.default_rng(7)
+    x_w, x_l, eps = (rng.standard_normal((B, T, H, W, C)) for _ in range(3))
+    s = rng.uniform(0.1, 0.9, B)
+    w_theta, w_ref = rng.uniform(0.5, 1.5, (T, H, W, C)), rng.uniform(0.5, 1.5, (T, H, W, C))
+    r_w, r_l = rng.standard_normal((B, 6)), rng.standard_normal((B, 6))
+    masks = _masks()
+
+    def errs_np(weight, x0):
+        x = (1 - s[:, None, None, None, None]) * x0 + s[:, None, None, None, None] * eps
+        v = weight * x + 0.1 * x.sum(-1, keepdims=True)
+        return (v - (eps - x0)) ** 2
+
+    errs = [errs_np(w_theta, x_w), errs_np(w_ref, x_w), errs_np(w_theta, x_l), errs_np(w_ref, x_l)]
+    kw = dict(beta=50.0, delta=0.3, lam=0.7)
+    want = _gran_dpo_np(errs, s, masks, r_w, r_l, time_dependent=False, **kw)
+    loss, m = jax.jit(lambda wt, wr, *a: objectives.gran_dpo_objective(
+        _toy_velocity(wt), _toy_velocity(wr), *a[:3], None, None, *a[3:], s=f32(s), **kw))(
+        f32(w_theta), f32(w_ref), f32(x_w), f32(x_l), f32(eps), f32(masks), f32(r_w), f32(r_l))
+    np.testing.assert_allclose([float(loss), float(m["video_loss"]), float(m["patch_loss"])], want[:3], rtol=2e-5)
+    assert float(m["patch_selected"]) == pytest.approx(want[3]) and float(m["s_mean"]) == pytest.approx(s.mean())
+
+    args = (_toy_velocity(f32(w_theta)), _toy_velocity(f32(w_ref)), f32(x_w), f32(x_l), f32(eps), None,
+            jax.random.PRNGKey(3))
+    dpo, _ = objectives.flow_dpo_objective(*args, beta=50.0)
+    gran, _ = objectives.gran_dpo_objective(*args, f32(masks), f32(r_w), f32(r_l), beta=50.0, delta=0.3, lam=0.0)
+    np.testing.assert_allclose(float(gran), float(dpo), rtol=1e-6)
+    same = _toy_velocity(f32(w_theta))
+    loss, m = objectives.gran_dpo_objective(same, same, *args[2:], f32(masks), f32(r_w), f32(r_l), **kw)
+    assert float(m["patch_selected"]) > 0
+    np.testing.assert_allclose(float(loss), math.log(2) * (1 + kw["lam"]), rtol=1e-6)

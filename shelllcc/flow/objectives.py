@@ -289,6 +289,19 @@ def gran_dpo_loss(err_theta_w, err_ref_w, err_theta_l, err_ref_l, t, patch_masks
     return loss, metrics
 
 
+def velocity_error_maps(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
+    """Per-element flow-matching errors, the shape of ``x0`` (float32)::
+
+        x_s = (1 - s) x0 + s eps,    err = (v(x_s, 1000 s, c) - (eps - x0))^2
+
+    ``s`` is ``[B]`` (or a scalar). Gran-DPO reads them per patch; ``velocity_errors`` is their mean.
+    """
+    s = _noise_levels(None, s, x0.shape[0], 0.0, 1.0, None)
+    x = add_noise(x0, eps, s)
+    v = velocity_fn(x, model_timestep(s), context)
+    return jnp.square(v.astype(jnp.float32) - (eps - x0).astype(jnp.float32))
+
+
 def velocity_errors(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
     """Per-sample flow-matching errors ``[B]`` (float32), shared by Flow-DPO and Flow-RWR::
 
@@ -298,11 +311,8 @@ def velocity_errors(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
     ``s`` is ``[B]`` (or a scalar). The mean over elements (not the sum) is the reduction: it fixes the
     scale on which Flow-DPO's ``beta`` acts (VideoAlign does not state theirs; see ``flow_dpo_loss``).
     """
-    s = _noise_levels(None, s, x0.shape[0], 0.0, 1.0, None)
-    x = add_noise(x0, eps, s)
-    v = velocity_fn(x, model_timestep(s), context)
-    d = v.astype(jnp.float32) - (eps - x0).astype(jnp.float32)
-    return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
+    d = velocity_error_maps(velocity_fn, x0, eps, context, s)
+    return jnp.mean(d, axis=tuple(range(1, d.ndim)))
 
 
 def flow_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_w, x0_l, eps, context, key, *,
@@ -339,6 +349,33 @@ def flow_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_
                "err_theta_w": jnp.mean(e_tw), "err_theta_l": jnp.mean(e_tl), "err_ref_w": jnp.mean(e_rw),
                "err_ref_l": jnp.mean(e_rl), **_s_metrics(s)}
     return loss, metrics
+
+
+def gran_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_w, x0_l, eps, context, key,
+                       patch_masks, patch_rewards_w, patch_rewards_l, *, beta: float, delta: float, lam: float,
+                       time_dependent: bool = False, sigma_sampler: SigmaSampler | None = None, s=None):
+    """Gran-DPO (our reconstruction, see ``gran_dpo_loss``) on a batch of preference pairs ``[B, T, H, W, C]``,
+    winner ``x0_w`` and loser ``x0_l`` ordered by the video reward, with patch rewards ``[B, P]`` on the
+    patches ``patch_masks [P, T, H, W]``::
+
+        s, eps as flow_dpo_objective (one per pair)
+        err_m(x) = velocity_error_maps(v_m, x, eps, c, s)      m in {theta, ref}, x in {w, l}
+        loss     = gran_dpo_loss(err_theta(w), err_ref(w), err_theta(l), err_ref(l), s, masks, r_w, r_l)
+
+    Each model runs once on the stacked ``[w; l]`` batch; the reference's errors are under ``stop_gradient``.
+    With ``lam = 0`` it is ``flow_dpo_objective``'s loss; with policy = reference every term is ``log 2``.
+    Returns ``(loss, metrics)``: ``gran_dpo_loss``'s metrics and ``s_mean``, ``s_min``, ``s_max``.
+    """
+    b = x0_w.shape[0]
+    s = _noise_levels(key, s, b, 0.0, 1.0, sigma_sampler)
+    x0 = jnp.concatenate([x0_w, x0_l])
+    eps2, s2 = jnp.concatenate([eps, eps]), jnp.concatenate([s, s])
+    ctx2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), context)
+    err = velocity_error_maps(velocity_fn, x0, eps2, ctx2, s2)
+    err_ref = jax.lax.stop_gradient(velocity_error_maps(ref_velocity_fn, x0, eps2, ctx2, s2))
+    loss, metrics = gran_dpo_loss(err[:b], err_ref[:b], err[b:], err_ref[b:], s, patch_masks, patch_rewards_w,
+                                  patch_rewards_l, beta=beta, delta=delta, lam=lam, time_dependent=time_dependent)
+    return loss, {**metrics, **_s_metrics(s)}
 
 
 def flow_rwr_loss(errors, rewards, temperature: float):
@@ -390,5 +427,6 @@ def flow_rwr_objective(velocity_fn: VelocityFn, x0, eps, context, rewards, key, 
     return loss, metrics
 
 
-__all__ = ["flow_dpo_loss", "flow_dpo_objective", "gran_dpo_loss", "flow_rwr_loss", "flow_rwr_objective", "flow_rwr_weights",
-           "velocity_errors", "one_step_from_noise", "noised_data", "sft_loss", "region_weights", "drop_text"]
+__all__ = ["flow_dpo_loss", "flow_dpo_objective", "gran_dpo_loss", "gran_dpo_objective", "velocity_error_maps",
+           "flow_rwr_loss", "flow_rwr_objective", "flow_rwr_weights", "velocity_errors", "one_step_from_noise",
+           "noised_data", "sft_loss", "region_weights", "drop_text"]
