@@ -10,7 +10,7 @@ import pytest
 
 from shelllcc.manifold import patches as patches_lib
 from shelllcc.manifold.params import ManifoldConfig, init_params
-from shelllcc.rewards import KINDS, manifold_distance
+from shelllcc.rewards import KINDS, manifold_distance, region_distances
 from tests import reference_math as ref
 from tests.helpers import random_manifold, rel_err
 
@@ -208,3 +208,43 @@ class TestBadInput:
             manifold_distance(params, lat, "shell_band")
         with pytest.raises(ValueError, match="only used by kind='shell_band'"):
             manifold_distance(params, lat, "shell", target=1.0)
+
+
+def _ref_patch_values(p, rows, kind):
+    """Per-patch values of float64 rows ``[N, D]``: ||z - zhat||^2, ||delta|| or | ||delta|| - 1 |."""
+    zhat = ref.skeleton(p, rows)
+    if kind == "lcc":
+        return ((rows - zhat) ** 2).sum(-1)
+    norm = np.linalg.norm(ref.delta(p, rows, zhat)[0], axis=-1)
+    return np.abs(norm - 1) if kind == "shell" else norm
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_region_distances_match_a_float64_loop(kind):
+    """Per clip and region: the mask-share-weighted mean of the per-patch values (float64 loop over the
+    patches' blocks), the whole grid = manifold_distance per example, an empty region 0, any chunk size."""
+    params, _ = random_manifold(5, dim=8)
+    patch = (1, 2, 2)
+    lat = _latents(6, (2, 2, 4, 6, 2))                         # 2 x 3 patches of 2 x 2 per frame, D = 8
+    masks = np.zeros((4, 2, 4, 6), np.float32)
+    masks[0] = 1.0                                             # the whole grid
+    masks[1, 0, :2, :2] = 1.0                                  # exactly one patch
+    masks[2, :, 1:3, 1:4] = 1.0                                # parts of several patches (shares 1/4, 1/2)
+    got = np.asarray(region_distances(params, lat, kind, masks, _target(kind), patch_size=patch,
+                                                        chunk_size=5))
+    pn = ref.to_numpy(params)
+    rows = ref.patchify(lat, patch).reshape(2, -1, 8).astype(np.float64)       # [B, N, D] in (t, h, w) order
+    want = np.zeros((2, 4))
+    for b in range(2):
+        v = _ref_patch_values(pn, rows[b], kind)
+        for r in range(4):
+            w = np.array([masks[r, t, i:i + 2, j:j + 2].mean() for t in range(2) for i in (0, 2) for j in (0, 2, 4)])
+            if w.sum() > 0:
+                m = (w * v).sum() / w.sum()
+                want[b, r] = abs(m - TAU) if kind == "shell_band" else m
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    assert got[0, 3] == got[1, 3] == 0.0
+    whole = manifold_distance(params, lat, kind, _target(kind), patch_size=patch, per_example=True)
+    np.testing.assert_allclose(got[:, 0], np.asarray(whole), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"region_masks must be \[R, T, H, W\]"):
+        region_distances(params, lat, kind, masks[:, :, :2], _target(kind), patch_size=patch)

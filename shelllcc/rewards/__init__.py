@@ -1,5 +1,5 @@
 """Rewards for fine-tuning video generators; each a pure function of (parameters, latents)."""
 
-from shelllcc.rewards.manifold_distance import KINDS, manifold_distance, patch_values
+from shelllcc.rewards.manifold_distance import KINDS, manifold_distance, patch_values, region_distances
 
-__all__ = ["KINDS", "manifold_distance", "patch_values"]
+__all__ = ["KINDS", "manifold_distance", "patch_values", "region_distances"]

@@ -7,6 +7,8 @@ With ``zhat_n`` the skeleton point of patch ``z_n`` and ``delta_n`` its shell re
     shell      = mean_n | ||delta_n|| - 1 |     (distance to the shell surface itself)
     shell_band = | mean_n ||delta_n|| - tau |   (tau: ``target``, taken from a good checkpoint)
 
+``region_distances`` gives the same distances per region of the latent grid (a training-free patch reward).
+
 Two implementations (``implementation``):
 
 * ``fused`` (default): each patch's value and its gradient w.r.t. the patch are computed in one pass
@@ -190,3 +192,48 @@ def manifold_distance(params: ManifoldParams, latents: jax.Array, kind: str, tar
     if kind == "shell_band":
         return jnp.abs(means - target)
     return means
+
+
+def region_distances(params: ManifoldParams, latents: jax.Array, kind: str, region_masks: jax.Array,
+                     target: float | None = None, *, patch_size: Sequence[int] = (1, 1, 1), coder: str = "amortized",
+                     num_neighbors: int = 5, lam: float = 1e-4, chunk_size: int = 8192,
+                     compute_dtype=jnp.float32, bn_eps: float = 1e-5, shell_eps: float = 1e-6) -> jax.Array:
+    """The distance of each region of each clip to the manifold, ``[B, R]``: a dense, training-free patch reward
+    (negate it), e.g. HALO's patch rewards inside Gran-DPO (``shelllcc.flow.objectives.gran_dpo_loss``).
+
+    ``latents [B, T, H, W, C]``; ``region_masks [R, T, H, W]`` in [0, 1] on the latent grid, the same regions
+    for every clip. With ``v_bn`` the per-patch value of :func:`patch_values` (patches of ``patch_size``) and
+    ``w_rn`` the mean of mask ``r`` over patch ``n``'s block of the grid (the share of the patch inside)::
+
+        d_br = sum_n w_rn v_bn / sum_n w_rn           lcc, shell_norm, shell
+             = | sum_n w_rn v_bn / sum_n w_rn - tau |  shell_band (v = ||delta||)
+
+    so a mask of the whole grid gives ``manifold_distance(..., per_example=True)``. A region that covers no
+    patch gets 0 (``gran_dpo_loss`` never selects an empty mask). Values only: the rewards are data, computed
+    chunk by chunk of ``chunk_size`` rows (the working set ``chunk_size x K``); no gradient is defined.
+    """
+    _check_options(kind, target, coder)
+    latents = jnp.asarray(latents)
+    patch_size = tuple(int(p) for p in patch_size)
+    check_latents(latents, params.dim, patch_size)
+    region_masks = jnp.asarray(region_masks, jnp.float32)
+    if latents.ndim != 5 or region_masks.ndim != 4 or region_masks.shape[1:] != latents.shape[1:4]:
+        raise ValueError(f"region_distances: region_masks must be [R, T, H, W] on the latents' grid [B, T, H, W, C], "
+                         f"got region_masks {region_masks.shape} and latents {latents.shape}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    opts = pv.Options(kind="shell_norm" if kind == "shell_band" else kind, coder=coder, num_neighbors=num_neighbors,
+                      lam=lam, bn_eps=bn_eps, shell_eps=shell_eps, compute_dtype=str(jnp.dtype(compute_dtype)))
+    rows = patchify(jax.lax.stop_gradient(latents).astype(jnp.float32), patch_size)        # [B, N, D]
+    b, n, d = rows.shape
+    flat = rows.reshape(b * n, d)
+    n_chunks = -(-flat.shape[0] // chunk_size)
+    padded = jnp.pad(flat, ((0, n_chunks * chunk_size - flat.shape[0]), (0, 0)))
+    values = jax.lax.map(lambda z: pv.patch_values(params, z, opts), padded.reshape(n_chunks, chunk_size, d))
+    values = values.reshape(-1)[:b * n].reshape(b, n)
+    # each mask's share of every patch: the mask as a one-channel latent, patchified and averaged over the block
+    weights = jnp.mean(patchify(region_masks[..., None], patch_size), axis=-1)               # [R, N]
+    total = jnp.sum(weights, axis=1)
+    means = jnp.einsum("bn,rn->br", values, weights) / jnp.maximum(total, 1e-12)[None, :]
+    out = jnp.abs(means - target) if kind == "shell_band" else means
+    return jnp.where(total[None, :] > 0, out, 0.0)
