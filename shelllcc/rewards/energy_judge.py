@@ -1,17 +1,35 @@
-"""GT-SVJ's energy-based video judge (``../shared/ALIGNMENT_METHODS.md`` section 2): the contrastive loss only.
+"""GT-SVJ's energy-based video judge (``../shared/ALIGNMENT_METHODS.md`` section 2): the model, its contrastive loss.
 
 Sign convention: an energy is low for a real (good) clip and high for a generated or perturbed one, so the
 judge's reward is ``-E``. The judge gives one energy per latent frame (an MLP head on the generator's
 intermediate features); a clip's energy is their mean (:func:`frame_energies_to_clip`; the reduction is
 ours, the source does not state it). Positives are real clips, negatives generated clips or real latents
 perturbed (:mod:`shelllcc.data.latent_negatives`).
+
+:class:`EnergyJudge` is the generator's embeddings and first ``num_blocks`` blocks (a third of them in the
+source, with LoRA rank 8: ``shelllcc.training.lora`` on ``model.blocks``) and an MLP head giving one energy
+per latent frame. Ours: the head reads the mean of a latent frame's tokens after the last kept block
+(``LN -> Dense(D, hidden) -> gelu -> Dense(hidden, 1)``); the judge has no text input (the source states it
+cannot judge text alignment), so the backbone's cross-attention sees a zero prompt of one token; inputs may be
+noised like the reward model's (``timestep``), the loss's ``t_max = 0`` judges clean latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from shelllcc.data.latent_negatives import PERTURBATIONS, random_negatives
+from shelllcc.models import saving
+from shelllcc.models.wan_transformer import Dense, KeyStream, WanTransformer, _layer_norm_f32
+from shelllcc.rewards.reward_model import BackboneConfig, GeneratorBackbone, noised
 
 GT_SVJ_BETA = 0.2     # GT-SVJ's weight of the energy-magnitude regulariser
+GENERATED_NEGATIVE_RATE = 0.3      # GT-SVJ: the share of negatives that are generated clips
+KIND = "energy_judge"              # its kind in shelllcc.models.saving (model.json)
 
 
 def frame_energies_to_clip(e_frames):
@@ -53,4 +71,79 @@ def energy_contrastive_loss(e_pos, e_neg, beta: float = GT_SVJ_BETA):
     return loss, metrics
 
 
-__all__ = ["GT_SVJ_BETA", "energy_contrastive_loss", "frame_energies_to_clip"]
+@dataclasses.dataclass(frozen=True)
+class EnergyJudgeConfig(BackboneConfig):
+    """What ``model.json`` stores for a saved energy judge."""
+
+    head_hidden: int = 0            # the MLP head's width; 0: the model's dim
+
+
+class EnergyJudge(GeneratorBackbone):
+    """``(latents [B, T, H, W, C], timestep [B] in 0..1000) -> energies [B, T']`` (``T'`` latent frames after the
+    patch embedding's time stride), built from a generator or, when loading, from an :class:`EnergyJudgeConfig`."""
+
+    def __init__(self, generator: WanTransformer | EnergyJudgeConfig, num_blocks: int | None = None, *,
+                 head_hidden: int = 0, rngs: nnx.Rngs):
+        if isinstance(generator, EnergyJudgeConfig):
+            head_hidden = generator.head_hidden
+        cfg = self.config = self._init_backbone(generator, num_blocks, EnergyJudgeConfig, rngs,
+                                                head_hidden=int(head_hidden))
+        hidden = cfg.head_hidden or cfg.dim
+        keys = KeyStream(rngs.params())
+        kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
+        self.energy_hidden = Dense(cfg.dim, hidden, (None, None), **kw)
+        self.energy_out = Dense(hidden, 1, (None, None), **kw)
+
+    def __call__(self, latents, timestep) -> jax.Array:
+        cfg = self.config
+        b, t = latents.shape[:2]
+        context = jnp.zeros((b, 1, cfg.text_dim), jnp.float32)                 # no text input
+        video, _, _ = self.features(latents, timestep, context)
+        frames = t // cfg.patch_size[0]
+        per_frame = jnp.mean(video.astype(jnp.float32).reshape(b, frames, -1, cfg.dim), axis=2)   # [B, T', D]
+        h = jax.nn.gelu(self.energy_hidden(_layer_norm_f32(per_frame, cfg.eps)))
+        return self.energy_out(h)[..., 0]
+
+
+saving.register_kind(KIND, EnergyJudge, EnergyJudgeConfig,
+                     runtime=("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers"))
+
+
+def make_energy_loss_fn(graphdef, *, beta: float = GT_SVJ_BETA, strength: float = 0.5,
+                        perturbations=tuple(PERTURBATIONS), generated_rate: float = GENERATED_NEGATIVE_RATE,
+                        t_max: float = 0.0):
+    """``loss_fn(params, frozen, batch, key) -> (loss, metrics)`` for ``shelllcc.training.step.make_train_step``.
+
+    ``batch``: ``latents`` real clips ``[B, T, H, W, C]`` (positives), optionally ``generated`` ``[B, ...]``
+    (the generator's samples). Per clip one negative: its generated twin with probability ``generated_rate``
+    (where ``generated`` is given), else the clip perturbed by one of ``perturbations`` at ``strength``
+    (:func:`shelllcc.data.latent_negatives.random_negatives`). A positive and its negative share one ``t ~
+    U[0, t_max)`` (0: clean) and one ``eps``; one forward pass over ``[positives; negatives]``::
+
+        loss = energy_contrastive_loss(E(x+), E(x-), beta)        E(x) = mean over latent frames of E_t(x)
+
+    Metrics: the loss's, and ``generated_share`` (the share of negatives that are generated clips).
+    """
+    def loss_fn(params, frozen, batch, key):
+        model = nnx.merge(graphdef, params, frozen)
+        k_neg, k_gen, k_eps, k_t = jax.random.split(key, 4)
+        pos = jnp.asarray(batch["latents"], jnp.float32)
+        neg, _ = random_negatives(k_neg, pos, strength, perturbations)
+        b = pos.shape[0]
+        use_generated = jnp.zeros((b,), bool)
+        if "generated" in batch:
+            use_generated = jax.random.bernoulli(k_gen, generated_rate, (b,))
+            gen = jnp.asarray(batch["generated"], jnp.float32)
+            neg = jnp.where(use_generated.reshape((b,) + (1,) * (pos.ndim - 1)), gen, neg)
+        eps = jax.random.normal(k_eps, pos.shape, jnp.float32)
+        t = jax.random.uniform(k_t, (b,), jnp.float32, 0.0, t_max) if t_max > 0 else jnp.zeros((b,), jnp.float32)
+        x = jnp.concatenate([noised(pos, eps, t), noised(neg, eps, t)])
+        e = frame_energies_to_clip(model(x, 1000.0 * jnp.concatenate([t, t])))
+        loss, metrics = energy_contrastive_loss(e[:b], e[b:], beta)
+        return loss, {**metrics, "generated_share": jnp.mean(use_generated.astype(jnp.float32))}
+
+    return loss_fn
+
+
+__all__ = ["GENERATED_NEGATIVE_RATE", "GT_SVJ_BETA", "KIND", "EnergyJudge", "EnergyJudgeConfig",
+           "energy_contrastive_loss", "frame_energies_to_clip", "make_energy_loss_fn"]

@@ -48,54 +48,50 @@ KIND = "latent_reward_model"          # its kind in shelllcc.models.saving (mode
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardModelConfig(WanTransformerConfig):
+class BackboneConfig(WanTransformerConfig):
     """The generator's architecture (``num_layers``: the generator's, of which the first ``num_blocks`` are
-    kept) plus the reward model's own fields; what ``model.json`` stores for a saved reward model."""
+    kept) plus ``num_blocks``: the part every model on the generator's first blocks shares."""
 
     num_blocks: int = 1
-    pooled: bool = False
 
     def generator_config(self) -> WanTransformerConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(WanTransformerConfig)}
         return WanTransformerConfig(**fields)
 
 
-class LatentRewardModel(nnx.Module):
-    """``(latents [B, T, H, W, C], timestep [B] in 0..1000, context [B, L, text_dim]) -> rewards [B, 3]``.
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig(BackboneConfig):
+    """What ``model.json`` stores for a saved reward model."""
 
-    Built from a generator (its first ``num_blocks`` blocks are copied) or, when loading a saved one, from
-    a :class:`RewardModelConfig` alone (random weights of that shape, replaced by the saved ones).
+    pooled: bool = False
+
+
+class GeneratorBackbone(nnx.Module):
+    """The generator's patch, time and text embeddings and its first ``num_blocks`` blocks, copied (the model
+    trains its own, the generator keeps its weights); :meth:`features` runs them as the generator does.
+
+    A subclass is built from a generator or, when loading a saved one, from its config alone (random weights
+    of that shape, replaced by the saved ones): :meth:`_init_backbone` returns the subclass's config.
     """
 
-    def __init__(self, generator: WanTransformer | RewardModelConfig, num_blocks: int | None = None, *,
-                 pooled: bool = False, rngs: nnx.Rngs):
+    def _init_backbone(self, generator, num_blocks, config_cls, rngs: nnx.Rngs, **extra) -> BackboneConfig:
         generator_layers = None
-        if isinstance(generator, RewardModelConfig):
-            num_blocks, pooled, generator_layers = generator.num_blocks, generator.pooled, generator.num_layers
+        if isinstance(generator, BackboneConfig):
+            num_blocks, generator_layers = generator.num_blocks, generator.num_layers
             # only the kept blocks are built (their shapes do not depend on the generator's depth)
             gcfg = dataclasses.replace(generator.generator_config(), num_layers=num_blocks, scan_layers=False)
             generator = WanTransformer(gcfg, rngs=rngs)
-        # a copy: the reward model trains its own blocks, the generator keeps its weights
         generator = convert_layout(nnx.clone(generator), scan_layers=False)
         gcfg = generator.config
         if num_blocks is None or not 1 <= num_blocks <= gcfg.num_layers:
             raise ValueError(f"num_blocks must be in 1..{gcfg.num_layers} (the generator's layers), got {num_blocks}")
         fields = {f.name: getattr(gcfg, f.name) for f in dataclasses.fields(WanTransformerConfig)}
         fields["num_layers"] = generator_layers or gcfg.num_layers
-        cfg = self.config = RewardModelConfig(**fields, num_blocks=int(num_blocks), pooled=bool(pooled))
-        self.num_blocks, self.pooled = int(num_blocks), bool(pooled)
+        self.num_blocks = int(num_blocks)
         self.patch_embed, self.time_embed = generator.patch_embed, generator.time_embed
         self.time_proj, self.text_embed = generator.time_proj, generator.text_embed
         self.blocks = nnx.List(list(generator.blocks)[:num_blocks])
-        keys = KeyStream(rngs.params())
-        d = cfg.dim
-        self.queries = nnx.Param(0.02 * jax.random.normal(keys(), (1 if pooled else 3, d), jnp.float32))
-        kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
-        self.readout_q = Dense(d, d, (None, None), **kw)
-        self.readout_k = Dense(d, d, (None, None), **kw)
-        self.readout_v = Dense(d, d, (None, None), **kw)
-        self.readout_o = Dense(d, d, (None, None), **kw)
-        self.head = Dense(d, 3, (None, None), **kw)
+        return config_cls(**fields, num_blocks=self.num_blocks, **extra)
 
     def features(self, latents, timestep, context):
         """Video tokens after the backbone ``[B, N, D]``, text tokens ``[B, L, D]``, time embedding ``[B, D]``."""
@@ -111,6 +107,30 @@ class LatentRewardModel(nnx.Module):
         for block in self.blocks:
             x = block(x, text, time_mod, rope)
         return x, text, temb
+
+
+class LatentRewardModel(GeneratorBackbone):
+    """``(latents [B, T, H, W, C], timestep [B] in 0..1000, context [B, L, text_dim]) -> rewards [B, 3]``.
+
+    Built from a generator (its first ``num_blocks`` blocks are copied) or, when loading a saved one, from
+    a :class:`RewardModelConfig` alone (random weights of that shape, replaced by the saved ones).
+    """
+
+    def __init__(self, generator: WanTransformer | RewardModelConfig, num_blocks: int | None = None, *,
+                 pooled: bool = False, rngs: nnx.Rngs):
+        if isinstance(generator, RewardModelConfig):
+            pooled = generator.pooled
+        cfg = self.config = self._init_backbone(generator, num_blocks, RewardModelConfig, rngs, pooled=bool(pooled))
+        self.pooled = bool(pooled)
+        keys = KeyStream(rngs.params())
+        d = cfg.dim
+        self.queries = nnx.Param(0.02 * jax.random.normal(keys(), (1 if pooled else 3, d), jnp.float32))
+        kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
+        self.readout_q = Dense(d, d, (None, None), **kw)
+        self.readout_k = Dense(d, d, (None, None), **kw)
+        self.readout_v = Dense(d, d, (None, None), **kw)
+        self.readout_o = Dense(d, d, (None, None), **kw)
+        self.head = Dense(d, 3, (None, None), **kw)
 
     def __call__(self, latents, timestep, context) -> jax.Array:
         video, text, temb = self.features(latents, timestep, context)
@@ -224,5 +244,6 @@ def score(model: LatentRewardModel, latents, timestep, context) -> jax.Array:
                  jnp.asarray(context, jnp.float32))
 
 
-__all__ = ["DIMENSIONS", "KIND", "LOSSES", "LatentRewardModel", "RewardModelConfig", "load_reward_model",
+__all__ = ["DIMENSIONS", "KIND", "LOSSES", "BackboneConfig", "GeneratorBackbone", "LatentRewardModel",
+           "RewardModelConfig", "load_reward_model",
            "make_loss_fn", "noised", "pair_rewards", "preference_loss", "score", "trainable_filter"]
