@@ -315,6 +315,19 @@ def velocity_errors(velocity_fn: VelocityFn, x0, eps, context, s) -> jax.Array:
     return jnp.mean(d, axis=tuple(range(1, d.ndim)))
 
 
+def _pair_errors(error_fn, velocity_fn, ref_velocity_fn, x0_w, x0_l, eps, context, s):
+    """``(err_theta(w), err_theta(l), err_ref(w), err_ref(l))`` by ``error_fn`` (``velocity_errors`` or
+    ``velocity_error_maps``), one ``eps`` and ``s`` per pair; each model runs once on the stacked ``[w; l]``
+    batch, the reference's errors under ``stop_gradient``."""
+    b = x0_w.shape[0]
+    x0 = jnp.concatenate([x0_w, x0_l])
+    eps2, s2 = jnp.concatenate([eps, eps]), jnp.concatenate([s, s])
+    ctx2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), context)
+    err = error_fn(velocity_fn, x0, eps2, ctx2, s2)
+    err_ref = jax.lax.stop_gradient(error_fn(ref_velocity_fn, x0, eps2, ctx2, s2))
+    return err[:b], err[b:], err_ref[:b], err_ref[b:]
+
+
 def flow_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_w, x0_l, eps, context, key, *,
                        beta: float, time_dependent: bool = False, sigma_sampler: SigmaSampler | None = None, s=None):
     """Flow-DPO on a batch of preference pairs (winner ``x0_w``, loser ``x0_l``, both ``[B, ...]``).
@@ -334,15 +347,8 @@ def flow_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_
     ``margin`` (mean of ``-z``), ``err_theta_w``, ``err_theta_l``, ``err_ref_w``, ``err_ref_l`` (means),
     ``s_mean``, ``s_min``, ``s_max``.
     """
-    b = x0_w.shape[0]
-    s = _noise_levels(key, s, b, 0.0, 1.0, sigma_sampler)
-    x0 = jnp.concatenate([x0_w, x0_l])
-    eps2 = jnp.concatenate([eps, eps])
-    s2 = jnp.concatenate([s, s])
-    ctx2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), context)
-    err = velocity_errors(velocity_fn, x0, eps2, ctx2, s2)
-    err_ref = jax.lax.stop_gradient(velocity_errors(ref_velocity_fn, x0, eps2, ctx2, s2))
-    e_tw, e_tl, e_rw, e_rl = err[:b], err[b:], err_ref[:b], err_ref[b:]
+    s = _noise_levels(key, s, x0_w.shape[0], 0.0, 1.0, sigma_sampler)
+    e_tw, e_tl, e_rw, e_rl = _pair_errors(velocity_errors, velocity_fn, ref_velocity_fn, x0_w, x0_l, eps, context, s)
     loss = flow_dpo_loss(e_tw, e_rw, e_tl, e_rl, s, beta, time_dependent)
     z = (e_tw - e_rw) - (e_tl - e_rl)
     metrics = {"loss": loss, "accuracy": jnp.mean((z < 0).astype(jnp.float32)), "margin": -jnp.mean(z),
@@ -366,15 +372,10 @@ def gran_dpo_objective(velocity_fn: VelocityFn, ref_velocity_fn: VelocityFn, x0_
     With ``lam = 0`` it is ``flow_dpo_objective``'s loss; with policy = reference every term is ``log 2``.
     Returns ``(loss, metrics)``: ``gran_dpo_loss``'s metrics and ``s_mean``, ``s_min``, ``s_max``.
     """
-    b = x0_w.shape[0]
-    s = _noise_levels(key, s, b, 0.0, 1.0, sigma_sampler)
-    x0 = jnp.concatenate([x0_w, x0_l])
-    eps2, s2 = jnp.concatenate([eps, eps]), jnp.concatenate([s, s])
-    ctx2 = jax.tree.map(lambda c: jnp.concatenate([c, c]), context)
-    err = velocity_error_maps(velocity_fn, x0, eps2, ctx2, s2)
-    err_ref = jax.lax.stop_gradient(velocity_error_maps(ref_velocity_fn, x0, eps2, ctx2, s2))
-    loss, metrics = gran_dpo_loss(err[:b], err_ref[:b], err[b:], err_ref[b:], s, patch_masks, patch_rewards_w,
-                                  patch_rewards_l, beta=beta, delta=delta, lam=lam, time_dependent=time_dependent)
+    s = _noise_levels(key, s, x0_w.shape[0], 0.0, 1.0, sigma_sampler)
+    e_tw, e_tl, e_rw, e_rl = _pair_errors(velocity_error_maps, velocity_fn, ref_velocity_fn, x0_w, x0_l, eps, context, s)
+    loss, metrics = gran_dpo_loss(e_tw, e_rw, e_tl, e_rl, s, patch_masks, patch_rewards_w, patch_rewards_l,
+                                  beta=beta, delta=delta, lam=lam, time_dependent=time_dependent)
     return loss, {**metrics, **_s_metrics(s)}
 
 
