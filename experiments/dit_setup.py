@@ -86,6 +86,10 @@ def data_section() -> ml_collections.ConfigDict:
         # flow_dpo or ("reward",) for flow_rwr; a field shaped like `latents` is normalised like them (mean/std,
         # latent_dtype), any other is float32 as stored
         extra_fields=(),
+        # source='cache': read and normalise the whole cache once and gather batches from memory (the same
+        # batches, order and resume state as the streaming reader); for caches that fit in host memory, where
+        # the per-example reader cannot keep an accelerator busy (a small model at a large batch)
+        in_memory=False,
         # source='random': latent [T, H, W, C] and text [L, D] shapes
         random_latent_shape=(3, 8, 8, 16), random_text_shape=(8, 32),
     ))
@@ -319,11 +323,13 @@ def host_batches(d: ml_collections.ConfigDict, seed: int):
             raise ValueError(f"data.weight_field={weight_field!r} has shape {tuple(fields[weight_field]['shape'])} in "
                              f"cache {d.cache_dir!r}; the latent grid is {lat_shape[:-1]}")
     latent_like, others = extra_field_shapes(d, cache.info["fields"])
+    transform = _Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field, latent_like, tuple(others))
+    if d.get("in_memory", False):
+        # the same batches in the same order (and the same resume state), gathered from arrays
+        return readers.InMemoryBatches(cache, batch_size=d.batch_size // n_proc, seed=seed, transform=transform,
+                                       name=d.cache_dir)
     # per example, in grain's reader threads; the iterator keeps grain's own state for exact resume
-    ds = readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed,
-                              transform=_Normalize(d.latent_mean, d.latent_std, d.latent_dtype, weight_field,
-                                                   latent_like, tuple(others)))
-    return iter(ds)
+    return iter(readers.make_dataset(cache, batch_size=d.batch_size // n_proc, seed=seed, transform=transform))
 
 
 def device_batches(host_iter, mesh, prefetch: int):

@@ -163,6 +163,16 @@ def test_extra_fields_are_normalised_like_latents(pair_cache):
     np.testing.assert_allclose(batch["latents"], (win[order] - mean) / std, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(batch["loser_latents"], (lose[order] - mean) / std, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(batch["reward_w"], np.ones(8, np.float32))
+    # data.in_memory: the very same batches (fields, normalisation, order) gathered from memory
+    streaming = dit_setup.host_batches(d, 0)
+    d.in_memory = True
+    in_memory = dit_setup.host_batches(d, 0)
+    for _ in range(3):
+        want, got = next(streaming), next(in_memory)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    d.in_memory = False
     # the abstract step's batch has the same entries
     cfg = flow_dpo.default_config()
     cfg.data.cache_dir, cfg.data.batch_size, cfg.lora.rank = cache_dir, 8, 2

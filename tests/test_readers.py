@@ -251,3 +251,34 @@ def test_prefetch_state_tracks_consumed_batches(source):
     resumed = readers.prefetch_to_device(readers.restore_iterator_state(fresh(), state))
     assert _indices(_take(resumed, 5)) == expected
     resumed.close()
+
+
+@pytest.mark.parametrize("pi,pc", [(0, 1), (1, 3)])   # (1, 3): an uneven shard of 17 of the 50 examples
+def test_in_memory_batches_equal_the_streaming_reader(source, pi, pc):
+    def t(ex):
+        return {"index": ex["index"], "x": ex["pixels"].astype(np.float32) / 255.0, "caption": ex["caption"]}
+
+    def streaming():
+        return iter(readers.make_dataset(source, batch_size=4, seed=5, transform=t, process_index=pi,
+                                         process_count=pc))
+
+    def in_memory():
+        return readers.InMemoryBatches(source, batch_size=4, seed=5, transform=t, process_index=pi,
+                                       process_count=pc, read_batch=7)
+
+    n = 4 * N_TRAIN // 4 + 3           # batches that span several epochs and an epoch boundary inside a batch
+    expected, got = _take(streaming(), n), _take(in_memory(), n)
+    for e, g in zip(expected, got):
+        assert e.keys() == g.keys()
+        np.testing.assert_array_equal(g["index"], e["index"])
+        np.testing.assert_array_equal(g["x"], e["x"])
+        assert list(g["caption"]) == list(e["caption"])
+    # resume: a state taken from either reader restores into the other and gives the same next batches
+    it_s, it_m = streaming(), in_memory()
+    _take(it_s, 9), _take(it_m, 9)
+    assert it_s.get_state() == it_m.get_state()
+    after = _indices(_take(streaming(), 14))[-5 * 4:]
+    restored_m, restored_s = in_memory(), streaming()
+    restored_m.set_state(it_s.get_state())
+    restored_s.set_state(it_m.get_state())
+    assert _indices(_take(restored_m, 5)) == _indices(_take(restored_s, 5)) == after
