@@ -193,3 +193,24 @@ def test_bad_config_names_the_key(caches, tmp_path):
     c.data.cache_dir = ""
     with pytest.raises(ConfigError, match="data.cache_dir is empty"):
         tej.check_config(c)
+
+
+def test_energy_judge_as_one_step_reward_lowers_the_energy(caches, tmp_path):
+    from experiments import reward_finetune
+    base = saving.load_model(caches["backbone"])
+    judge = ej.EnergyJudge(base, 1, rngs=nnx.Rngs(5))
+    c = reward_finetune.default_config()
+    c.model.init_from, c.mesh.devices = caches["backbone"], 1
+    c.data.cache_dir, c.data.batch_size = caches["real"], 8
+    c.reward.kind, c.reward.energy_judge = "energy_judge", saving.save_model(str(tmp_path / "judge"), judge)
+    c.lora.rank = 4
+    c.optim.learning_rate = 1e-2
+    c.train.steps, c.train.log_every, c.train.checkpoint_every, c.train.async_checkpoints = 12, 1, 12, False
+    os.makedirs(tmp_path / "rf")
+    reward_finetune.run(c, str(tmp_path / "rf"))
+    rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
+    reward = [r["reward"] for r in rows if "reward" in r]
+    assert len(reward) == 12 and np.mean(reward[-3:]) < np.mean(reward[:3]), reward
+    c.reward.energy_judge = ""
+    with pytest.raises(ConfigError, match="reward.energy_judge"):
+        reward_finetune.run(c, str(tmp_path / "rf2"))
