@@ -214,3 +214,51 @@ def test_energy_judge_as_one_step_reward_lowers_the_energy(caches, tmp_path):
     c.reward.energy_judge = ""
     with pytest.raises(ConfigError, match="reward.energy_judge"):
         reward_finetune.run(c, str(tmp_path / "rf2"))
+
+
+def test_embedded_rows_and_the_judges_step(caches, tmp_path):
+    """The GT-SVJ rows' prerequisites and run configs, and the judges step on tiny saved judges."""
+    import types
+
+    from experiments import embedded_pipeline as ep
+    from experiments import embedded_videoalign as va
+    from shelllcc.data import preference_cache as pc
+    from shelllcc.rewards import reward_model as rm
+    c = ep.default_config()
+    c.run_variants = ("gtsvj_reward",)
+    assert va.steps_needed(c) == ("pairs", "reward_model", "energy_judge", "judges")
+    c.run_variants = ("gtsvj_dpo", "flow_rwr")
+    assert va.steps_needed(c) == STEPS_ALL
+    ep.check_config(c)
+    paths = ep.Paths(str(tmp_path / "w"))
+    rec = ep.variant_record(c, "gtsvj_dpo", 0, {k: "h" for k in ("base", "manifold", "classifier", "cache", "vae")})
+    assert "videoalign energy_scored" in rec["inputs"]
+    assert va.row_config(c, "gtsvj_dpo", paths, 0).data.cache_dir.endswith("energy_scored/dpo_cache")
+    c.run_variants = ("gtsvj_reward",)
+    os.makedirs(paths.vae)
+    with open(os.path.join(paths.vae, "reconstruction.json"), "w") as f:
+        json.dump({"latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}, f)
+    r = ep.variant_config(c, "gtsvj_reward", paths, 0).reward
+    assert (r.kind, r.energy_judge) == ("energy_judge", va.energy_judge_dir(paths))
+    c.videoalign.energy_judge.beta = 0.0
+    with pytest.raises(ValueError, match="config.videoalign.energy_judge: energy.beta=0.0"):
+        ep.check_config(c)
+
+    # the judges step: tiny saved models under the step dirs, a random manifold, the test pairs
+    base = saving.load_model(caches["backbone"])
+    root = tmp_path / "judges"
+    fake = types.SimpleNamespace(root=str(root), manifold="random")
+    saving.save_model(os.path.join(va.reward_model_dir(fake), "model"), rm.LatentRewardModel(base, 1, rngs=nnx.Rngs(0)))
+    saving.save_model(os.path.join(va.energy_judge_dir(fake), "model"),
+                      ej.EnergyJudge(base, 1, preference_head=True, rngs=nnx.Rngs(1)))
+    splits = {s: caches["pairs"][s] for s in ("train", "test")}
+    table = va.build_judges(ep.default_config(), fake, splits, str(root / "out"))
+    assert set(table["judges"]) == {"reward_model", "energy_judge", "energy_judge_head", "lcc", "shell_norm", "shell"}
+    labels = pc.read_all(pc.open_pair_cache(splits["test"]))["labels"]
+    assert table["pairs"] == len(labels)
+    md = open(root / "out" / judges.TABLE_MD).read()
+    assert "| shell_norm |" in md and "acc without ties" in md
+    assert json.load(open(root / "out" / judges.TABLE_JSON))["split"] == "test"
+
+
+STEPS_ALL = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges")
