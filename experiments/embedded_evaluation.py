@@ -332,6 +332,10 @@ def costs(config, paths, names, seeds) -> dict:
             row["reward_model_train_s"] = pre.get("reward_model_train_s")
             if e.method in va.TRAINING_METHODS:
                 row["scoring_s"] = pre.get("scoring_s")
+        elif va.uses_energy_judge(e):                   # GT-SVJ's rows: no pair labels in -E
+            row["energy_judge_train_s"] = pre.get("energy_judge_train_s")
+            if e.method in va.TRAINING_METHODS:
+                row["scoring_s"] = pre.get("energy_scoring_s")
         elif e.reward:                                  # a distance to the manifold: the Shell-LCC rows
             row["manifold_fit_s"] = stage_s.get("manifold")
         if e.method == va.GUIDANCE:
@@ -369,6 +373,12 @@ def cost_notes(results: dict, config) -> str:
             if "acc_at_val_eps" in rep_:
                 line += f"; with ties at the validation split's eps {preference_eval.summary_line(rep_, 'acc_at_val_eps')}"
             lines.append(line + ".")
+    if pre.get("judges"):
+        from shelllcc.evaluation import judges
+        lines.append("Judges of the preference test pairs (accuracy with ties, eps fitted on the pairs; the Shell-LCC "
+                     "distances and the energy judge's -E use no pair labels):\n\n"
+                     + judges.table_markdown(pre["judges"]) + "\n\n"
+                     + judges.table_markdown(pre["judges"], "acc_without_ties"))
     if "scored" in pre and pre["scored"]:
         sc = pre["scored"]
         lines.append(f"Scored samples of the base: {sc.get('prompts')} train prompts, {sc.get('clips')} clips, "
@@ -384,6 +394,8 @@ def cost_table(c: dict) -> str:
         before = []
         if r.get("reward_model_train_s") is not None:
             before.append(f"reward model {r['reward_model_train_s']:.0f}s")
+        if r.get("energy_judge_train_s") is not None:
+            before.append(f"energy judge {r['energy_judge_train_s']:.0f}s")
         if r.get("scoring_s") is not None:
             before.append(f"scoring {r['scoring_s']:.0f}s")
         if r.get("manifold_fit_s") is not None:

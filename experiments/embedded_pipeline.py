@@ -193,7 +193,17 @@ def catalogue() -> ml_collections.ConfigDict:
                                label="Flow-NRG: the base guided by the noise-aware reward model (no training)"),
         nrg_shell=entry("", "shell_norm", method="guidance",
                         label="the base guided by the shell_norm distance of x0_hat (ours, training-free)"),
+        **gtsvj_entries(),
     ))
+
+
+def gtsvj_entries() -> dict:
+    """GT-SVJ's energy judge as a reward (issue 18; experiments/embedded_videoalign.py's energy_judge step)."""
+    return dict(
+        gtsvj_reward=entry("one_step", va.ENERGY_JUDGE,
+                           label="GT-SVJ: one-step reward fine-tuning against the energy judge's -E"),
+        gtsvj_dpo=entry("", va.ENERGY_JUDGE, method="flow_dpo",
+                        label="GT-SVJ: Flow-DPO on the base's best-vs-worst samples by the energy judge's -E"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -305,8 +315,8 @@ def check_config(config) -> None:
             raise ValueError(f"{where}.objective={e.objective!r}; expected one of {OBJECTIVES}")
         if e.objective == "sft" and e.reward:
             raise ValueError(f"{where}: objective 'sft' takes no reward (got reward={e.reward!r})")
-        if e.objective != "sft" and e.reward not in reward_finetune.KINDS:
-            raise ValueError(f"{where}.reward={e.reward!r}; expected one of {reward_finetune.KINDS}")
+        if e.objective != "sft" and e.reward not in reward_finetune.REWARD_KINDS:
+            raise ValueError(f"{where}.reward={e.reward!r}; expected one of {reward_finetune.REWARD_KINDS}")
         if e.rule and e.rule not in checkpoint_rule.RULES:
             raise ValueError(f"{where}.rule={e.rule!r}; expected '' or one of {checkpoint_rule.RULES}")
         if e.tau and e.reward != "shell_band":
@@ -384,6 +394,8 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
         c.data.cache_dir, c.data.latent_mean, c.data.latent_std = paths.train_cache, mean, std
         c.model.init_from = paths.base
         c.reward.manifold = paths.manifold
+        if e.reward == va.ENERGY_JUDGE:
+            c.reward.energy_judge = va.energy_judge_dir(paths)
         tau = resolve_tau(config, name, paths, seed)
         if tau is not None:
             c.reward.shell_band_target = tau

@@ -28,7 +28,18 @@ that step, the steps after it and the rows that read them, and nothing else. It 
 3. ``scored``        ``score_samples`` of the base on the first ``videoalign.score.prompts`` train prompts,
                      ``clips_per_prompt`` each, scored by that reward model: the DPO pair cache and the RWR cache.
 
-The guidance row of the reward model needs steps 1-2; the DPO and RWR rows need 1-3; ``nrg_shell`` none.
+4. ``energy_judge``  ``train_energy_judge`` on the pipeline's base (GT-SVJ, issue 18): positives the real train
+                     latents, negatives perturbed ones (and, with ``videoalign.energy_judge.generated``, the
+                     scored step's samples of the base at the source's rate 0.3), then its preference head on the
+                     step-1 pairs;
+5. ``energy_scored`` ``score_samples`` of the base ranked by the energy judge's ``-E`` (the ``gtsvj_dpo`` pairs);
+6. ``judges``        the judges table (``judges.md`` / ``judges.json``; :mod:`shelllcc.evaluation.judges`): accuracy
+                     with and without ties per dimension on the test pairs of the BTT reward model, the energy
+                     judge (``-E``), its preference head and the Shell-LCC distances ``lcc``, ``shell_norm``,
+                     ``shell`` as zero-annotation judges (the clip nearer the manifold wins); built whenever step 4 is.
+
+The guidance row of the reward model needs steps 1-2; the DPO and RWR rows need 1-3; ``nrg_shell`` none;
+``gtsvj_reward`` (one-step fine-tuning against ``-E``) needs 1, 4 and 6 (with 2); ``gtsvj_dpo`` 1, 4, 5.
 The pairs' marker takes the latent cache's hash as its input, which stands for the VAE and the text encoder
 (the cache's own inputs).
 """
@@ -48,7 +59,9 @@ from experiments import flow_dpo, flow_rwr, score_samples, stage_markers, train_
 from experiments.overrides import apply_overrides, parse_overrides
 
 DIR = "videoalign"
-STEPS = ("pairs", "reward_model", "scored")
+STEPS = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges")
+ENERGY_JUDGE = "energy_judge"          # a row's reward: GT-SVJ's energy judge (reward_finetune, flow_dpo)
+JUDGE_DISTANCES = ("lcc", "shell_norm", "shell")
 TRAINING_METHODS = ("flow_dpo", "flow_rwr")
 GUIDANCE = "guidance"
 METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE,)
@@ -70,34 +83,60 @@ def default_config() -> ml_collections.ConfigDict:
         beta=500.0,                  # Flow-DPO's beta (paper: 500 with their unknown reduction; ours: per-element mean)
         temperature=0.1,             # Flow-RWR: softmax(r / temperature) over the batch
         guidance=dict(reward_model_weight=1.0, shell_weight=1.0, t_max=0.95, dimension_weights=(1.0, 1.0, 1.0)),
+        # train_energy_judge on the base (GT-SVJ): a third of its blocks with LoRA rank 8, then a preference head
+        energy_judge=dict(steps=300, batch_size=16, learning_rate=1e-3, block_fraction=1 / 3, lora_rank=8,
+                          beta=0.2, generated_rate=0.3, strength=0.5,
+                          generated=False,     # the scored step's samples of the base as generated negatives
+                          preference_steps=200, preference_batch_size=32, preference_learning_rate=1e-3,
+                          preference_loss="btt", seed=0, log_every=25),
     ))
 
 
 # ------------------------------------------------------------------------------------------ which rows need what
 
+def _deps(config, step: str) -> tuple[str, ...]:
+    if step == "energy_judge":
+        return ("pairs",) + (("scored",) if config.videoalign.energy_judge.generated else ())
+    return {"pairs": (), "reward_model": ("pairs",), "scored": ("reward_model",), "energy_scored": ("energy_judge",),
+            "judges": ("reward_model", "energy_judge")}[step]
+
+
 def steps_needed(config) -> tuple[str, ...]:
-    """The prerequisite steps the rows of ``run_variants`` need (none for Shell-LCC rows and ``nrg_shell``)."""
-    need = 0
+    """The prerequisite steps the rows of ``run_variants`` need (none for Shell-LCC rows and ``nrg_shell``), in
+    ``STEPS`` order: each row's step and what it reads; the judges table whenever the energy judge is built."""
+    need: set[str] = set()
+
+    def add(step):
+        if step not in need:
+            need.add(step)
+            for d in _deps(config, step):
+                add(d)
     for name in workdir.variant_names(config):
-        e = config.variants[name]
-        if e.method in TRAINING_METHODS:
-            need = max(need, 3)
-        elif e.method == GUIDANCE and e.reward == "reward_model":
-            need = max(need, 2)
-    return STEPS[:need]
+        step = row_step(config.variants[name])
+        if step is not None:
+            add(step)
+    if "energy_judge" in need:
+        add("judges")
+    return tuple(s for s in STEPS if s in need)
 
 
 def row_step(entry) -> str | None:
     """The last prerequisite step a row reads (its marker's input), or ``None``."""
     if entry.method in TRAINING_METHODS:
-        return "scored"
+        return "energy_scored" if entry.reward == ENERGY_JUDGE else "scored"
     if entry.method == GUIDANCE and entry.reward == "reward_model":
         return "reward_model"
+    if entry.method == "reward_finetune" and entry.reward == ENERGY_JUDGE:
+        return "energy_judge"
     return None
 
 
 def uses_reward_model(entry) -> bool:
-    return row_step(entry) is not None
+    return row_step(entry) in ("reward_model", "scored")
+
+
+def uses_energy_judge(entry) -> bool:
+    return row_step(entry) in ("energy_judge", "energy_scored")
 
 
 def records(config, hashes: dict[str, str]) -> dict[str, dict]:
@@ -118,6 +157,18 @@ def records(config, hashes: dict[str, str]) -> dict[str, dict]:
                                           "sampler": stage_markers.settings_of(config, ("sample.sampler",))},
                                          {"reward_model": out["reward_model"]["hash"], "base": hashes["base"],
                                           "cache": hashes["cache"]})
+    ej_inputs = {"pairs": out["pairs"]["hash"], "base": hashes["base"], "cache": hashes["cache"]}
+    if v.energy_judge.generated:
+        ej_inputs["scored"] = out["scored"]["hash"]
+    out["energy_judge"] = stage_markers.record({"energy_judge": v.energy_judge.to_dict()}, ej_inputs)
+    out["energy_scored"] = stage_markers.record({"score": v.score.to_dict(),
+                                                 "sampler": stage_markers.settings_of(config, ("sample.sampler",))},
+                                                {"energy_judge": out["energy_judge"]["hash"], "base": hashes["base"],
+                                                 "cache": hashes["cache"]})
+    out["judges"] = stage_markers.record({"distances": list(JUDGE_DISTANCES)},
+                                         {"reward_model": out["reward_model"]["hash"],
+                                          "energy_judge": out["energy_judge"]["hash"],
+                                          "manifold": hashes.get("manifold", "")})
     return out
 
 
@@ -127,6 +178,10 @@ def step_dir(paths, step: str) -> str:
 
 def reward_model_dir(paths) -> str:
     return step_dir(paths, "reward_model")
+
+
+def energy_judge_dir(paths) -> str:
+    return step_dir(paths, "energy_judge")
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -153,6 +208,38 @@ def reward_model_config(config, paths, splits: dict[str, str] | None = None) -> 
         splits = splits or {}
         for s in train_reward_model.SPLITS:
             c.data[s] = splits.get(s, "")
+    return c
+
+
+def energy_judge_config(config, paths, splits: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """``train_energy_judge``'s config: the base's blocks, the real train latents, the step-1 pair caches."""
+    from experiments import train_energy_judge
+    v = config.videoalign.energy_judge
+    c = train_energy_judge.default_config()
+    workdir.like_base(c.model, config)
+    c.model.scan_layers = False
+    c.seed = c.energy.seed = int(v.seed)
+    c.energy.block_fraction, c.energy.beta = float(v.block_fraction), float(v.beta)
+    c.energy.generated_rate, c.energy.strength = float(v.generated_rate), float(v.strength)
+    c.lora.rank = int(v.lora_rank)
+    c.data.batch_size, c.optim.learning_rate = int(v.batch_size), float(v.learning_rate)
+    c.train.steps, c.train.log_every = int(v.steps), int(v.log_every)
+    c.train.checkpoint_every, c.train.async_checkpoints = max(int(v.steps), 1), False
+    p = c.preference
+    p.steps, p.batch_size, p.learning_rate = int(v.preference_steps), int(v.preference_batch_size), \
+        float(v.preference_learning_rate)
+    p.loss = v.preference_loss
+    c.mesh = copy.deepcopy(config.reward.mesh)
+    c.data.cache_dir = "(the pipeline's train latents)"      # placeholder for check_config
+    if paths is not None:
+        c.model.init_from = paths.base
+        c.data.cache_dir = paths.train_cache
+        c.data.latent_mean, c.data.latent_std = workdir.latent_stats(paths)
+        c.eval.cache_dir = paths.cache("validation")
+        if v.generated:
+            c.data.generated_dir = os.path.join(step_dir(paths, "scored"), score_samples.RWR_DIR)
+        splits = splits or {}
+        p.train, p.validation, p.test = (splits.get(s, "") for s in train_reward_model.SPLITS)
     return c
 
 
@@ -183,7 +270,7 @@ def row_config(config, name: str, paths, seed: int) -> ml_collections.ConfigDict
     apply_overrides(c, parse_overrides(e.options, where), where)
     if paths is not None:
         sub = score_samples.DPO_DIR if e.method == "flow_dpo" else score_samples.RWR_DIR
-        c.data.cache_dir = os.path.join(step_dir(paths, "scored"), sub)
+        c.data.cache_dir = os.path.join(step_dir(paths, row_step(e)), sub)
         c.data.latent_mean, c.data.latent_std = (), ()        # score_samples stores normalised latents
         c.model.init_from = paths.base
     return c
@@ -225,9 +312,9 @@ def check_config(config) -> None:
         if e.tau:
             raise ValueError(f"{where}.tau={e.tau!r}: only reward_finetune's shell_band reads tau")
         if e.method in TRAINING_METHODS:
-            if e.reward:
-                raise ValueError(f"{where}.reward={e.reward!r}: {e.method} reads the reward model's scores (leave "
-                                 "it '')")
+            if e.reward not in ("", ENERGY_JUDGE):
+                raise ValueError(f"{where}.reward={e.reward!r}: {e.method} reads the reward model's scores ('') "
+                                 f"or the energy judge's ({ENERGY_JUDGE!r})")
             c = row_config(config, name, None, 0)
             (flow_dpo if e.method == "flow_dpo" else flow_rwr).check_config(c)
         else:
@@ -260,7 +347,13 @@ def check_config(config) -> None:
     if config.videoalign.reward_model.num_blocks > config.base.model.num_layers:
         raise ValueError(f"config.videoalign.reward_model.num_blocks={v.reward_model.num_blocks} exceeds the base's "
                          f"{config.base.model.num_layers} layers")
-    if "scored" in need:
+    if "energy_judge" in need:
+        from experiments import train_energy_judge
+        try:
+            train_energy_judge.check_config(energy_judge_config(config, None))
+        except ValueError as err:
+            raise ValueError(f"config.videoalign.energy_judge: {err}") from None
+    if "scored" in need or "energy_scored" in need:
         s = v.score
         if s.clips_per_prompt < 2:
             raise ValueError(f"config.videoalign.score.clips_per_prompt={s.clips_per_prompt} must be >= 2 (a pair)")
@@ -417,11 +510,67 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
             with open(os.path.join(out, "config.json"), "w") as f:
                 f.write(c.to_json_best_effort(indent=1))
             train_reward_model.run(c, out)
-        else:
+        elif step == "scored":
             score_samples.run(score_config(config, paths), out)
             _write_timing(out, {"seconds": time.time() - t0})
+        elif step == "energy_judge":
+            from experiments import train_energy_judge
+            pairs = pairs or read_pairs(paths)
+            c = energy_judge_config(config, paths, pairs["splits"])
+            with open(os.path.join(out, "config.json"), "w") as f:
+                f.write(c.to_json_best_effort(indent=1))
+            train_energy_judge.run(c, out)
+        elif step == "energy_scored":
+            c = score_config(config, paths)
+            c.score.reward, c.score.energy_judge = ENERGY_JUDGE, energy_judge_dir(paths)
+            score_samples.run(c, out)
+            _write_timing(out, {"seconds": time.time() - t0})
+        else:
+            pairs = pairs or read_pairs(paths)
+            build_judges(config, paths, pairs["splits"], out)
         print(f"videoalign {what}: finished in {time.time() - t0:.0f}s", flush=True)
         stage_markers.write(os.path.join(out, workdir.DONE), recs[step])
+
+
+def build_judges(config, paths, splits: dict[str, str], out: str) -> dict:
+    """The judges table on the test pairs (validation when there is no test split): module doc, step 6."""
+    import numpy as np
+    from flax import nnx
+
+    from experiments import reward_sources
+    from shelllcc.data import preference_cache
+    from shelllcc.evaluation import judges, preference_eval
+    from shelllcc.rewards import energy_judge as ej
+    from shelllcc.rewards import reward_model as rm
+    split = "test" if "test" in splits else "validation"
+    if split not in splits:
+        raise ValueError("config.videoalign.preferences: no test or validation pairs for the judges table; raise "
+                         "num_prompts")
+    pairs = preference_cache.read_all(preference_cache.open_pair_cache(splits[split], f"videoalign {split} pairs"))
+    bs = int(config.videoalign.score.batch_size)
+    found = {"reward_model": {"diffs": preference_eval.reward_differences(rm.load_reward_model(reward_model_dir(paths)),
+                                                                          pairs, 0.0, batch_size=bs),
+                              "description": f"the latent reward model ({config.videoalign.reward_model.loss}) on "
+                                             "the train pairs, r(A) - r(B) at t = 0"}}
+    judge = ej.load_energy_judge(energy_judge_dir(paths))
+    graphdef, state = nnx.split(judge)
+    found["energy_judge"] = {"diffs": judges.source_differences(
+        lambda p, z: -ej.clip_energy(nnx.merge(graphdef, p), z, 0.0), state, pairs["z_a"], pairs["z_b"], bs),
+        "description": "GT-SVJ's energy judge, -(E(A) - E(B)): real vs perturbed clips, no pair labels"}
+    if judge.config.preference_head:
+        found["energy_judge_head"] = {"diffs": judges.source_differences(
+            lambda p, z: nnx.merge(graphdef, p).preferences(z, np.zeros((z.shape[0],), np.float32)), state,
+            pairs["z_a"], pairs["z_b"], bs), "description": "the energy judge's preference head (ours) on the pairs"}
+    for kind in JUDGE_DISTANCES:
+        src = reward_sources.shell_lcc_source(paths.manifold, kind, pairs["z_a"].shape[-1], key="the manifold")
+        found[kind] = {"diffs": judges.source_differences(lambda p, z, a=src.apply: a(p, z, None, None), src.params,
+                                                          pairs["z_a"], pairs["z_b"], bs),
+                       "description": f"-{kind} distance to the Shell-LCC manifold: the nearer clip wins (no labels)"}
+    table = judges.judges_table(found, pairs["labels"])
+    table["split"] = split
+    judges.write_table(out, table)
+    print("videoalign judges:\n" + judges.table_markdown(table), flush=True)
+    return table
 
 
 # ------------------------------------------------------------------------------------------ costs
@@ -454,9 +603,19 @@ def prerequisite_costs(paths) -> dict:
     summ = _json(os.path.join(step_dir(paths, "scored"), score_samples.SUMMARY))
     if summ:
         out["scored"] = {k: summ.get(k) for k in ("prompts", "clips", "pairs")}
+    t = _json(os.path.join(energy_judge_dir(paths), "timing.json"))
+    if t:
+        out["energy_judge_train_s"] = round(float(t.get("energy_s", 0.0) + t.get("preference_s", 0.0)), 1)
+    s = _json(os.path.join(step_dir(paths, "energy_scored"), TIMING_JSON))
+    if s:
+        out["energy_scoring_s"] = s["seconds"]
+    from shelllcc.evaluation import judges
+    table = _json(os.path.join(step_dir(paths, "judges"), judges.TABLE_JSON))
+    if table:
+        out["judges"] = table
     return out
 
 
 __all__ = ["default_config", "steps_needed", "row_step", "records", "row_config", "guidance_section",
            "reward_model_config", "check_config", "run_stage", "prerequisite_costs", "METHODS", "TRAINING_METHODS",
-           "GUIDANCE", "GUIDES"]
+           "GUIDANCE", "GUIDES", "ENERGY_JUDGE", "energy_judge_config", "build_judges", "uses_energy_judge"]

@@ -15,6 +15,10 @@ inside the step under ``jax.shard_map`` over the batch axes; ``w = reward.weight
 from ``reward.manifold``: the ``manifold/`` directory of a ``fit_manifold`` run (or its workdir), a
 reference PyTorch checkpoint (``.pt``/``.pth``), or ``random`` (seeded, for smoke and speed runs only).
 It must have been fitted on latents normalised as this run's ``data`` section normalises them.
+
+``reward.kind='energy_judge'``: instead of a distance, ``d(z) = mean over the batch of E(z)``, the energy of GT-SVJ's
+judge at ``reward.energy_judge`` (a ``train_energy_judge`` workdir or its ``model/``; frozen, judged at t = 0; its
+reward is ``-E``, so lower is better like a distance). Issue 18: GT-SVJ as a reward for one-step fine-tuning.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from shelllcc.rewards.manifold_distance import KINDS
 from third_party.shell_lcc_reference import load_manifold as load_reference
 
 OBJECTIVES = ("one_step", "noised_data", "sft")
+ENERGY_JUDGE = "energy_judge"
+REWARD_KINDS = KINDS + (ENERGY_JUDGE,)       # a manifold distance or a trained judge's energy
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         implementation="fused",      # fused (value and gradient in one pass) | remat (plain autodiff, scan)
         kernel="auto",               # auto (Pallas on GPU, XLA elsewhere) | xla | pallas
         random=dict(num_anchors=64, hidden_dim=64, patch_size=(1, 1, 1), seed=0),
+        energy_judge="",             # kind=energy_judge: a train_energy_judge workdir (or its model/)
     )
     return c
 
@@ -85,8 +92,10 @@ def make_loss(config: ml_collections.ConfigDict):
     o, r = config.objective, config.reward
     if o.name not in OBJECTIVES:
         raise ValueError(f"unknown objective.name {o.name!r}; expected one of {OBJECTIVES}")
-    if r.kind not in KINDS:
-        raise ValueError(f"unknown reward.kind {r.kind!r}; expected one of {KINDS}")
+    if r.kind not in REWARD_KINDS:
+        raise ValueError(f"unknown reward.kind {r.kind!r}; expected one of {REWARD_KINDS}")
+    if r.kind == ENERGY_JUDGE:
+        return _energy_judge_loss(config)
     sampler = sft.sigma_sampler(config.flow)
 
     def build(setup: dit_setup.Setup):
@@ -146,6 +155,59 @@ def make_loss(config: ml_collections.ConfigDict):
             extra_sh["reward_target"] = rep
         if drift and not lora:
             # a frozen copy of the starting weights, sharded like the trained ones
+            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
+            extra_sh["reference"] = setup.param_shardings
+        return loss_fn, extra_frozen, extra_sh
+
+    return build
+
+
+def _energy_judge_loss(config: ml_collections.ConfigDict):
+    """``make_loss`` with the energy judge's mean energy as ``d`` (module doc); the judge's weights are a frozen
+    input of the step (their checksum is a resume setting like a manifold's)."""
+    from shelllcc.errors import ConfigError
+    from shelllcc.rewards import energy_judge as ej
+    o, r = config.objective, config.reward
+    if not r.energy_judge:
+        raise ConfigError("reward.kind='energy_judge' needs reward.energy_judge (a train_energy_judge workdir)")
+    sampler = sft.sigma_sampler(config.flow)
+
+    def build(setup: dit_setup.Setup):
+        judge = ej.load_energy_judge(r.energy_judge)
+        graphdef, state = nnx.split(judge)
+        print(f"reward: -energy x {r.weight} of the energy judge {r.energy_judge} ({judge.config.num_blocks} of "
+              f"{judge.config.num_layers} blocks); objective {o.name}", flush=True)
+        lora = config.lora.rank > 0
+        drift = o.name == "one_step" and o.drift_weight > 0
+
+        def loss_fn(params, frozen, batch, key):
+            model = nnx.merge(setup.graphdef, params, frozen["model"])
+            judge_now = nnx.merge(graphdef, frozen["energy_judge"])
+
+            def reward_fn(z):
+                return r.weight * jnp.mean(ej.clip_energy(judge_now, z.astype(jnp.float32), 0.0))
+            k_eps, k_s = jax.random.split(key)
+            x0, ctx = batch["latents"], batch["context"]
+            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+            if o.name == "one_step":
+                ref = None
+                if drift:
+                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
+                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
+                return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                                      ref_velocity_fn=ref, drift_margin=o.drift_margin,
+                                                      drift_weight=o.drift_weight)
+            ctx = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
+            if o.name == "noised_data":
+                return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                              sft_weight=o.sft_weight)
+            return objectives.sft_loss(model, x0, eps, ctx, k_s, sigma_sampler=sampler)
+
+        rep = parallel.replicated(setup.mesh)
+        judge_state = nnx.to_pure_dict(state)
+        extra_frozen = {"energy_judge": judge_state}
+        extra_sh = {"energy_judge": jax.tree.map(lambda _: rep, judge_state)}
+        if drift and not lora:
             extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
             extra_sh["reference"] = setup.param_shardings
         return loss_fn, extra_frozen, extra_sh

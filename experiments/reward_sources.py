@@ -16,6 +16,8 @@ Sources:
   timestep, context)``; ``random`` instead of a path is a stand-in for smoke runs
   and tests: a :class:`~shelllcc.rewards.reward_model.LatentRewardModel` on the first block of the generator
   being sampled, with a seeded random readout.
+* ``energy_judge``: ``-E`` per clip, GT-SVJ's energy judge (``shelllcc.rewards.energy_judge``: a
+  ``train_energy_judge`` workdir or its ``model/``) at the given timestep (it reads no prompt).
 * ``shell_lcc``: ``-manifold_distance(manifold, latents, kind)`` per clip (ours: the Shell-LCC distance as a
   reward; it judges clean latents, so the timestep and the prompt are ignored).
 """
@@ -73,6 +75,17 @@ def reward_model_source(path: str, generator: nnx.Module | None = None, seed: in
                         f"reward model {path}", True)
 
 
+def energy_judge_source(path: str, key: str = "energy_judge") -> RewardSource:
+    """``-E`` per clip of the energy judge at ``path`` (``key`` names the config key in errors)."""
+    from shelllcc.rewards import energy_judge as ej
+    if not path:
+        raise ConfigError(f"{key} is empty: give a train_energy_judge workdir")
+    judge = ej.load_energy_judge(path)
+    graphdef, state = nnx.split(judge)
+    return RewardSource(lambda p, x, t, c: -ej.clip_energy(nnx.merge(graphdef, p), x, t), state,
+                        f"-energy of the energy judge {path}", False)
+
+
 def shell_lcc_source(manifold: str, kind: str, latent_channels: int, key: str = "manifold") -> RewardSource:
     """``-manifold_distance`` per clip for the manifold at ``manifold`` (a ``fit_manifold`` output or workdir,
     a reference ``.pt``, or ``random``)."""
@@ -96,4 +109,4 @@ def shell_lcc_source(manifold: str, kind: str, latent_channels: int, key: str = 
     return RewardSource(apply, params, f"-{kind} distance to manifold {manifold}", False)
 
 
-__all__ = ["RewardSource", "combine", "reward_model_source", "shell_lcc_source"]
+__all__ = ["RewardSource", "combine", "energy_judge_source", "reward_model_source", "shell_lcc_source"]

@@ -14,6 +14,7 @@ Scoring (``score.reward``), one number per clip, higher is better:
 
 * ``reward_model``: ``r = (VQ + MQ + TA) / 3`` of the latent reward model at ``score.reward_model``
   (``experiments.reward_sources``; ``random`` is a stand-in for smoke runs) on the clean latents at timestep 0;
+* ``energy_judge``: ``r = -E`` of GT-SVJ's energy judge at ``score.energy_judge`` on the clean latents;
 * ``shell_lcc``: ``r = -distance`` of the clip to the manifold ``score.manifold`` (``score.manifold_kind``).
 
 Outputs under ``WORKDIR`` (each written whole, then renamed into place):
@@ -46,7 +47,7 @@ from shelllcc.data import latent_cache
 from shelllcc.errors import ConfigError
 
 DPO_DIR, RWR_DIR, SUMMARY = "dpo_cache", "rwr_cache", "score_summary.json"
-REWARDS = ("reward_model", "shell_lcc")
+REWARDS = ("reward_model", "shell_lcc", "energy_judge")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.latents = base.latents
     c.sampler = base.sampler
     c.score = ml_collections.ConfigDict(dict(
-        reward="reward_model",       # reward_model | shell_lcc
+        reward="reward_model",       # reward_model | shell_lcc | energy_judge
+        energy_judge="",             # reward=energy_judge: a train_energy_judge workdir
         reward_model="",             # a trained latent reward model, or 'random' (a stand-in)
         manifold="",                 # reward=shell_lcc: a fit_manifold output (or 'random')
         manifold_kind="shell_norm",  # lcc | shell_norm | shell
@@ -172,6 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, reward_source: reward_s
         if sc.reward == "reward_model":
             reward_source = reward_sources.reward_model_source(sc.reward_model, loaded.model, config.seed,
                                                                key="score.reward_model")
+        elif sc.reward == "energy_judge":
+            reward_source = reward_sources.energy_judge_source(sc.energy_judge, key="score.energy_judge")
         else:
             reward_source = reward_sources.shell_lcc_source(sc.manifold, sc.manifold_kind, shape[-1],
                                                             key="score.manifold")
