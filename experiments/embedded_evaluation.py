@@ -332,6 +332,9 @@ def costs(config, paths, names, seeds) -> dict:
             row["reward_model_train_s"] = pre.get("reward_model_train_s")
             if e.method in va.TRAINING_METHODS:
                 row["scoring_s"] = pre.get("scoring_s")
+            if va.extra_steps(e):                   # Gran-DPO with the learned patch model: its labels and training
+                row["labels"] = (row["labels"] or 0) + (pre.get("patch_labels") or 0)
+                row["patch_reward_train_s"] = pre.get("patch_reward_train_s")
         elif va.uses_energy_judge(e):                   # GT-SVJ's rows: no pair labels in -E
             row["energy_judge_train_s"] = pre.get("energy_judge_train_s")
             if e.method in va.TRAINING_METHODS:
@@ -355,8 +358,10 @@ def costs(config, paths, names, seeds) -> dict:
 
 def cost_notes(results: dict, config) -> str:
     """What the cost columns measure, and the reward model's own accuracy where it was trained."""
-    lines = ["*Labels used*: preference pairs the reward model trained on x 3 dimensions (VQ, MQ, TA); the Shell-LCC "
-             "rows and the control use none. *Built before the run*: wall time of the shared prerequisites (the "
+    lines = ["*Labels used*: preference pairs the reward model trained on x 3 dimensions (VQ, MQ, TA), plus, for "
+             "Gran-DPO with the learned patch model, its training clips x patches (the degradation oracle's patch "
+             "labels); the Shell-LCC rows (and Gran-DPO's Shell-LCC patch rewards) and the control use none. "
+             "*Built before the run*: wall time of the shared prerequisites (the "
              "reward model's training; the scoring of the base's samples for DPO / RWR; the manifold's fit for the "
              "Shell-LCC rows), once per pipeline run whatever the number of rows and seeds. *s / training step*: "
              "between validations, compilation and validation excluded, mean over seeds; *x control*: against the "
@@ -379,6 +384,9 @@ def cost_notes(results: dict, config) -> str:
                      "distances and the energy judge's -E use no pair labels):\n\n"
                      + judges.table_markdown(pre["judges"]) + "\n\n"
                      + judges.table_markdown(pre["judges"], "acc_without_ties"))
+    patch = va.patch_reward_notes(pre)
+    if patch:
+        lines.append(patch)
     if "scored" in pre and pre["scored"]:
         sc = pre["scored"]
         lines.append(f"Scored samples of the base: {sc.get('prompts')} train prompts, {sc.get('clips')} clips, "
@@ -398,6 +406,8 @@ def cost_table(c: dict) -> str:
             before.append(f"energy judge {r['energy_judge_train_s']:.0f}s")
         if r.get("scoring_s") is not None:
             before.append(f"scoring {r['scoring_s']:.0f}s")
+        if r.get("patch_reward_train_s") is not None:
+            before.append(f"patch reward model {r['patch_reward_train_s']:.0f}s")
         if r.get("manifold_fit_s") is not None:
             before.append(f"manifold fit {r['manifold_fit_s']:.0f}s")
         rows.append({"model": name, "method": r["method"], "labels": "" if r["labels"] is None else str(r["labels"]),

@@ -194,6 +194,14 @@ def catalogue() -> ml_collections.ConfigDict:
         nrg_shell=entry("", "shell_norm", method="guidance",
                         label="the base guided by the shell_norm distance of x0_hat (ours, training-free)"),
         **gtsvj_entries(),
+        # HALO (issue 18 part 2): Gran-DPO as we reconstruct it from the abstract (ours), Flow-DPO's pairs plus
+        # per-patch Flow-DPO terms; the patch rewards from the learned patch model or the Shell-LCC distance
+        gran_dpo_patch=entry("", method="flow_dpo", options="dpo.patch_source=patch_model",
+                             label="Gran-DPO (ours, from HALO's abstract): Flow-DPO + per-patch Flow-DPO ordered by "
+                                   "the learned patch reward model"),
+        gran_dpo_shell=entry("", method="flow_dpo", options="dpo.patch_source=shell",
+                             label="Gran-DPO (ours) with the Shell-LCC per-patch distance as a training-free patch "
+                                   "reward"),
     ))
 
 
@@ -615,6 +623,8 @@ def variant_record(config, name: str, seed: int, inputs: dict[str, str]) -> dict
     step = va.row_step(e)
     if step is not None:                     # the VideoAlign prerequisite it reads (only these rows)
         inputs[f"videoalign {step}"] = va.records(config, inputs)[step]["hash"]
+    for extra in va.extra_steps(e):          # a Gran-DPO row's learned patch model
+        inputs[f"videoalign {extra}"] = va.records(config, inputs)[extra]["hash"]
     if "@" in e.tau:
         source = e.tau.split("@", 1)[0]
         inputs[f"variant {source}"] = variant_record(config, source, seed, inputs)["hash"]

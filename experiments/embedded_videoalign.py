@@ -37,9 +37,18 @@ that step, the steps after it and the rows that read them, and nothing else. It 
                      with and without ties per dimension on the test pairs of the BTT reward model, the energy
                      judge (``-E``), its preference head and the Shell-LCC distances ``lcc``, ``shell_norm``,
                      ``shell`` as zero-annotation judges (the clip nearer the manifold wins); built whenever step 4 is.
+7. ``patch_reward``  ``train_patch_reward`` (HALO's patch reward model as we reconstruct it, issue 18): the
+                     reward model of step 2 with a per-patch head, trained on Moving Textures clips degraded inside
+                     random patches (:mod:`shelllcc.data.patch_degradations`, the oracle standing in for HALO's
+                     GPT-4o), encoded with the pipeline's VAE and text encoder; its evaluation (patch accuracy,
+                     Spearman of the mean patch reward with the video reward) goes to the report.
 
 The guidance row of the reward model needs steps 1-2; the DPO and RWR rows need 1-3; ``nrg_shell`` none;
 ``gtsvj_reward`` (one-step fine-tuning against ``-E``) needs 1, 4 and 6 (with 2); ``gtsvj_dpo`` 1, 4, 5.
+Gran-DPO rows (ours, from HALO's abstract) are ``flow_dpo`` rows with ``dpo.patch_source`` in their options:
+``gran_dpo_patch`` (``patch_model``) reads steps 3 and 7, ``gran_dpo_shell`` (``shell``: the pipeline's manifold
+per patch, training-free) step 3; their patch is ``patch_reward.patch_tokens`` x the base's patch, their
+``delta`` and ``lam`` are ``config.videoalign.gran``'s.
 The pairs' marker takes the latent cache's hash as its input, which stands for the VAE and the text encoder
 (the cache's own inputs).
 """
@@ -55,13 +64,15 @@ import time
 import ml_collections
 
 from experiments import embedded_workdir as workdir
-from experiments import flow_dpo, flow_rwr, score_samples, stage_markers, train_reward_model
+from experiments import flow_dpo, flow_rwr, score_samples, stage_markers, train_patch_reward, train_reward_model
 from experiments.overrides import apply_overrides, parse_overrides
 
 DIR = "videoalign"
-STEPS = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges")
+STEPS = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges",
+         "patch_reward")
 ENERGY_JUDGE = "energy_judge"          # a row's reward: GT-SVJ's energy judge (reward_finetune, flow_dpo)
 JUDGE_DISTANCES = ("lcc", "shell_norm", "shell")
+PATCH_STEP = "patch_reward"         # HALO's patch reward model (a Gran-DPO row with the learned patch model)
 TRAINING_METHODS = ("flow_dpo", "flow_rwr")
 GUIDANCE = "guidance"
 METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE,)
@@ -89,16 +100,36 @@ def default_config() -> ml_collections.ConfigDict:
                           generated=False,     # the scored step's samples of the base as generated negatives
                           preference_steps=200, preference_batch_size=32, preference_learning_rate=1e-3,
                           preference_loss="btt", seed=0, log_every=25),
+        # train_patch_reward from the reward model of step 2 (ours; experiments/train_patch_reward.py)
+        patch_reward=dict(patch_tokens=(1, 2, 2), backbone="full", steps=300, batch_size=32, learning_rate=1e-4,
+                          t_max=0.0, seed=0, log_every=25, num_train=512, num_validation=0, num_test=128,
+                          max_patches=4, clean_share=0.25, clip_seed=0, batch_size_encode=32, shard_size=512,
+                          eval_n_boot=1000),
+        # Gran-DPO rows (ours): the patch term's threshold and weight, the Shell-LCC source's distance
+        gran=dict(delta=0.0, lam=1.0, manifold_kind="shell_norm"),
     ))
 
 
 # ------------------------------------------------------------------------------------------ which rows need what
 
+def patch_source(entry) -> str:
+    """A ``flow_dpo`` row's Gran-DPO patch source (its options' ``dpo.patch_source``; '' for Flow-DPO)."""
+    if entry.method != "flow_dpo":
+        return ""
+    return str(parse_overrides(entry.options, "entry options").get("dpo.patch_source", ""))
+
+
+def extra_steps(entry) -> tuple[str, ...]:
+    """Prerequisite steps a row reads beside :func:`row_step`'s (the learned patch model of a Gran-DPO row)."""
+    return ("patch_reward",) if patch_source(entry) == "patch_model" else ()
+
+
 def _deps(config, step: str) -> tuple[str, ...]:
     if step == "energy_judge":
         return ("pairs",) + (("scored",) if config.videoalign.energy_judge.generated else ())
     return {"pairs": (), "reward_model": ("pairs",), "scored": ("reward_model",), "energy_scored": ("energy_judge",),
-            "judges": ("reward_model", "energy_judge")}[step]
+            "judges": ("reward_model", "energy_judge"),
+            PATCH_STEP: ("reward_model",)}[step]
 
 
 def steps_needed(config) -> tuple[str, ...]:
@@ -115,6 +146,8 @@ def steps_needed(config) -> tuple[str, ...]:
         step = row_step(config.variants[name])
         if step is not None:
             add(step)
+        for extra in extra_steps(config.variants[name]):
+            add(extra)
     if "energy_judge" in need:
         add("judges")
     return tuple(s for s in STEPS if s in need)
@@ -169,6 +202,11 @@ def records(config, hashes: dict[str, str]) -> dict[str, dict]:
                                          {"reward_model": out["reward_model"]["hash"],
                                           "energy_judge": out["energy_judge"]["hash"],
                                           "manifold": hashes.get("manifold", "")})
+    out["patch_reward"] = stage_markers.record(
+        {"patch_reward": v.patch_reward.to_dict(),
+         "clip": stage_markers.settings_of(config, ("benchmark.num_frames", "benchmark.height", "benchmark.width",
+                                                    "benchmark.background_texture"))},
+        {"reward_model": out["reward_model"]["hash"], "cache": hashes["cache"]})
     return out
 
 
@@ -268,12 +306,62 @@ def row_config(config, name: str, paths, seed: int) -> ml_collections.ConfigDict
     c.train.eval_every = config.validation.every
     where = f"config.variants.{name}.options"
     apply_overrides(c, parse_overrides(e.options, where), where)
+    if e.method == "flow_dpo" and c.dpo.patch_source:
+        _gran_settings(config, c, paths)
     if paths is not None:
         sub = score_samples.DPO_DIR if e.method == "flow_dpo" else score_samples.RWR_DIR
         c.data.cache_dir = os.path.join(step_dir(paths, row_step(e)), sub)
         c.data.latent_mean, c.data.latent_std = (), ()        # score_samples stores normalised latents
         c.model.init_from = paths.base
     return c
+
+
+def _gran_settings(config, c, paths) -> None:
+    """A Gran-DPO row's patch (the patch model's: ``patch_tokens`` x the base's patch), ``delta``, ``lam`` and its
+    patch rewards' source: the patch_reward step's model or the pipeline's manifold."""
+    g = config.videoalign.gran
+    c.dpo.patch = tuple(int(a) * int(b) for a, b in zip(config.videoalign.patch_reward.patch_tokens,
+                                                         config.base.model.patch_size))
+    c.dpo.delta, c.dpo.lam, c.dpo.manifold_kind = float(g.delta), float(g.lam), g.manifold_kind
+    if c.dpo.patch_source == "patch_model":
+        c.dpo.patch_model = step_dir(paths, "patch_reward") if paths is not None else "(the patch_reward step's output)"
+    elif c.dpo.patch_source == "shell":
+        c.dpo.manifold = paths.manifold if paths is not None else "(the manifold stage's output)"
+
+
+def patch_reward_config(config, paths) -> ml_collections.ConfigDict:
+    """``train_patch_reward``'s config: the reward model of step 2, clips of the benchmark's size."""
+    v, b = config.videoalign.patch_reward, config.benchmark
+    c = train_patch_reward.default_config()
+    c.seed = int(v.seed)
+    c.mesh = copy.deepcopy(config.reward.mesh)
+    p = c.patch_reward
+    p.reward_model = reward_model_dir(paths) if paths is not None else "(the reward_model step's output)"
+    p.patch_tokens, p.backbone, p.t_max, p.seed = tuple(v.patch_tokens), v.backbone, float(v.t_max), int(v.seed)
+    c.data.batch_size, c.optim.learning_rate = int(v.batch_size), float(v.learning_rate)
+    c.train.steps, c.train.log_every = int(v.steps), int(v.log_every)
+    c.train.checkpoint_every, c.train.async_checkpoints = max(int(v.steps), 1), False
+    cl = c.clips
+    cl.build = True
+    cl.num_train, cl.num_validation, cl.num_test = int(v.num_train), int(v.num_validation), int(v.num_test)
+    cl.max_patches, cl.clean_share, cl.seed = int(v.max_patches), float(v.clean_share), int(v.clip_seed)
+    cl.num_frames, cl.height, cl.width, cl.background_texture = b.num_frames, b.height, b.width, b.background_texture
+    cl.batch_size, cl.shard_size = int(v.batch_size_encode), int(v.shard_size)
+    c.eval.n_boot = int(v.eval_n_boot)
+    return c
+
+
+def build_patch_reward(config, paths, out: str) -> None:
+    """Step 4: the clip caches through the pipeline's VAE and text encoder, then train_patch_reward."""
+    from experiments import train_vae
+    from shelllcc.data import latent_cache, preference_cache
+    from shelllcc.models import saving
+    c = patch_reward_config(config, paths)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=1))
+    encoders = (preference_cache.normalised_encoder(train_vae.load(paths.vae)),
+                latent_cache.text_encoder_fn(saving.load_model(paths.text_encoder)))
+    train_patch_reward.run(c, out, encoders=encoders)
 
 
 def guidance_section(config, name: str, paths) -> ml_collections.ConfigDict:
@@ -353,6 +441,11 @@ def check_config(config) -> None:
             train_energy_judge.check_config(energy_judge_config(config, None))
         except ValueError as err:
             raise ValueError(f"config.videoalign.energy_judge: {err}") from None
+    if "patch_reward" in need:
+        try:
+            train_patch_reward.check_config(patch_reward_config(config, None))
+        except ValueError as err:
+            raise ValueError(f"config.videoalign.patch_reward: {err}") from None
     if "scored" in need or "energy_scored" in need:
         s = v.score
         if s.clips_per_prompt < 2:
@@ -510,6 +603,8 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
             with open(os.path.join(out, "config.json"), "w") as f:
                 f.write(c.to_json_best_effort(indent=1))
             train_reward_model.run(c, out)
+        elif step == "patch_reward":
+            build_patch_reward(config, paths, out)
         elif step == "scored":
             score_samples.run(score_config(config, paths), out)
             _write_timing(out, {"seconds": time.time() - t0})
@@ -613,9 +708,54 @@ def prerequisite_costs(paths) -> dict:
     table = _json(os.path.join(step_dir(paths, "judges"), judges.TABLE_JSON))
     if table:
         out["judges"] = table
+
+    pt = _json(os.path.join(step_dir(paths, "patch_reward"), "timing.json"))
+    if pt:
+        out["patch_reward_train_s"] = round(float(pt["train_s"]), 1)
+        out["patch_clips_s"] = round(float(pt["clips_s"]), 1)
+    pe = _json(os.path.join(step_dir(paths, "patch_reward"), train_patch_reward.EVAL_JSON))
+    if pe:
+        out["patch_reward_eval"] = pe
+        out["patch_labels"] = int(_patch_train_clips(paths)) * int(pe.get("patches_per_clip", 0))
     return out
 
 
-__all__ = ["default_config", "steps_needed", "row_step", "records", "row_config", "guidance_section",
-           "reward_model_config", "check_config", "run_stage", "prerequisite_costs", "METHODS", "TRAINING_METHODS",
-           "GUIDANCE", "GUIDES", "ENERGY_JUDGE", "energy_judge_config", "build_judges", "uses_energy_judge"]
+def _patch_train_clips(paths) -> int:
+    """The patch_reward step's number of train clips (its config.json)."""
+    c = _json(os.path.join(step_dir(paths, "patch_reward"), "config.json"))
+    return int(c.get("clips", {}).get("num_train", 0))
+
+
+def patch_reward_notes(pre: dict) -> str:
+    """The patch reward model's table for the report (beside the reward model's accuracy): patch accuracy and
+    HALO's consistency, 95% bootstrap intervals over the held-out clips; '' when the step did not run."""
+    ev = pre.get("patch_reward_eval")
+    if not ev:
+        return ""
+    from shelllcc.evaluation import report
+    from shelllcc.evaluation.intervals import format_interval
+    fmt = lambda i: format_interval(i) if i.get("lo") == i.get("lo") else f"{i['value']:.3f}"  # noqa: E731
+    c = ev["consistency"]
+    rows = [{"what": "patch accuracy, (r_p > 0) == label", "value": fmt(ev["patch_accuracy"]),
+             "ref": f"majority label {ev['majority_baseline']:.3f}"},
+            {"what": "accuracy on clean / degraded patches", "value": f"{ev['accuracy_clean']:.3f} / "
+             f"{ev['accuracy_degraded']:.3f}" if ev.get("accuracy_degraded") is not None else "", "ref": ""},
+            {"what": "Spearman(mean patch reward, video reward (VQ+MQ+TA)/3)",
+             "value": fmt(c["spearman_mean_patch_vs_video"]), "ref": "HALO's consistency claim"},
+            {"what": "Spearman(mean patch reward, clean share of the clip)",
+             "value": fmt(c["spearman_mean_patch_vs_clean_share"]), "ref": "the oracle's clip-level truth"},
+            {"what": "Spearman(video reward, clean share of the clip)",
+             "value": fmt(c["spearman_video_vs_clean_share"]), "ref": "what the video model knows of it"}]
+    for k, v in ev.get("degraded_found_by_kind", {}).items():
+        rows.append({"what": f"degraded patches found: {k}", "value": f"{v['found']:.3f}", "ref": f"{v['patches']} patches"})
+    head = (f"Patch reward model (ours, HALO's reconstructed; patches of {ev.get('patch_cells')} latent cells, "
+            f"{ev['patches_per_clip']} per clip) on {ev['clips']} held-out clips with localised degradations, 95% "
+            f"intervals by a bootstrap over clips:")
+    return head + "\n\n" + report.markdown_table(rows, [("what", "measure", None), ("value", "value", None),
+                                                         ("ref", "against", None)])
+
+
+__all__ = ["default_config", "steps_needed", "row_step", "extra_steps", "patch_source", "records", "row_config",
+           "guidance_section", "reward_model_config", "patch_reward_config", "check_config", "run_stage",
+           "prerequisite_costs", "patch_reward_notes", "METHODS", "TRAINING_METHODS", "GUIDANCE", "GUIDES",
+           "ENERGY_JUDGE", "energy_judge_config", "build_judges", "uses_energy_judge"]

@@ -42,7 +42,8 @@ from experiments.overrides import apply_overrides
 from shelllcc.errors import UserError
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline",
-               "score_samples", "flow_dpo", "flow_rwr", "train_reward_model", "train_energy_judge")
+               "score_samples", "flow_dpo", "flow_rwr", "train_reward_model", "train_energy_judge",
+               "train_patch_reward")
 DONE_FILE = "DONE"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py[:arg].",
