@@ -34,7 +34,7 @@ def test_catalogue_rows_say_ours_and_pass_the_checks():
     for name in ROWS:
         assert cat[name].method == "flow_dpo" and "ours" in cat[name].label
     ep.check_config(_config())
-    assert va.steps_needed(_config()) == va.STEPS + (va.PATCH_STEP,)                 # the patch model: step 4
+    assert va.steps_needed(_config()) == ("pairs", "reward_model", "scored", va.PATCH_STEP)   # + the patch model
     assert va.steps_needed(_config(("gran_dpo_shell",))) == ("pairs", "reward_model", "scored")
     assert va.patch_source(cat.gran_dpo_patch) == "patch_model" and va.extra_steps(cat.gran_dpo_shell) == ()
     c = _config()
