@@ -17,6 +17,12 @@ Args (``--config=configs/demo.py:ARG``):
   reward model of the base's first 2 blocks trained 150 steps, 48 train prompts x 4 samples scored).
   Measured on two CPU cores shared with other work (load 7-14): the prerequisites 15 minutes, a trained row
   3-5 minutes, six rows about 55 minutes in all (``benchmarks/RESULTS.md``); expect less on an idle machine.
+* ``judges``: the default protocol with issue 18's rows beside Flow-DPO, ``shell`` and the control:
+  ``gtsvj_reward`` (one-step fine-tuning against GT-SVJ's energy judge), ``gtsvj_dpo`` (Flow-DPO on pairs the
+  judge ranked), ``nrg_energy_judge`` (the base guided by the judge), ``gran_dpo_patch`` / ``gran_dpo_shell``
+  (Gran-DPO, ours from HALO's abstract, with the learned patch reward model / the Shell-LCC per-patch
+  distance); ``videoalign``'s prerequisites plus the energy judge, the patch reward model and the judges
+  table (the BTT reward model, the energy judge and the Shell-LCC distances on the preference test pairs).
 * ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
   encoder and the base DiT trained here, the base checked on the validation prompts, then all three
   packed into ``pretrained.export_to``. Stops after the classifier.
@@ -30,7 +36,7 @@ Args (``--config=configs/demo.py:ARG``):
 
 from experiments import embedded_pipeline
 
-ARGS = ("quick", "pretrain", "from_scratch", "long", "authors", "videoalign")
+ARGS = ("quick", "pretrain", "from_scratch", "long", "authors", "videoalign", "judges")
 
 
 def _dit(c, dim, layers, heads, ffn):
@@ -49,6 +55,15 @@ def _train_everything(c):
     c.base.train.checkpoint_every = 4000
     c.base.optim.learning_rate, c.base.optim.warmup_steps = 1e-3, 500
     c.classifier.steps = 500
+
+
+def _videoalign_prerequisites(c):
+    """The preference pairs, reward model and scored samples sized for two CPU cores (shared by the presets
+    that compare other methods with Shell-LCC, so their prerequisites are built once in a workdir)."""
+    v = c.videoalign
+    v.preferences.num_prompts = 150
+    v.reward_model.steps, v.reward_model.batch_size, v.reward_model.log_every = 150, 16, 25
+    v.score.prompts, v.score.clips_per_prompt = 48, 4
 
 
 def get_config(arg: str | None = None):
@@ -123,10 +138,12 @@ def get_config(arg: str | None = None):
         # issue 17 section 3: VideoAlign's rows next to the Shell-LCC rows, same base, evaluation and intervals
         c.run_variants = ("control", "flow_dpo", "flow_dpo_t", "flow_rwr", "nrg_reward_model", "nrg_shell",
                           "shell_norm", "shell_band", "shell")
-        v = c.videoalign
-        v.preferences.num_prompts = 150
-        v.reward_model.steps, v.reward_model.batch_size, v.reward_model.log_every = 150, 16, 25
-        v.score.prompts, v.score.clips_per_prompt = 48, 4
+        _videoalign_prerequisites(c)
+    elif arg == "judges":
+        # issue 18 section 3: GT-SVJ's and HALO's rows on the same base, evaluation and intervals
+        c.run_variants = ("control", "flow_dpo", "gtsvj_reward", "gtsvj_dpo", "nrg_energy_judge", "gran_dpo_patch",
+                          "gran_dpo_shell", "shell")
+        _videoalign_prerequisites(c)
     elif arg:
         raise ValueError(f"unknown demo config arg {arg!r}; expected nothing or one of {ARGS}")
     return c

@@ -211,7 +211,10 @@ def gtsvj_entries() -> dict:
         gtsvj_reward=entry("one_step", va.ENERGY_JUDGE,
                            label="GT-SVJ: one-step reward fine-tuning against the energy judge's -E"),
         gtsvj_dpo=entry("", va.ENERGY_JUDGE, method="flow_dpo",
-                        label="GT-SVJ: Flow-DPO on the base's best-vs-worst samples by the energy judge's -E"))
+                        label="GT-SVJ: Flow-DPO on the base's best-vs-worst samples by the energy judge's -E"),
+        nrg_energy_judge=entry("", va.ENERGY_JUDGE, method="guidance",
+                               label="the base guided by the energy judge's -E of x0_hat (no training; the use in "
+                                     "guidance is ours)"))
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -76,7 +76,8 @@ PATCH_STEP = "patch_reward"         # HALO's patch reward model (a Gran-DPO row 
 TRAINING_METHODS = ("flow_dpo", "flow_rwr")
 GUIDANCE = "guidance"
 METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE,)
-GUIDES = ("reward_model", "lcc", "shell_norm", "shell")     # a guidance row's reward: the model or a distance
+# a guidance row's reward: the reward model, a distance to the manifold or the energy judge (GUIDES[-1])
+GUIDES = ("reward_model", "lcc", "shell_norm", "shell", "energy_judge")
 TIMING_JSON = "timing.json"
 
 
@@ -93,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
         score=dict(prompts=128, clips_per_prompt=4, tie_margin=0.0, seed=0, batch_size=16),
         beta=500.0,                  # Flow-DPO's beta (paper: 500 with their unknown reduction; ours: per-element mean)
         temperature=0.1,             # Flow-RWR: softmax(r / temperature) over the batch
-        guidance=dict(reward_model_weight=1.0, shell_weight=1.0, t_max=0.95, dimension_weights=(1.0, 1.0, 1.0)),
+        guidance=dict(reward_model_weight=1.0, shell_weight=1.0, energy_judge_weight=1.0, t_max=0.95,
+                      dimension_weights=(1.0, 1.0, 1.0)),
         # train_energy_judge on the base (GT-SVJ): a third of its blocks with LoRA rank 8, then a preference head
         energy_judge=dict(steps=300, batch_size=16, learning_rate=1e-3, block_fraction=1 / 3, lora_rank=8,
                           beta=0.2, generated_rate=0.3, strength=0.5,
@@ -159,7 +161,7 @@ def row_step(entry) -> str | None:
         return "energy_scored" if entry.reward == ENERGY_JUDGE else "scored"
     if entry.method == GUIDANCE and entry.reward == "reward_model":
         return "reward_model"
-    if entry.method == "reward_finetune" and entry.reward == ENERGY_JUDGE:
+    if entry.method in ("reward_finetune", GUIDANCE) and entry.reward == ENERGY_JUDGE:
         return "energy_judge"
     return None
 
@@ -375,6 +377,9 @@ def guidance_section(config, name: str, paths) -> ml_collections.ConfigDict:
     if e.reward == "reward_model":
         s.kind, s.weight = "reward_model", float(g.reward_model_weight)
         s.reward_model = reward_model_dir(paths) if paths is not None else "(the reward_model step's output)"
+    elif e.reward == ENERGY_JUDGE:
+        s.kind, s.weight = "energy_judge", float(g.energy_judge_weight)
+        s.energy_judge = energy_judge_dir(paths) if paths is not None else "(the energy_judge step's output)"
     else:
         s.kind, s.weight, s.manifold_kind = "shell_lcc", float(g.shell_weight), e.reward
         s.manifold = paths.manifold if paths is not None else "(the manifold stage's output)"

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from shelllcc.errors import ConfigError
+from shelllcc.rewards import energy_judge as ej
 from shelllcc.rewards import reward_model as rm
 
 Apply = Callable[[Any, Any, Any, Any], Any]
@@ -75,15 +76,22 @@ def reward_model_source(path: str, generator: nnx.Module | None = None, seed: in
                         f"reward model {path}", True)
 
 
-def energy_judge_source(path: str, key: str = "energy_judge") -> RewardSource:
-    """``-E`` per clip of the energy judge at ``path`` (``key`` names the config key in errors)."""
-    from shelllcc.rewards import energy_judge as ej
+def energy_judge_source(path: str, generator: nnx.Module | None = None, seed: int = 0,
+                        key: str = "energy_judge") -> RewardSource:
+    """``-E`` per clip of the energy judge at ``path`` (``key`` names the config key in errors); ``random``
+    instead of a path is a stand-in for smoke runs and tests: an energy judge on the first block of the
+    generator being sampled, with a seeded random head."""
     if not path:
-        raise ConfigError(f"{key} is empty: give a train_energy_judge workdir")
-    judge = ej.load_energy_judge(path)
+        raise ConfigError(f"{key} is empty: give a train_energy_judge workdir (or 'random' for smoke runs)")
+    if path == "random":
+        if generator is None:
+            raise ConfigError(f"{key}='random' needs the generator to build the stand-in from")
+        judge, what = ej.EnergyJudge(generator, 1, rngs=nnx.Rngs(seed)), f"a random stand-in energy judge (seed {seed})"
+    else:
+        judge, what = ej.load_energy_judge(path), f"the energy judge {path}"
     graphdef, state = nnx.split(judge)
     return RewardSource(lambda p, x, t, c: -ej.clip_energy(nnx.merge(graphdef, p), x, t), state,
-                        f"-energy of the energy judge {path}", False)
+                        f"-energy of {what}", False)
 
 
 def shell_lcc_source(manifold: str, kind: str, latent_channels: int, key: str = "manifold") -> RewardSource:

@@ -33,7 +33,10 @@ Reward guidance (``sampler.guidance``, VideoAlign's Flow-NRG, paper Eq. 11): at 
 * ``kind='reward_model'``: ``r = sum_k dimension_weights_k r_k(x_t, 1000 t, y)``, the noise-aware latent
   reward model's (VQ, MQ, TA) at the current noisy state and timestep, gradient w.r.t. ``x_t``;
 * ``kind='shell_lcc'`` (ours, training-free): ``r = -distance(x0_hat)`` with ``x0_hat = x_t - t v`` and the
-  gradient taken w.r.t. ``x0_hat`` (not through the model), put into the same formula.
+  gradient taken w.r.t. ``x0_hat`` (not through the model), put into the same formula;
+* ``kind='energy_judge'`` (GT-SVJ's judge as a guidance energy; the use in guidance is ours): ``r = -E(x0_hat)``,
+  the judge's mean energy over latent frames, taken at ``x0_hat`` like ``shell_lcc`` (the judge is trained on
+  clean latents).
 
 Decoding: latents are in the model's (normalised) space; the decoder gets
 ``z * latents.latent_std + latents.latent_mean`` (identity when both are empty: a model trained on a
@@ -105,7 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=4,                # prompts per jitted sampling call
         # reward guidance of the velocity (module doc): v~ = v - weight t / (1 - t) grad r
         guidance=ml_collections.ConfigDict(dict(
-            kind="none",                 # none | reward_model (Flow-NRG) | shell_lcc (ours, training-free)
+            # none | reward_model (Flow-NRG) | shell_lcc (ours, training-free) | energy_judge (GT-SVJ's -E)
+            kind="none",
             weight=0.0,
             # weights of the reward model's (VQ, MQ, TA) in r; VideoAlign's Table 6 values are not in the
             # notes available here, so equal weights
@@ -114,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
             reward_model="",             # a trained noise-aware reward model, or 'random' (a stand-in)
             manifold="",                 # kind=shell_lcc: a fit_manifold output (or 'random')
             manifold_kind="shell_norm",  # the distance: lcc | shell_norm | shell
+            energy_judge="",             # kind=energy_judge: a train_energy_judge workdir (or 'random')
         )),
     ))
     c.vae = ml_collections.ConfigDict(dict(
@@ -359,7 +364,7 @@ class SamplerGuidance:
     description: str
 
 
-GUIDANCE_KINDS = ("none", "reward_model", "shell_lcc")
+GUIDANCE_KINDS = ("none", "reward_model", "shell_lcc", "energy_judge")
 
 
 def check_guidance(g: ml_collections.ConfigDict) -> None:
@@ -380,6 +385,10 @@ def build_guidance(g: ml_collections.ConfigDict, model: nnx.Module, seed: int = 
     if g.kind == "reward_model":
         src = reward_sources.reward_model_source(g.reward_model, model, seed, key="sampler.guidance.reward_model")
         at = "noisy"
+    elif g.kind == "energy_judge":
+        # the judge is trained on clean latents (t_max 0): it judges x0_hat, like the Shell-LCC distance
+        src = reward_sources.energy_judge_source(g.energy_judge, model, seed, key="sampler.guidance.energy_judge")
+        at = "noisy" if src.noise_aware else "x0"
     else:
         src = reward_sources.shell_lcc_source(g.manifold, g.manifold_kind, model.config.in_channels,
                                               key="sampler.guidance.manifold")

@@ -157,10 +157,10 @@ def test_ablation_variant_with_a_bad_value_is_refused_before_any_variant_runs(tm
 def test_every_shipped_config_passes_the_checks():
     import importlib
 
-    from configs import wan21_pipeline
+    from configs import demo, wan21_pipeline
     from experiments import embedded_pipeline
     from experiments.config_checks import check_config
-    args = {"ablation": [None, "kinds"], "demo": [None, "quick", "pretrain", "from_scratch", "long", "authors"],
+    args = {"ablation": [None, "kinds"], "demo": [None, *demo.ARGS],
             "synthetic_manifold": [None, "quick"], "wan21_manifold": [None],
             "wan21_reward": ["1.3b-lora", "1.3b-full", "14b-lora", "14b-full"],
             "embedded": list(embedded_pipeline.DIT_STAGES), "wan21_pipeline": list(wan21_pipeline.STAGES)}
@@ -170,6 +170,8 @@ def test_every_shipped_config_passes_the_checks():
                 check_config(variant, f"configs/{name}.py:{arg} {vname}")
     for name in cli_main.EXPERIMENTS:
         check_config(importlib.import_module(f"experiments.{name}").default_config(), name)
+    for arg in (None, *demo.ARGS):      # the pipeline's own checks of its rows and their prerequisites
+        embedded_pipeline.check_config(demo.get_config(arg))
 
 
 # ------------------------------------------------------------------------------------------ resumes

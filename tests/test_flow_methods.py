@@ -350,13 +350,13 @@ def test_guidance_raises_the_reward(solver):
         assert float(jnp.mean(reward(guided, None, None))) > float(jnp.mean(reward(plain, None, None))) + 0.5
 
 
-@pytest.mark.parametrize("kind", ["shell_lcc", "reward_model"])
+@pytest.mark.parametrize("kind", ["shell_lcc", "reward_model", "energy_judge"])
 def test_sample_guidance_on_the_tiny_dit(kind):
     """The sample experiment's guided LatentSampler raises its reward on average; weight 0 changes nothing."""
     model = WanTransformer(wan_config("tiny"), rngs=nnx.Rngs(5))
     mesh = dit_setup.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, devices=1, slices=1)))
     g = sample.default_config().sampler.guidance
-    g.kind, g.reward_model, g.manifold, g.weight = kind, "random", "random", 0.0
+    g.kind, g.reward_model, g.manifold, g.energy_judge, g.weight = kind, "random", "random", "random", 0.0
     ctx = _contexts(np.random.default_rng(6), 4)
 
     guide = sample.build_guidance(g, model)
