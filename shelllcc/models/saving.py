@@ -1,7 +1,8 @@
 """Saving and loading the project's NNX models: ``DIR/model.json`` (kind + architecture) + ``DIR/params`` (orbax).
 
 Kinds: ``wan_transformer`` (:class:`WanTransformerConfig`), ``wan_vae`` (:class:`WanVAEConfig`),
-``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`), and those other packages
+``patch_vae`` (:class:`PatchVAEConfig`), ``text_encoder`` (:class:`TextEncoderConfig`), ``video_text_dual_encoder``
+and ``video_text_matcher`` (:mod:`shelllcc.models.video_text`, the text-video embedding space), and those other packages
 add with :func:`register_kind` (``video_classifier``). Only the architecture is
 stored; runtime knobs (compute and parameter dtype, attention kernel, remat policy) are chosen when loading::
 
@@ -33,14 +34,23 @@ from flax import nnx
 
 from shelllcc.models.patch_vae import PatchVAE, PatchVAEConfig
 from shelllcc.models.text_encoder import TextEncoder, TextEncoderConfig
+from shelllcc.models.video_text import (
+    DUAL_ENCODER_KIND,
+    MATCHER_KIND,
+    DualEncoder,
+    DualEncoderConfig,
+    MatchingModel,
+    MatchingModelConfig,
+)
 from shelllcc.models.wan_transformer import WanTransformer, WanTransformerConfig, stack_blocks, stacked_layout, unstack_blocks
 from shelllcc.models.wan_vae import WanVAE, WanVAEConfig
 
 MODEL_JSON = "model.json"
 _RUNTIME = {"wan_transformer": ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers"),
-            "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": ()}
+            "text_encoder": ("dtype",), "wan_vae": (), "patch_vae": (), DUAL_ENCODER_KIND: (), MATCHER_KIND: ()}
 _CLASSES = {"wan_transformer": (WanTransformer, WanTransformerConfig), "wan_vae": (WanVAE, WanVAEConfig),
-            "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig)}
+            "text_encoder": (TextEncoder, TextEncoderConfig), "patch_vae": (PatchVAE, PatchVAEConfig),
+            DUAL_ENCODER_KIND: (DualEncoder, DualEncoderConfig), MATCHER_KIND: (MatchingModel, MatchingModelConfig)}
 
 
 def register_kind(kind: str, module_cls: type, config_cls: type, runtime: tuple[str, ...] = ()) -> None:
