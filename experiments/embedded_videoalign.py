@@ -62,10 +62,25 @@ import shutil
 import time
 
 import ml_collections
+import numpy as np
+from flax import nnx
 
 from experiments import embedded_workdir as workdir
-from experiments import flow_dpo, flow_rwr, score_samples, stage_markers, train_patch_reward, train_reward_model
+from experiments import (
+    flow_dpo,
+    flow_rwr,
+    reward_sources,
+    score_samples,
+    stage_markers,
+    train_energy_judge,
+    train_patch_reward,
+    train_reward_model,
+)
 from experiments.overrides import apply_overrides, parse_overrides
+from shelllcc.evaluation import judges, preference_eval, report
+from shelllcc.evaluation.intervals import format_interval
+from shelllcc.rewards import energy_judge as ej
+from shelllcc.rewards import reward_model as rm
 
 DIR = "videoalign"
 STEPS = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges",
@@ -253,7 +268,6 @@ def reward_model_config(config, paths, splits: dict[str, str] | None = None) -> 
 
 def energy_judge_config(config, paths, splits: dict[str, str] | None = None) -> ml_collections.ConfigDict:
     """``train_energy_judge``'s config: the base's blocks, the real train latents, the step-1 pair caches."""
-    from experiments import train_energy_judge
     v = config.videoalign.energy_judge
     c = train_energy_judge.default_config()
     workdir.like_base(c.model, config)
@@ -441,7 +455,6 @@ def check_config(config) -> None:
         raise ValueError(f"config.videoalign.reward_model.num_blocks={v.reward_model.num_blocks} exceeds the base's "
                          f"{config.base.model.num_layers} layers")
     if "energy_judge" in need:
-        from experiments import train_energy_judge
         try:
             train_energy_judge.check_config(energy_judge_config(config, None))
         except ValueError as err:
@@ -614,7 +627,6 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
             score_samples.run(score_config(config, paths), out)
             _write_timing(out, {"seconds": time.time() - t0})
         elif step == "energy_judge":
-            from experiments import train_energy_judge
             pairs = pairs or read_pairs(paths)
             c = energy_judge_config(config, paths, pairs["splits"])
             with open(os.path.join(out, "config.json"), "w") as f:
@@ -634,14 +646,8 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
 
 def build_judges(config, paths, splits: dict[str, str], out: str) -> dict:
     """The judges table on the test pairs (validation when there is no test split): module doc, step 6."""
-    import numpy as np
-    from flax import nnx
 
-    from experiments import reward_sources
     from shelllcc.data import preference_cache
-    from shelllcc.evaluation import judges, preference_eval
-    from shelllcc.rewards import energy_judge as ej
-    from shelllcc.rewards import reward_model as rm
     split = "test" if "test" in splits else "validation"
     if split not in splits:
         raise ValueError("config.videoalign.preferences: no test or validation pairs for the judges table; raise "
@@ -709,7 +715,6 @@ def prerequisite_costs(paths) -> dict:
     s = _json(os.path.join(step_dir(paths, "energy_scored"), TIMING_JSON))
     if s:
         out["energy_scoring_s"] = s["seconds"]
-    from shelllcc.evaluation import judges
     table = _json(os.path.join(step_dir(paths, "judges"), judges.TABLE_JSON))
     if table:
         out["judges"] = table
@@ -737,8 +742,6 @@ def patch_reward_notes(pre: dict) -> str:
     ev = pre.get("patch_reward_eval")
     if not ev:
         return ""
-    from shelllcc.evaluation import report
-    from shelllcc.evaluation.intervals import format_interval
     fmt = lambda i: format_interval(i) if i.get("lo") == i.get("lo") else f"{i['value']:.3f}"  # noqa: E731
     c = ev["consistency"]
     rows = [{"what": "patch accuracy, (r_p > 0) == label", "value": fmt(ev["patch_accuracy"]),

@@ -43,10 +43,12 @@ import ml_collections
 from flax import nnx
 
 from experiments import config_entry, dit_setup, sft
+from experiments.reward_finetune import load_reward_manifold
 from shelllcc import parallel
 from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
 from shelllcc.rewards import patch_reward
+from shelllcc.rewards.manifold_distance import KINDS
 
 LOSER_FIELD = "loser_latents"
 PATCH_SOURCES = ("", "patch_model", "shell")      # '': plain Flow-DPO; else Gran-DPO with these patch rewards
@@ -88,7 +90,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if d.patch_source == "patch_model" and not d.patch_model:
             raise ConfigError("dpo.patch_source='patch_model' needs dpo.patch_model (a train_patch_reward output)")
         if d.patch_source == "shell":
-            from shelllcc.rewards.manifold_distance import KINDS
             if not d.manifold:
                 raise ConfigError("dpo.patch_source='shell' needs dpo.manifold (a fit_manifold output, or 'random')")
             if d.manifold_kind not in KINDS or d.manifold_kind == "shell_band":
@@ -101,9 +102,8 @@ def patch_reward_source(config, latent_channels: int):
     value, description)``; ``value`` is the frozen input (the patch model's state or the manifold's params)."""
     d = config.dpo
     if d.patch_source == "patch_model":
-        from shelllcc.rewards import patch_reward as pr
         try:
-            model = pr.load_patch_reward_model(d.patch_model)
+            model = patch_reward.load_patch_reward_model(d.patch_model)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"dpo.patch_model={d.patch_model!r}: {e}") from None
         if model.config.patch() != tuple(int(x) for x in d.patch):
@@ -113,17 +113,15 @@ def patch_reward_source(config, latent_channels: int):
 
         def fn(value, x, ctx, masks):
             del masks                       # the model's own grid, checked equal to the masks' above
-            return pr.patch_rewards(nnx.merge(graphdef, value), x, ctx)
+            return patch_reward.patch_rewards(nnx.merge(graphdef, value), x, ctx)
         return fn, nnx.to_pure_dict(state), f"the patch reward model {d.patch_model}"
-    from experiments.reward_finetune import load_reward_manifold
-    from shelllcc.rewards import patch_reward as pr
     r = ml_collections.ConfigDict(dict(manifold=d.manifold, random=dict(num_anchors=64, hidden_dim=64,
                                                                         patch_size=(1, 1, 1), seed=0)))
     params, mcfg, _ = load_reward_manifold(r, latent_channels)
 
     def fn(value, x, ctx, masks):
         del ctx
-        return pr.shell_patch_rewards(value, x.astype(jnp.float32), d.manifold_kind, masks,
+        return patch_reward.shell_patch_rewards(value, x.astype(jnp.float32), d.manifold_kind, masks,
                                       patch_size=mcfg.patch_size, bn_eps=mcfg.bn_eps, shell_eps=mcfg.shell_eps)
     return fn, params, f"-{d.manifold_kind} per patch on the manifold {d.manifold}"
 

@@ -34,9 +34,11 @@ from flax import nnx
 
 from experiments import config_entry, dit_setup, sft
 from shelllcc import parallel
+from shelllcc.errors import ConfigError
 from shelllcc.flow import objectives
 from shelllcc.manifold import io as manifold_io
 from shelllcc.manifold.params import ManifoldConfig, init_params
+from shelllcc.rewards import energy_judge as ej
 from shelllcc.rewards import manifold_distance
 from shelllcc.rewards.manifold_distance import KINDS
 from third_party.shell_lcc_reference import load_manifold as load_reference
@@ -165,8 +167,6 @@ def make_loss(config: ml_collections.ConfigDict):
 def _energy_judge_loss(config: ml_collections.ConfigDict):
     """``make_loss`` with the energy judge's mean energy as ``d`` (module doc); the judge's weights are a frozen
     input of the step (their checksum is a resume setting like a manifold's)."""
-    from shelllcc.errors import ConfigError
-    from shelllcc.rewards import energy_judge as ej
     o, r = config.objective, config.reward
     if not r.energy_judge:
         raise ConfigError("reward.kind='energy_judge' needs reward.energy_judge (a train_energy_judge workdir)")

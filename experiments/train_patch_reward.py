@@ -42,8 +42,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from experiments import config_entry, dit_setup
-from shelllcc.data import latent_cache, readers
+from experiments import config_entry, dit_setup, train_vae
+from shelllcc.data import latent_cache, preference_cache, readers
 from shelllcc.data import moving_textures as mt
 from shelllcc.data import patch_degradations as pd
 from shelllcc.errors import ConfigError, InputFileError
@@ -240,8 +240,6 @@ def _latent_grid(encode_video, spec: mt.ClipSpec) -> tuple[int, int, int]:
 
 def load_encoders(cl):
     """``(encode_video, encode_text)`` from ``clips.packed`` or ``clips.vae`` + ``clips.text_encoder``."""
-    from experiments import train_vae
-    from shelllcc.data import preference_cache
     if cl.packed:
         vae, _ = packed.unpack_from_manifest(cl.packed, "vae")
         text, _ = packed.unpack_from_manifest(cl.packed, "text_encoder")

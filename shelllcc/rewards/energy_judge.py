@@ -31,7 +31,7 @@ from flax import nnx
 from shelllcc.data.latent_negatives import PERTURBATIONS, random_negatives
 from shelllcc.models import saving
 from shelllcc.models.wan_transformer import Dense, KeyStream, WanTransformer, _layer_norm_f32
-from shelllcc.rewards.reward_model import BackboneConfig, GeneratorBackbone, noised
+from shelllcc.rewards.reward_model import BackboneConfig, GeneratorBackbone, noised, preference_loss
 
 GT_SVJ_BETA = 0.2     # GT-SVJ's weight of the energy-magnitude regulariser
 GENERATED_NEGATIVE_RATE = 0.3      # GT-SVJ: the share of negatives that are generated clips
@@ -179,7 +179,6 @@ def make_preference_loss_fn(graphdef, kind: str = "btt", t_max: float = 0.0, the
     or regression: :func:`shelllcc.rewards.reward_model.preference_loss`). Metrics: ``loss``,
     ``acc_without_ties`` (the share of decided labels whose sign the head gets right).
     """
-    from shelllcc.rewards.reward_model import preference_loss
     preference_loss(kind, jnp.zeros((1, 3)), jnp.zeros((1, 3)), jnp.zeros((1, 3), jnp.int32))   # validates kind
 
     def loss_fn(params, frozen, batch, key):

@@ -42,6 +42,7 @@ from flax import nnx
 
 from shelllcc.models import saving
 from shelllcc.models.wan_transformer import Dense, KeyStream, WanTransformer, _layer_norm_f32
+from shelllcc.rewards.manifold_distance import region_distances
 from shelllcc.rewards.reward_model import BackboneConfig, GeneratorBackbone, LatentRewardModel, noised
 
 KIND = "patch_reward_model"            # its kind in shelllcc.models.saving (model.json)
@@ -185,7 +186,6 @@ def patch_rewards(model: PatchRewardModel, latents, context, timestep=0.0) -> ja
 def shell_patch_rewards(params, latents, kind: str, masks, **kw) -> jax.Array:
     """The training-free patch reward ``[B, P]``: ``-region_distances(params, latents, kind, masks, **kw)`` (the
     Shell-LCC distance of each patch to the manifold, negated; ours)."""
-    from shelllcc.rewards.manifold_distance import region_distances
     return -region_distances(params, latents, kind, masks, **kw)
 
 
