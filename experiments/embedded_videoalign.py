@@ -672,7 +672,7 @@ def build_judges(config, paths, splits: dict[str, str], out: str) -> dict:
         found[kind] = {"diffs": judges.source_differences(lambda p, z, a=src.apply: a(p, z, None, None), src.params,
                                                           pairs["z_a"], pairs["z_b"], bs),
                        "description": f"-{kind} distance to the Shell-LCC manifold: the nearer clip wins (no labels)"}
-    table = judges.judges_table(found, pairs["labels"])
+    table = judges.judges_table(found, pairs["labels"], n_boot=int(config.videoalign.reward_model.eval_n_boot))
     table["split"] = split
     judges.write_table(out, table)
     print("videoalign judges:\n" + judges.table_markdown(table), flush=True)

@@ -162,6 +162,9 @@ def test_judge_accuracies_against_a_count_by_hand(tmp_path):
             with_ties, without = _by_hand(labels[:, k], full[:, k])
             assert got[d]["acc_with_ties"] == pytest.approx(with_ties, abs=1e-12)
             assert got[d]["acc_without_ties"] == pytest.approx(without, abs=1e-12)
+            for m in judges.METRICS:        # a 95% interval around the value, narrower than [0, 1] at 40 pairs
+                lo, hi = got[d]["interval"][m]
+                assert lo <= got[d][m] <= hi and 0 < hi - lo < 0.6
         assert got["overall"]["acc_with_ties"] == pytest.approx(np.mean([got[d]["acc_with_ties"]
                                                                          for d in judges.DIMENSIONS]))
     # a distance as a zero-annotation judge: the nearer clip (smaller d) wins, so diffs = -(d_A - d_B)

@@ -11,6 +11,8 @@ dimension ``[N, 3]``. With human labels ``h`` in {+1, -1, 0} per dimension (VQ, 
     acc_with_ties     = max over eps in {|m_i|} of acc(eps)       (eps chosen on the evaluated pairs: optimistic)
     acc_without_ties  = C / (C + D) over the decided pairs at eps = -1 (m = 0 counts as discordant)
 
+each with a 95% bootstrap interval over pairs.
+
 ``overall`` is the mean over the three dimensions (ours, as :mod:`shelllcc.evaluation.preference_eval`).
 :func:`source_differences` computes a judge's differences on a pair set from any reward of latents.
 """
@@ -27,17 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shelllcc.rewards.preference import tie_calibrated_accuracy
+from shelllcc.evaluation import preference_eval
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 METRICS = ("acc_with_ties", "acc_without_ties")
 TABLE_MD, TABLE_JSON = "judges.md", "judges.json"
 
 
-def judge_accuracies(labels, diffs) -> dict[str, dict[str, float]]:
-    """``{dim: {acc_with_ties, acc_without_ties, eps}, "overall": {acc_with_ties, acc_without_ties}}`` of one
-    judge; ``labels`` int ``[N, 3]`` in {+1, -1, 0}, ``diffs`` ``[N]`` (one per pair, used for every dimension)
-    or ``[N, 3]``, the judge's ``score(A) - score(B)`` (higher score = better clip)."""
+def judge_accuracies(labels, diffs, *, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``{dim: {acc_with_ties, acc_without_ties, eps, interval}, "overall": {...}}`` of one judge; ``labels``
+    int ``[N, 3]`` in {+1, -1, 0}, ``diffs`` ``[N]`` (one per pair, used for every dimension) or ``[N, 3]``, the
+    judge's ``score(A) - score(B)`` (higher score = better clip). ``interval``: each metric's 95% interval,
+    a bias-corrected bootstrap over pairs (:func:`shelllcc.evaluation.preference_eval.accuracy_report`, which
+    refits the tie threshold on every resample, as the value fits it on the evaluated pairs)."""
     labels = np.asarray(labels).astype(np.int64)
     diffs = np.asarray(diffs, np.float64)
     if labels.ndim != 2 or labels.shape[1] != len(DIMENSIONS):
@@ -48,34 +52,45 @@ def judge_accuracies(labels, diffs) -> dict[str, dict[str, float]]:
         raise ValueError(f"judge_accuracies: diffs must be [N] or [N, 3] for labels {labels.shape}, got {diffs.shape}")
     if not np.all(np.isfinite(diffs)):
         raise ValueError(f"judge_accuracies: {int(np.sum(~np.isfinite(diffs)))} score differences are not finite")
-    out: dict[str, dict[str, float]] = {}
-    for k, name in enumerate(DIMENSIONS):
-        with_ties, without, eps = tie_calibrated_accuracy(labels[:, k], diffs[:, k])
-        out[name] = {"acc_with_ties": with_ties, "acc_without_ties": without, "eps": eps}
-    out["overall"] = {m: float(np.mean([out[d][m] for d in DIMENSIONS])) for m in METRICS}
+    rep = preference_eval.accuracy_report(labels, diffs, n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, Any]] = {}
+    for name in (*DIMENSIONS, "overall"):
+        out[name] = {m: rep[m][name]["value"] for m in METRICS}
+        out[name]["interval"] = {m: [rep[m][name]["lo"], rep[m][name]["hi"]] for m in METRICS}
+        if name != "overall":
+            out[name]["eps"] = rep["eps_test"][name]
     return out
 
 
-def judges_table(judges: Mapping[str, Mapping[str, Any]], labels) -> dict[str, Any]:
+def judges_table(judges: Mapping[str, Mapping[str, Any]], labels, *, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
     """Every judge's accuracies: ``judges`` is ``{name: {"diffs": [N] | [N, 3], "description": str}}``; returns
-    ``{"pairs": N, "judges": {name: {"description", **judge_accuracies}}}`` (JSON-able)."""
+    ``{"pairs": N, "n_boot": n_boot, "judges": {name: {"description", **judge_accuracies}}}`` (JSON-able)."""
     labels = np.asarray(labels)
-    out = {"pairs": int(labels.shape[0]), "judges": {}}
+    out = {"pairs": int(labels.shape[0]), "n_boot": int(n_boot), "judges": {}}
     for name, j in judges.items():
-        out["judges"][name] = {"description": str(j.get("description", "")), **judge_accuracies(labels, j["diffs"])}
+        out["judges"][name] = {"description": str(j.get("description", "")),
+                               **judge_accuracies(labels, j["diffs"], n_boot=n_boot, seed=seed)}
     return out
 
 
 def table_markdown(table: Mapping[str, Any], metric: str = "acc_with_ties") -> str:
-    """A markdown table of one metric: a row per judge, a column per dimension and overall."""
+    """A markdown table of one metric: a row per judge, a column per dimension and overall, each value with
+    its 95% interval where the table has one."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}; expected one of {METRICS}")
     cols = (*DIMENSIONS, "overall")
+
+    def cell(entry):
+        v = entry[metric]
+        if not math.isfinite(v):
+            return "-"
+        lo_hi = entry.get("interval", {}).get(metric)
+        return f"{v:.3f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
     lines = [f"| judge ({metric.replace('_', ' ')}, {table['pairs']} test pairs) | " + " | ".join(cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, j in table["judges"].items():
-        cells = ["-" if not math.isfinite(j[c][metric]) else f"{j[c][metric]:.3f}" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(j[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
