@@ -21,6 +21,10 @@
 #   benchmarks/demo_base_long.sh WORK train SECONDS     resume both (SIGTERM saves a checkpoint at the limit)
 # Each training phase stops both candidates with SIGTERM after SECONDS; when a candidate finished its steps,
 # the same command runs its classifier, validation/test check and export (WORK/c*/pretrained/).
+# Other bases on the same protocol (state the rule in the call's notes before the run): ARCH="..." adds
+# overrides to both candidates and their probes (e.g. a patch (1,2,2) base: ARCH="--config.base.model.dim=96
+# --config.base.model.num_heads=4 --config.base.model.ffn_dim=384 --config.base.model.patch_size=(1,2,2)"),
+# FROM_SCRATCH=1 trains them from random weights instead of the shipped base, LR_A / LR_B the peak rates.
 set -uo pipefail
 WORK=${1:?usage: demo_base_long.sh WORK prepare|train SECONDS}
 PHASE=${2:?phase: prepare or train}
@@ -34,14 +38,16 @@ COMMON=(--config=configs/demo.py:pretrain --config.pretrained.dir=configs/pretra
         --config.benchmark.train_size="$TRAIN_SIZE" --config.validation.prompts=64
         "--config.pretrained.guidance_grid=(2.0,3.0,4.0)" --config.base.data.in_memory=True
         --config.base.data.prefetch=8)
-declare -A LR=([ca]=3e-4 [cb]=6e-4)
+declare -A LR=([ca]=${LR_A:-3e-4} [cb]=${LR_B:-6e-4})
+INIT=(--config.base.model.init_from="$WORK/pre/base")
+[ -n "${FROM_SCRATCH:-}" ] && INIT=()
 run_both() {  # run_both LOGSUFFIX STEPS: both candidates side by side, stopped by SIGTERM at the phase's limit
   local suffix=$1 steps=$2
   for n in ca cb; do
     (t0=$SECONDS
      # shellcheck disable=SC2086
      timeout -s TERM "$SECONDS_LEFT" "$PY" -m experiments.main "${COMMON[@]}" --workdir="$WORK/$n" \
-        "--config.pretrained.install=('vae','text_encoder')" --config.base.model.init_from="$WORK/pre/base" \
+        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} \
         --config.base.flow.region_weight=4 \
         --config.base.train.steps="$steps" --config.base.optim.learning_rate="${LR[$n]}" \
         --config.base.optim.warmup_steps=500 --config.base.train.checkpoint_every=5000 ${EXTRA:-} \
@@ -66,7 +72,7 @@ if [ "$PHASE" = prepare ]; then
   for n in ca cb; do
     # shellcheck disable=SC2086
     ("$PY" -m experiments.main "${COMMON[@]}" --workdir="$WORK/probe_$n" --config.stop_after=base \
-        "--config.pretrained.install=('vae','text_encoder')" --config.base.model.init_from="$WORK/pre/base" \
+        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} \
         --config.base.flow.region_weight=4 \
         --config.base.train.steps="$PROBE_STEPS" --config.base.train.log_every=$((PROBE_STEPS / 3)) \
         --config.base.optim.warmup_steps=10 ${EXTRA:-} > "$WORK/probe_$n.log" 2>&1) &
