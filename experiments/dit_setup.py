@@ -428,7 +428,7 @@ def resume_settings(config, model_config, extra_frozen: dict) -> dict:
         out["objective.name"] = config.objective.name
     if "reward" in config:
         out["reward.kind"] = config.reward.kind
-    for section in ("dpo", "rwr"):           # the VideoAlign objectives' settings, by name and value
+    for section in ("dpo", "rwr", "grpo"):   # the methods' own settings, by name and value
         if section in config:
             out.update({f"{section}.{k}": v for k, v in config[section].items()})
     for k, v in sorted(extra_frozen.items()):
@@ -509,6 +509,8 @@ class Setup:
 
 # A loss may carry ``loss_fn.prepare_batch(batch, frozen) -> batch``: run on the whole global batch before the
 # microbatch split (shelllcc.training.step.make_train_step), for what it normalises over the batch.
+# Or ``loss_fn.make_train_step(optimizer, schedule, microbatches) -> (state, batch, rng) -> (state, metrics)``:
+# a step of its own in place of make_train_step's (grpo samples its batch inside the step).
 MakeLoss = Callable[[Setup], tuple[LossFn, dict, dict]]
 
 
@@ -539,8 +541,11 @@ def step_parts(config, make_loss: MakeLoss, mesh, rules, graphdef, trainable, fr
     loss_fn, extra_frozen, extra_sh = make_loss(Setup(graphdef, params, frozen_pure, mesh, param_sh))
     frozen_sh = {"model": frozen_model_sh, **extra_sh}
     state_sh = train_state_shardings(param_sh, opt_sh, frozen_sh, mesh)
-    step = jit_train_step(make_train_step(loss_fn, optimizer, schedule, k, getattr(loss_fn, "prepare_batch", None)),
-                          state_sh, mesh)
+    # a loss may bring its own step (grpo: rollout, then updates on it) on the same state and shardings
+    custom = getattr(loss_fn, "make_train_step", None)
+    raw = (custom(optimizer, schedule, k) if custom is not None else
+           make_train_step(loss_fn, optimizer, schedule, k, getattr(loss_fn, "prepare_batch", None)))
+    step = jit_train_step(raw, state_sh, mesh)
     return StepParts(params, frozen_pure, optimizer, param_sh, frozen_sh, extra_frozen, state_sh, step)
 
 

@@ -348,6 +348,9 @@ def costs(config, paths, names, seeds) -> dict:
                 row["sample_ratio_vs_base"] = row["sample_seconds_per_clip"] / row["base_sample_seconds_per_clip"]
         else:
             row["train_seconds_per_step"] = _mean(x.get("train_seconds_per_step") for x in t)
+        if e.method == va.GRPO:                         # online RL: the clips it drew and the run's wall time
+            from experiments import embedded_grpo
+            row.update(embedded_grpo.costs(config, paths, name, seeds))
         out[name] = row
     control = out.get("control", {}).get("train_seconds_per_step")
     for name, row in out.items():
@@ -366,7 +369,8 @@ def cost_notes(results: dict, config) -> str:
              "Shell-LCC rows), once per pipeline run whatever the number of rows and seeds. *s / training step*: "
              "between validations, compilation and validation excluded, mean over seeds; *x control*: against the "
              "control row's. *s / sampled clip*: guidance rows, validation prompts, compiled, the base's measured "
-             "right after (*x base*)."]
+             "right after (*x base*). *Samples drawn*: GRPO rows, the clips sampled with the SDE during the run "
+             "(steps x prompts x group size), and the run's wall time (rollouts, updates and validations)."]
     pre = results.get("videoalign", {})
     ev = pre.get("reward_model_eval", {})
     if ev:
@@ -415,11 +419,14 @@ def cost_table(c: dict) -> str:
                      "step": sec(r.get("train_seconds_per_step"), ".3f"),
                      "step_ratio": sec(r.get("step_ratio_vs_control"), ".2f"),
                      "clip": sec(r.get("sample_seconds_per_clip"), ".3f"),
-                     "clip_ratio": sec(r.get("sample_ratio_vs_base"), ".2f")})
+                     "clip_ratio": sec(r.get("sample_ratio_vs_base"), ".2f"),
+                     "drawn": "" if r.get("samples_drawn") is None else
+                     f"{r['samples_drawn']} ({sec(r.get('run_s'), '.0f')}s)"})
     return report.markdown_table(rows, [
         ("model", "model", None), ("method", "method", None), ("labels", "labels used", None),
         ("before", "built before the run (wall time)", None), ("step", "s / training step", None),
-        ("step_ratio", "x control", None), ("clip", "s / sampled clip", None), ("clip_ratio", "x base", None)])
+        ("step_ratio", "x control", None), ("clip", "s / sampled clip", None), ("clip_ratio", "x base", None),
+        ("drawn", "samples drawn (run time)", None)])
 
 
 # ------------------------------------------------------------------------------------------ the stage

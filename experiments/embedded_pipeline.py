@@ -79,10 +79,12 @@ from experiments import (
     config_entry,
     dit_setup,
     embedded_evaluation,
+    embedded_grpo,
     embedded_validation,
     fit_manifold,
     flow_dpo,
     flow_rwr,
+    grpo,
     reward_finetune,
     sample,
     sft,
@@ -202,6 +204,8 @@ def catalogue() -> ml_collections.ConfigDict:
         gran_dpo_shell=entry("", method="flow_dpo", options="dpo.patch_source=shell",
                              label="Gran-DPO (ours) with the Shell-LCC per-patch distance as a training-free patch "
                                    "reward"),
+        # online RL (issue 19 part 3; experiments/embedded_grpo.py): Flow-GRPO and DanceGRPO
+        **embedded_grpo.entries(),
     ))
 
 
@@ -281,6 +285,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.sampler.steps, c.sample.sampler.guidance_scale, c.sample.sampler.batch_size = 10, 3.0, 32
     c.evaluate = embedded_evaluation.default_config()
     c.videoalign = va.default_config()
+    c.grpo = embedded_grpo.default_config()      # the GRPO rows' shared knobs
     return c
 
 
@@ -347,6 +352,7 @@ def check_config(config) -> None:
                 raise ValueError(f"{where}.tau={e.tau!r} is neither a number nor 'VARIANT@STEP'") from None
         variant_config(config, name, None, 0)        # options: every key must exist
     va.check_config(config)
+    embedded_grpo.check_config(config)
     seeds = tuple(config.seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"config.seeds must be distinct and non-empty, got {seeds}")
@@ -389,6 +395,8 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
     e = config.variants[name]
     if e.method in va.TRAINING_METHODS:
         return va.row_config(config, name, paths, seed)
+    if e.method == va.GRPO:
+        return embedded_grpo.row_config(config, name, paths, seed)
     if e.method == va.GUIDANCE:
         return va.guidance_section(config, name, paths)
     c = copy.deepcopy(config.reward)
@@ -664,7 +672,8 @@ def run_variant(config, paths: Paths, name: str, seed: int, evaluators: _Evaluat
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=1))
     t0 = time.time()
-    {"reward_finetune": reward_finetune.run, "flow_dpo": flow_dpo.run, "flow_rwr": flow_rwr.run}[method](
+    {"reward_finetune": reward_finetune.run, "flow_dpo": flow_dpo.run, "flow_rwr": flow_rwr.run,
+     "grpo": grpo.run}[method](
         c, out, on_eval=traj)
     timing = {"run_s": round(time.time() - t0, 2), **traj.timing()}
     with open(os.path.join(out, va.TIMING_JSON), "w") as f:

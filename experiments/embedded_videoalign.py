@@ -90,7 +90,8 @@ JUDGE_DISTANCES = ("lcc", "shell_norm", "shell")
 PATCH_STEP = "patch_reward"         # HALO's patch reward model (a Gran-DPO row with the learned patch model)
 TRAINING_METHODS = ("flow_dpo", "flow_rwr")
 GUIDANCE = "guidance"
-METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE,)
+GRPO = "grpo"                          # online RL rows (experiments/embedded_grpo.py)
+METHODS = ("reward_finetune",) + TRAINING_METHODS + (GUIDANCE, GRPO)
 # a guidance row's reward: the reward model, a distance to the manifold or the energy judge (GUIDES[-1])
 GUIDES = ("reward_model", "lcc", "shell_norm", "shell", "energy_judge")
 TIMING_JSON = "timing.json"
@@ -176,8 +177,10 @@ def row_step(entry) -> str | None:
         return "energy_scored" if entry.reward == ENERGY_JUDGE else "scored"
     if entry.method == GUIDANCE and entry.reward == "reward_model":
         return "reward_model"
-    if entry.method in ("reward_finetune", GUIDANCE) and entry.reward == ENERGY_JUDGE:
+    if entry.method in ("reward_finetune", GUIDANCE, GRPO) and entry.reward == ENERGY_JUDGE:
         return "energy_judge"
+    if entry.method == GRPO and entry.reward == "reward_model":
+        return "reward_model"
     return None
 
 
@@ -412,7 +415,7 @@ def check_config(config) -> None:
     for name in workdir.variant_names(config):
         e = config.variants[name]
         where = f"config.variants.{name}"
-        if e.method == "reward_finetune":
+        if e.method in ("reward_finetune", GRPO):      # GRPO: embedded_grpo.check_config
             continue
         if e.objective:
             raise ValueError(f"{where}.objective={e.objective!r}: method {e.method!r} takes no objective (leave it '')")

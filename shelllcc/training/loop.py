@@ -29,8 +29,9 @@ from shelllcc.errors import TrainingFailed
 from shelllcc.training import train_state as ts
 from shelllcc.training.checkpoints import Checkpointer, Preempted, PreemptionGuard
 
-# metrics that are running values (reported as their latest value, not averaged over the interval)
-LATEST_VALUE_METRICS = ("skipped", "learning_rate")
+# metrics that are running values (reported as their latest value, not averaged over the interval);
+# samples_drawn: grpo's cumulative rollouts
+LATEST_VALUE_METRICS = ("skipped", "learning_rate", "samples_drawn")
 
 
 @dataclasses.dataclass
