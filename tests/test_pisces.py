@@ -301,3 +301,59 @@ def test_reward_source(saved):
     assert np.all((np.asarray(rs) > 0) & (np.asarray(rs) < 1)) and np.all(np.abs(np.asarray(rq)) <= 1 + 1e-6)
     with pytest.raises(ConfigError, match="sampler.guidance.pisces.ot_map is empty"):
         reward_sources.pisces_source(saved["embeddings"], "", key="sampler.guidance.pisces")
+
+
+# ------------------------------------------------------------------------------------------ the embedded benchmark
+
+def test_embedded_row_its_step_and_its_cost(tmp_path):
+    """The pisces row and its embeddings step, quick-sized: the step built end to end on a synthetic cache (both
+    experiments), the row's config reading its outputs, its marker naming the step, its cost (no labels)."""
+    from experiments import embedded_evaluation as ee
+    from experiments import embedded_pipeline as ep
+    from experiments import embedded_videoalign as va
+    from tests.test_embeddings import synthetic_records, text_encoder, write_cache
+    c = ep.default_config()
+    c.run_variants = ("pisces",)
+    assert va.steps_needed(c) == ("embeddings",)
+    ep.check_config(c)
+    rec = ep.variant_record(c, "pisces", 0, {k: "h" for k in ("base", "manifold", "classifier", "cache", "vae")})
+    assert rec["inputs"]["videoalign embeddings"] == va.records(c, {"cache": "h", "base": "h"})["embeddings"]["hash"]
+    for key, value, msg in (("dual_steps", 0, "config.videoalign.embeddings.dual_steps=0"),
+                            ("ot_map.map_updates", 0, "config.videoalign.embeddings.ot_map.map_updates=0"),
+                            ("num_heads", 5, r"config.videoalign.embeddings \(as train_embeddings's config\): "
+                                             "dual.dim=128 is not divisible")):
+        bad = copy.deepcopy(c)
+        *sec, name = key.split(".")
+        (bad.videoalign.embeddings[sec[0]] if sec else bad.videoalign.embeddings)[name] = value
+        with pytest.raises(ConfigError, match=msg):
+            ep.check_config(bad)
+
+    # the step on a synthetic cache of latents [2, 8, 8, 16] and text [16, 32]
+    paths = ep.Paths(str(tmp_path / "w"))
+    enc = text_encoder()
+    saving.save_model(paths.text_encoder, enc)
+    write_cache(paths.train_cache, synthetic_records(64, seed=0), enc)
+    write_cache(paths.cache("validation"), synthetic_records(16, seed=1, start=10_000), enc)
+    os.makedirs(paths.vae)
+    with open(os.path.join(paths.vae, "reconstruction.json"), "w") as f:
+        json.dump({"latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}, f)
+    v = c.videoalign.embeddings
+    v.dim, v.video_layers, v.text_layers, v.cross_layers = 32, 1, 1, 1
+    v.dual_steps = v.matcher_steps = 4
+    v.batch_size, v.log_every = 16, 2
+    v.ot_map.hidden, v.ot_map.outer_steps, v.ot_map.batch_size, v.ot_map.log_every = (32, 32), 3, 16, 3
+    c.reward.mesh.devices = 1
+    out = va.step_dir(paths, "embeddings")
+    os.makedirs(out)
+    va.build_embeddings(c, paths, out)
+    models = pisces.load_models(va.embeddings_dir(paths), va.ot_map_dir(paths))
+    assert models.merge()[2].config.dim == 512
+    r = ep.variant_config(c, "pisces", paths, 0)
+    assert (r.reward.kind, r.reward.pisces.embeddings, r.reward.pisces.ot_map) == (
+        "pisces", va.embeddings_dir(paths), va.ot_map_dir(paths))
+    assert (r.objective.name, r.objective.drift_weight, r.lora.rank) == ("one_step", 1.0, 8)
+    pre = va.prerequisite_costs(paths)
+    assert pre["embeddings_train_s"] > 0 and pre["ot_map_eval"]["pairs"] == 16
+    cost = ee.costs(c, paths, ("pisces",), (0,))["pisces"]
+    assert cost["labels"] == 0 and cost["ot_map_train_s"] == pre["ot_map_train_s"]
+    assert "embeddings " in ee.cost_table({"pisces": cost}) and "OT map on 16" in va.pisces_notes(pre)
