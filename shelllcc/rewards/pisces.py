@@ -118,7 +118,7 @@ class _Trunk(nnx.Module):
 
 
 class TransportMap(nnx.Module):
-    """``T: R^D -> R^D``, the trunk then ``Linear(hidden[-1], D)`` (section 4; no output normalisation: the
+    """``T: R^D -> R^D``, the trunk then ``Linear(hidden[-1], D)`` (section 4). No output normalisation (ours: the
     reward is a cosine, and ``L_T``'s cost compares ``T(x)`` with ``x`` as they are)."""
 
     def __init__(self, config: TransportMapConfig, *, rngs: nnx.Rngs):
