@@ -339,6 +339,9 @@ def costs(config, paths, names, seeds) -> dict:
             row["energy_judge_train_s"] = pre.get("energy_judge_train_s")
             if e.method in va.TRAINING_METHODS:
                 row["scoring_s"] = pre.get("energy_scoring_s")
+        elif va.uses_pisces(e):                         # PISCES: captions only, no labels
+            row["embeddings_train_s"] = pre.get("embeddings_train_s")
+            row["ot_map_train_s"] = pre.get("ot_map_train_s")
         elif e.reward:                                  # a distance to the manifold: the Shell-LCC rows
             row["manifold_fit_s"] = stage_s.get("manifold")
         if e.method == va.GUIDANCE:
@@ -391,6 +394,9 @@ def cost_notes(results: dict, config) -> str:
     patch = va.patch_reward_notes(pre)
     if patch:
         lines.append(patch)
+    pisces_line = va.pisces_notes(pre)
+    if pisces_line:
+        lines.append(pisces_line)
     if "scored" in pre and pre["scored"]:
         sc = pre["scored"]
         lines.append(f"Scored samples of the base: {sc.get('prompts')} train prompts, {sc.get('clips')} clips, "
@@ -414,6 +420,8 @@ def cost_table(c: dict) -> str:
             before.append(f"patch reward model {r['patch_reward_train_s']:.0f}s")
         if r.get("manifold_fit_s") is not None:
             before.append(f"manifold fit {r['manifold_fit_s']:.0f}s")
+        if r.get("embeddings_train_s") is not None:
+            before.append(f"embeddings {r['embeddings_train_s']:.0f}s + OT map {r['ot_map_train_s']:.0f}s")
         rows.append({"model": name, "method": r["method"], "labels": "" if r["labels"] is None else str(r["labels"]),
                      "before": ", ".join(before) or "none",
                      "step": sec(r.get("train_seconds_per_step"), ".3f"),

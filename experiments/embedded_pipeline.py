@@ -196,6 +196,7 @@ def catalogue() -> ml_collections.ConfigDict:
         nrg_shell=entry("", "shell_norm", method="guidance",
                         label="the base guided by the shell_norm distance of x0_hat (ours, training-free)"),
         **gtsvj_entries(),
+        **pisces_entries(),
         # HALO (issue 18 part 2): Gran-DPO as we reconstruct it from the abstract (ours), Flow-DPO's pairs plus
         # per-patch Flow-DPO terms; the patch rewards from the learned patch model or the Shell-LCC distance
         gran_dpo_patch=entry("", method="flow_dpo", options="dpo.patch_source=patch_model",
@@ -219,6 +220,16 @@ def gtsvj_entries() -> dict:
         nrg_energy_judge=entry("", va.ENERGY_JUDGE, method="guidance",
                                label="the base guided by the energy judge's -E of x0_hat (no training; the use in "
                                      "guidance is ours)"))
+
+
+def pisces_entries() -> dict:
+    """PISCES by direct backpropagation (issue 19; experiments/embedded_videoalign.py's embeddings step):
+    ``L = L_consistency - R_Q - R_S`` with weights 1 and LoRA (section 4); L_consistency the anti-drift term against
+    the base (ours), at margin 0."""
+    return dict(
+        pisces=entry("one_step", va.PISCES, options="objective.drift_weight=1.0; lora.rank=8",
+                     label="PISCES (backprop): one-step fine-tuning against R_Q + R_S (OT map, token-plan matcher), "
+                           "+ anti-drift x 1 against the base (ours for L_consistency), LoRA rank 8"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -415,6 +426,7 @@ def variant_config(config, name: str, paths: Paths | None, seed: int) -> ml_coll
         c.reward.manifold = paths.manifold
         if e.reward == va.ENERGY_JUDGE:
             c.reward.energy_judge = va.energy_judge_dir(paths)
+        va.pisces_paths(c.reward, e, paths)
         tau = resolve_tau(config, name, paths, seed)
         if tau is not None:
             c.reward.shell_band_target = tau

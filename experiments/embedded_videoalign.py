@@ -43,6 +43,11 @@ that step, the steps after it and the rows that read them, and nothing else. It 
                      GPT-4o), encoded with the pipeline's VAE and text encoder; its evaluation (patch accuracy,
                      Spearman of the mean patch reward with the video reward) goes to the report.
 
+8. ``embeddings``    PISCES's prerequisites (issue 19; :func:`build_embeddings`): ``train_embeddings`` on the
+                     pipeline's train latents with its text encoder (the dual encoder, then the matcher on swapped
+                     captions; evaluated on the validation clips), then ``train_ot_map`` (the OT map from text to
+                     video embeddings and its critic, evaluated on the validation pairs). No labels: captions only.
+
 The guidance row of the reward model needs steps 1-2; the DPO and RWR rows need 1-3; ``nrg_shell`` none;
 ``gtsvj_reward`` (one-step fine-tuning against ``-E``) needs 1, 4 and 6 (with 2); ``gtsvj_dpo`` 1, 4, 5.
 Gran-DPO rows (ours, from HALO's abstract) are ``flow_dpo`` rows with ``dpo.patch_source`` in their options:
@@ -84,8 +89,9 @@ from shelllcc.rewards import reward_model as rm
 
 DIR = "videoalign"
 STEPS = ("pairs", "reward_model", "scored", "energy_judge", "energy_scored", "judges",
-         "patch_reward")
+         "patch_reward", "embeddings")
 ENERGY_JUDGE = "energy_judge"          # a row's reward: GT-SVJ's energy judge (reward_finetune, flow_dpo)
+PISCES = "pisces"                      # a row's reward: PISCES's R_Q + R_S (reward_finetune; step "embeddings")
 JUDGE_DISTANCES = ("lcc", "shell_norm", "shell")
 PATCH_STEP = "patch_reward"         # HALO's patch reward model (a Gran-DPO row with the learned patch model)
 TRAINING_METHODS = ("flow_dpo", "flow_rwr")
@@ -125,7 +131,18 @@ def default_config() -> ml_collections.ConfigDict:
                           eval_n_boot=1000),
         # Gran-DPO rows (ours): the patch term's threshold and weight, the Shell-LCC source's distance
         gran=dict(delta=0.0, lam=1.0, manifold_kind="shell_norm"),
+        embeddings=embeddings_defaults(),
     ))
+
+
+def embeddings_defaults() -> dict:
+    """PISCES's step (ours: sizes for latents [3, 16, 16, 16] and text [16, 128]; the map's trunk and optimizer
+    are section 4's, its run length and batch ours)."""
+    return dict(dim=128, num_heads=4, video_layers=2, text_layers=2, cross_layers=2, patch_size=(1, 2, 2),
+                dual_steps=1000, matcher_steps=1000, batch_size=64, learning_rate=3e-4, per_clip=6, seed=0,
+                log_every=100,
+                ot_map=dict(hidden=(1024, 1024), outer_steps=500, map_updates=10, batch_size=256, learning_rate=1e-4,
+                            grad_clip=1.0, seed=0, log_every=50))
 
 
 # ------------------------------------------------------------------------------------------ which rows need what
@@ -147,7 +164,7 @@ def _deps(config, step: str) -> tuple[str, ...]:
         return ("pairs",) + (("scored",) if config.videoalign.energy_judge.generated else ())
     return {"pairs": (), "reward_model": ("pairs",), "scored": ("reward_model",), "energy_scored": ("energy_judge",),
             "judges": ("reward_model", "energy_judge"),
-            PATCH_STEP: ("reward_model",)}[step]
+            PATCH_STEP: ("reward_model",), "embeddings": ()}[step]
 
 
 def steps_needed(config) -> tuple[str, ...]:
@@ -181,6 +198,8 @@ def row_step(entry) -> str | None:
         return "energy_judge"
     if entry.method == GRPO and entry.reward == "reward_model":
         return "reward_model"
+    if uses_pisces(entry):
+        return "embeddings"
     return None
 
 
@@ -190,6 +209,10 @@ def uses_reward_model(entry) -> bool:
 
 def uses_energy_judge(entry) -> bool:
     return row_step(entry) in ("energy_judge", "energy_scored")
+
+
+def uses_pisces(entry) -> bool:
+    return entry.method == "reward_finetune" and entry.reward == PISCES
 
 
 def records(config, hashes: dict[str, str]) -> dict[str, dict]:
@@ -227,6 +250,8 @@ def records(config, hashes: dict[str, str]) -> dict[str, dict]:
          "clip": stage_markers.settings_of(config, ("benchmark.num_frames", "benchmark.height", "benchmark.width",
                                                     "benchmark.background_texture"))},
         {"reward_model": out["reward_model"]["hash"], "cache": hashes["cache"]})
+    # the cache's hash stands for the VAE (and its latent statistics) and the text encoder
+    out["embeddings"] = stage_markers.record({"embeddings": v.embeddings.to_dict()}, {"cache": hashes["cache"]})
     return out
 
 
@@ -240,6 +265,16 @@ def reward_model_dir(paths) -> str:
 
 def energy_judge_dir(paths) -> str:
     return step_dir(paths, "energy_judge")
+
+
+def embeddings_dir(paths) -> str:
+    """The ``train_embeddings`` workdir of the embeddings step (``reward.pisces.embeddings``)."""
+    return os.path.join(step_dir(paths, "embeddings"), "space")
+
+
+def ot_map_dir(paths) -> str:
+    """The ``train_ot_map`` workdir of the embeddings step (``reward.pisces.ot_map``)."""
+    return os.path.join(step_dir(paths, "embeddings"), "ot_map")
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -383,6 +418,92 @@ def build_patch_reward(config, paths, out: str) -> None:
     train_patch_reward.run(c, out, encoders=encoders)
 
 
+def embeddings_config(config, paths) -> ml_collections.ConfigDict:
+    """``train_embeddings``'s config: the pipeline's train latents (the base's normalisation) with its text encoder
+    for the swapped captions, the validation latents for the evaluation."""
+    from experiments import train_embeddings
+    v = config.videoalign.embeddings
+    c = train_embeddings.default_config()
+    c.seed = int(v.seed)
+    c.mesh = copy.deepcopy(config.reward.mesh)
+    for section in train_embeddings.STAGES:
+        s = c[section]
+        s.dim, s.num_heads, s.patch_size, s.seed = int(v.dim), int(v.num_heads), tuple(v.patch_size), int(v.seed)
+        s.video_layers, s.text_layers = int(v.video_layers), int(v.text_layers)
+    c.matcher.cross_layers = int(v.cross_layers)
+    c.dual.steps, c.matcher.steps = int(v.dual_steps), int(v.matcher_steps)
+    c.negatives.per_clip, c.negatives.seed = int(v.per_clip), int(v.seed)
+    c.data.batch_size, c.optim.learning_rate = int(v.batch_size), float(v.learning_rate)
+    c.train.log_every = int(v.log_every)
+    c.train.checkpoint_every = max(int(v.dual_steps), int(v.matcher_steps), 1)
+    c.train.async_checkpoints = False
+    c.data.train = "(the pipeline's train latents)"          # placeholders for check_config
+    c.negatives.text_encoder = "(the pipeline's text encoder)"
+    if paths is not None:
+        c.data.train, c.data.test = paths.train_cache, paths.cache("validation")
+        c.data.latent_mean, c.data.latent_std = workdir.latent_stats(paths)
+        c.negatives.text_encoder = paths.text_encoder
+    return c
+
+
+def ot_map_config(config, paths) -> ml_collections.ConfigDict:
+    """``train_ot_map``'s config: the embeddings step's dual encoder on the same latents."""
+    from experiments import train_ot_map
+    v = config.videoalign.embeddings.ot_map
+    c = train_ot_map.default_config()
+    c.map.hidden = tuple(v.hidden)
+    for k in ("outer_steps", "map_updates", "batch_size", "learning_rate", "grad_clip", "seed", "log_every"):
+        c.train[k] = v[k]
+    c.embeddings, c.data.train = "(the embeddings step's dual encoder)", "(the pipeline's train latents)"
+    if paths is not None:
+        c.embeddings = embeddings_dir(paths)
+        c.data.train, c.data.test = paths.train_cache, paths.cache("validation")
+        c.data.latent_mean, c.data.latent_std = workdir.latent_stats(paths)
+    return c
+
+
+def build_embeddings(config, paths, out: str) -> None:
+    """The embeddings step (module doc, 8): train_embeddings, then train_ot_map; ``timing.json`` of both."""
+    from experiments import train_embeddings, train_ot_map
+    t0 = time.time()
+    c = embeddings_config(config, paths)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=1))
+    train_embeddings.run(c, embeddings_dir(paths))
+    t1 = time.time()
+    train_ot_map.run(ot_map_config(config, paths), ot_map_dir(paths))
+    _write_timing(out, {"embeddings_s": t1 - t0, "ot_map_s": time.time() - t1})
+
+
+def pisces_paths(reward: ml_collections.ConfigDict, entry, paths) -> None:
+    """A PISCES row's ``reward.pisces`` inputs: the embeddings step's outputs."""
+    if uses_pisces(entry):
+        reward.pisces.embeddings, reward.pisces.ot_map = embeddings_dir(paths), ot_map_dir(paths)
+
+
+def check_embeddings(config) -> None:
+    """The embeddings step's knobs (by their own names), then the two experiments' own checks; errors name the key."""
+    from experiments import train_embeddings, train_ot_map
+    from shelllcc.errors import ConfigError
+    v = config.videoalign.embeddings
+    where = "config.videoalign.embeddings"
+    for sec, keys in (("", ("dual_steps", "matcher_steps", "batch_size", "per_clip", "cross_layers", "log_every")),
+                      ("ot_map.", ("outer_steps", "map_updates", "batch_size", "log_every"))):
+        s = v.ot_map if sec else v
+        for k in keys:
+            if not (isinstance(s[k], int) and s[k] >= 1):
+                raise ConfigError(f"{where}.{sec}{k}={s[k]!r} must be an integer >= 1")
+    for sec, s in (("", v), ("ot_map.", v.ot_map)):
+        if not s.learning_rate > 0:
+            raise ConfigError(f"{where}.{sec}learning_rate={s.learning_rate} must be > 0")
+    for name, check, c in (("train_embeddings", train_embeddings.check_config, embeddings_config(config, None)),
+                           ("train_ot_map", train_ot_map.check_config, ot_map_config(config, None))):
+        try:
+            check(c)
+        except ConfigError as err:
+            raise ConfigError(f"{where} (as {name}'s config): {err}") from None
+
+
 def guidance_section(config, name: str, paths) -> ml_collections.ConfigDict:
     """The sampler of guidance row ``name``: ``config.sample.sampler`` with its ``guidance`` filled in, then
     the entry's options (keys of the sample config, e.g. ``sampler.guidance.weight=2``)."""
@@ -435,7 +556,9 @@ def check_config(config) -> None:
             from experiments import sample
             sample.check_guidance(guidance_section(config, name, None).guidance)
     need = steps_needed(config)
-    if not need:
+    if "embeddings" in need:
+        check_embeddings(config)
+    if not set(need) - {"embeddings"}:
         return
     v = config.videoalign
     p = v.preferences
@@ -626,6 +749,8 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
             train_reward_model.run(c, out)
         elif step == "patch_reward":
             build_patch_reward(config, paths, out)
+        elif step == "embeddings":
+            build_embeddings(config, paths, out)
         elif step == "scored":
             score_samples.run(score_config(config, paths), out)
             _write_timing(out, {"seconds": time.time() - t0})
@@ -730,7 +855,38 @@ def prerequisite_costs(paths) -> dict:
     if pe:
         out["patch_reward_eval"] = pe
         out["patch_labels"] = int(_patch_train_clips(paths)) * int(pe.get("patches_per_clip", 0))
+    out.update(pisces_prerequisite_costs(paths))
     return out
+
+
+def pisces_prerequisite_costs(paths) -> dict:
+    """The embeddings step's seconds and evaluations: ``embeddings_train_s`` (train_embeddings: negatives, the two
+    models, their evaluation), ``ot_map_train_s`` (train_ot_map: embedding the clips, the loop), ``embeddings_eval``
+    and ``ot_map_eval`` (their ``eval.json``); none when the step did not run."""
+    t = _json(os.path.join(step_dir(paths, "embeddings"), TIMING_JSON))
+    if not t:
+        return {}
+    return {"embeddings_train_s": round(float(t["embeddings_s"]), 1), "ot_map_train_s": round(float(t["ot_map_s"]), 1),
+            "embeddings_eval": _json(os.path.join(embeddings_dir(paths), "eval.json")),
+            "ot_map_eval": _json(os.path.join(ot_map_dir(paths), "eval.json"))}
+
+
+def pisces_notes(pre: dict) -> str:
+    """The embedding space's and the OT map's own measures for the report; '' when the step did not run."""
+    ev, om = pre.get("embeddings_eval") or {}, pre.get("ot_map_eval") or {}
+    if not ev and not om:
+        return ""
+    parts = []
+    if ev:
+        r = ev.get("retrieval", {})
+        parts.append(f"PISCES's embedding space (ours, on latents) on {ev.get('clips')} validation clips: text->video "
+                     f"recall@1 {r.get('t2v@1', float('nan')):.3f} (chance {r.get('chance@1', float('nan')):.3f}), "
+                     f"matcher's true caption above a swapped one {ev.get('matcher', {}).get('ranked_mean', float('nan')):.3f}"
+                     " (chance 0.5)")
+    if om:
+        parts.append(f"OT map on {om.get('pairs')} validation pairs: cos(e_v, T(e_t)) {om['matched_mapped']:.3f} against "
+                     f"raw cos(e_v, e_t) {om['matched_raw']:.3f} and a mismatched caption {om['mismatched_mapped']:.3f}")
+    return "; ".join(parts) + ". Labels: none (captions only)."
 
 
 def _patch_train_clips(paths) -> int:
@@ -769,4 +925,6 @@ def patch_reward_notes(pre: dict) -> str:
 __all__ = ["default_config", "steps_needed", "row_step", "extra_steps", "patch_source", "records", "row_config",
            "guidance_section", "reward_model_config", "patch_reward_config", "check_config", "run_stage",
            "prerequisite_costs", "patch_reward_notes", "METHODS", "TRAINING_METHODS", "GUIDANCE", "GUIDES",
-           "ENERGY_JUDGE", "energy_judge_config", "build_judges", "uses_energy_judge"]
+           "ENERGY_JUDGE", "energy_judge_config", "build_judges", "uses_energy_judge", "PISCES", "uses_pisces",
+           "embeddings_config", "ot_map_config", "build_embeddings", "embeddings_dir", "ot_map_dir", "pisces_paths",
+           "pisces_prerequisite_costs", "pisces_notes"]

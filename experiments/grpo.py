@@ -116,6 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
         kind="shell_norm",           # shell_lcc: the distance (lcc | shell_norm | shell)
         reward_model="",             # reward_model: a train_reward_model workdir (or 'random')
         energy_judge="",             # energy_judge: a train_energy_judge workdir (or 'random')
+        # pisces: R_Q + R_S of PISCES (a train_embeddings workdir and a train_ot_map workdir)
+        pisces=ml_collections.ConfigDict(dict(embeddings="", ot_map="")),
         dimension_weights=(1.0, 1.0, 1.0),   # VQ, MQ, TA of a [B, 3] reward
         seed=0,                      # the 'random' stand-ins' seed
     )
@@ -138,6 +140,8 @@ REWARD_SOURCES: dict[str, Callable[[Any, Any], reward_sources.RewardSource]] = {
         config.reward.reward_model, _generator(setup), config.reward.seed, key="reward.reward_model"),
     "energy_judge": lambda config, setup: reward_sources.energy_judge_source(
         config.reward.energy_judge, _generator(setup), config.reward.seed, key="reward.energy_judge"),
+    "pisces": lambda config, setup: reward_sources.pisces_source(
+        config.reward.pisces.embeddings, config.reward.pisces.ot_map, key="reward.pisces"),
 }
 
 

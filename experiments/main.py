@@ -43,7 +43,7 @@ from shelllcc.errors import UserError
 
 EXPERIMENTS = ("fit_manifold", "train_vae", "encode_cache", "sft", "reward_finetune", "sample", "embedded_pipeline",
                "score_samples", "flow_dpo", "flow_rwr", "train_reward_model", "train_energy_judge",
-               "train_patch_reward", "train_embeddings", "grpo")
+               "train_patch_reward", "train_embeddings", "grpo", "train_ot_map")
 DONE_FILE = "DONE"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py[:arg].",

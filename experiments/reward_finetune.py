@@ -19,6 +19,16 @@ It must have been fitted on latents normalised as this run's ``data`` section no
 ``reward.kind='energy_judge'``: instead of a distance, ``d(z) = mean over the batch of E(z)``, the energy of GT-SVJ's
 judge at ``reward.energy_judge`` (a ``train_energy_judge`` workdir or its ``model/``; frozen, judged at t = 0; its
 reward is ``-E``, so lower is better like a distance). Issue 18: GT-SVJ as a reward for one-step fine-tuning.
+
+``reward.kind='pisces'`` (issue 19, PISCES's direct backpropagation; :mod:`shelllcc.rewards.pisces`):
+``d(z) = -mean_B (quality_weight R_Q + semantic_weight R_S)`` on the clip and the prompt it was made for
+(``R_Q = cos(e_v, T(e_t))``, ``R_S`` the matcher's positive probability with the token transport plan fused into
+its cross-attention), the dual encoder and matcher of ``reward.pisces.embeddings`` (a ``train_embeddings``
+workdir) and the map of ``reward.pisces.ot_map`` (a ``train_ot_map`` workdir) frozen. PISCES's ``L_consistency``
+is, here (ours), the objective's own term: ``objective.drift_weight`` (one_step's anti-drift against the base) or
+``objective.sft_weight`` (noised_data's flow matching); section 4 weighs it 1. The models read latents (no VAE
+decode); the caption mask is where the context is non-zero. Metrics ``pisces_quality`` / ``pisces_semantic``
+are the batch means of ``R_Q`` / ``R_S``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ from third_party.shell_lcc_reference import load_manifold as load_reference
 
 OBJECTIVES = ("one_step", "noised_data", "sft")
 ENERGY_JUDGE = "energy_judge"
-REWARD_KINDS = KINDS + (ENERGY_JUDGE,)       # a manifold distance or a trained judge's energy
+PISCES = "pisces"
+REWARD_KINDS = KINDS + (ENERGY_JUDGE, PISCES)   # a manifold distance, a trained judge's energy or PISCES's rewards
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -65,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
         kernel="auto",               # auto (Pallas on GPU, XLA elsewhere) | xla | pallas
         random=dict(num_anchors=64, hidden_dim=64, patch_size=(1, 1, 1), seed=0),
         energy_judge="",             # kind=energy_judge: a train_energy_judge workdir (or its model/)
+        # kind=pisces (module doc): the embedding models, the OT map, the rewards' weights and the plan's solver
+        pisces=dict(embeddings="", ot_map="", quality_weight=1.0, semantic_weight=1.0, epsilon=0.05, mass=0.9,
+                    max_iters=200, tol=1e-3),
     )
     return c
 
@@ -98,6 +112,8 @@ def make_loss(config: ml_collections.ConfigDict):
         raise ValueError(f"unknown reward.kind {r.kind!r}; expected one of {REWARD_KINDS}")
     if r.kind == ENERGY_JUDGE:
         return _energy_judge_loss(config)
+    if r.kind == PISCES:
+        return _pisces_loss(config)
     sampler = sft.sigma_sampler(config.flow)
 
     def build(setup: dit_setup.Setup):
@@ -207,6 +223,91 @@ def _energy_judge_loss(config: ml_collections.ConfigDict):
         judge_state = nnx.to_pure_dict(state)
         extra_frozen = {"energy_judge": judge_state}
         extra_sh = {"energy_judge": jax.tree.map(lambda _: rep, judge_state)}
+        if drift and not lora:
+            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
+            extra_sh["reference"] = setup.param_shardings
+        return loss_fn, extra_frozen, extra_sh
+
+    return build
+
+
+def check_pisces(p: ml_collections.ConfigDict, where: str = "reward.pisces") -> None:
+    """The ``reward.pisces`` values (``where`` names the section in errors)."""
+    from shelllcc.errors import ConfigError
+    if not p.embeddings:
+        raise ConfigError(f"{where}.embeddings is empty: give a train_embeddings workdir (its dual/ and matcher/)")
+    if not p.ot_map:
+        raise ConfigError(f"{where}.ot_map is empty: give a train_ot_map workdir (or its model/)")
+    if not p.epsilon > 0:
+        raise ConfigError(f"{where}.epsilon={p.epsilon} must be > 0")
+    if not 0 < p.mass <= 1:
+        raise ConfigError(f"{where}.mass={p.mass} must be in (0, 1]")
+    if not (isinstance(p.max_iters, int) and p.max_iters >= 1):
+        raise ConfigError(f"{where}.max_iters={p.max_iters!r} must be an integer >= 1")
+    if not p.tol > 0:
+        raise ConfigError(f"{where}.tol={p.tol} must be > 0")
+    if p.quality_weight < 0 or p.semantic_weight < 0 or p.quality_weight + p.semantic_weight == 0:
+        raise ConfigError(f"{where}.quality_weight={p.quality_weight} and semantic_weight={p.semantic_weight} must be "
+                          ">= 0 and not both 0")
+
+
+def _pisces_loss(config: ml_collections.ConfigDict):
+    """``make_loss`` with ``d = -mean(w_Q R_Q + w_S R_S)`` (module doc); the three models' weights are frozen
+    inputs of the step (checksummed as resume settings)."""
+    from shelllcc.errors import ConfigError
+    from shelllcc.rewards import pisces
+    o, r = config.objective, config.reward
+    p = r.pisces
+    check_pisces(p)
+    sampler = sft.sigma_sampler(config.flow)
+
+    def build(setup: dit_setup.Setup):
+        try:
+            models = pisces.load_models(p.embeddings, p.ot_map)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"reward.pisces: {err}") from None
+        print(f"reward: -(R_Q x {p.quality_weight} + R_S x {p.semantic_weight}) x {r.weight}, {models.description}; "
+              f"objective {o.name}", flush=True)
+        lora = config.lora.rank > 0
+        drift = o.name == "one_step" and o.drift_weight > 0
+        solver = dict(epsilon=float(p.epsilon), mass=float(p.mass), max_iters=int(p.max_iters), tol=float(p.tol))
+
+        def loss_fn(params, frozen, batch, key):
+            model = nnx.merge(setup.graphdef, params, frozen["model"])
+            x0, ctx = batch["latents"], batch["context"]
+            parts = {}
+
+            def reward_fn(z):
+                total, rq, rs = pisces.pisces_rewards(frozen["pisces"], models.graphs, z.astype(jnp.float32), ctx,
+                                                      quality_weight=float(p.quality_weight),
+                                                      semantic_weight=float(p.semantic_weight), **solver)
+                # the objective reports the mean of d only; the two rewards go to the metrics beside it
+                parts["pisces_quality"] = jax.lax.stop_gradient(jnp.mean(rq))
+                parts["pisces_semantic"] = jax.lax.stop_gradient(jnp.mean(rs))
+                return -r.weight * total
+            k_eps, k_s = jax.random.split(key)
+            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+            if o.name == "one_step":
+                ref = None
+                if drift:
+                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
+                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
+                loss, metrics = objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo,
+                                                               s_hi=o.s_hi, ref_velocity_fn=ref,
+                                                               drift_margin=o.drift_margin, drift_weight=o.drift_weight)
+            elif o.name == "noised_data":
+                # the reward reads the real prompt; only the velocity's context is dropped (guidance's training)
+                ctx_in = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
+                loss, metrics = objectives.noised_data(model, reward_fn, x0, eps, ctx_in, k_s, s_lo=o.s_lo,
+                                                       s_hi=o.s_hi, sft_weight=o.sft_weight)
+            else:
+                ctx_in = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
+                return objectives.sft_loss(model, x0, eps, ctx_in, k_s, sigma_sampler=sampler)
+            return loss, {**metrics, **parts}
+
+        rep = parallel.replicated(setup.mesh)
+        extra_frozen = {"pisces": models.params}
+        extra_sh = {"pisces": jax.tree.map(lambda _: rep, models.params)}
         if drift and not lora:
             extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
             extra_sh["reference"] = setup.param_shardings

@@ -20,6 +20,10 @@ Sources:
   ``train_energy_judge`` workdir or its ``model/``) at the given timestep (it reads no prompt).
 * ``shell_lcc``: ``-manifold_distance(manifold, latents, kind)`` per clip (ours: the Shell-LCC distance as a
   reward; it judges clean latents, so the timestep and the prompt are ignored).
+* ``pisces``: ``w_Q R_Q + w_S R_S`` per clip (:mod:`shelllcc.rewards.pisces`: the quality reward through the OT map
+  and the matcher's probability with the token plan fused), from a ``train_embeddings`` workdir and a
+  ``train_ot_map`` workdir; clean latents (the timestep is ignored), the context is the prompt (its mask where it is
+  non-zero).
 """
 
 from __future__ import annotations
@@ -117,4 +121,28 @@ def shell_lcc_source(manifold: str, kind: str, latent_channels: int, key: str = 
     return RewardSource(apply, params, f"-{kind} distance to manifold {manifold}", False)
 
 
-__all__ = ["RewardSource", "combine", "energy_judge_source", "reward_model_source", "shell_lcc_source"]
+def pisces_source(embeddings: str, ot_map: str, *, quality_weight: float = 1.0, semantic_weight: float = 1.0,
+                  epsilon: float = 0.05, mass: float = 0.9, max_iters: int = 200, tol: float = 1e-3,
+                  key: str = "pisces") -> RewardSource:
+    """``R_Q + R_S`` per clip (weighted) of PISCES's rewards (module doc); ``key`` names the config section in
+    errors (its ``embeddings`` and ``ot_map``)."""
+    from shelllcc.rewards import pisces
+    if not embeddings:
+        raise ConfigError(f"{key}.embeddings is empty: give a train_embeddings workdir")
+    if not ot_map:
+        raise ConfigError(f"{key}.ot_map is empty: give a train_ot_map workdir")
+    try:
+        models = pisces.load_models(embeddings, ot_map)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    graphs = models.graphs
+
+    def apply(p, x, t, c):
+        del t
+        return pisces.pisces_rewards(p, graphs, x, c, quality_weight=quality_weight, semantic_weight=semantic_weight,
+                                     epsilon=epsilon, mass=mass, max_iters=max_iters, tol=tol)[0]
+    return RewardSource(apply, models.params, models.description, False)
+
+
+__all__ = ["RewardSource", "combine", "energy_judge_source", "pisces_source", "reward_model_source",
+           "shell_lcc_source"]

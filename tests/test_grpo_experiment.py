@@ -113,7 +113,7 @@ def test_shell_lcc_source_builds():
     ("grpo.clip_eps", 0.0, "grpo.clip_eps"),
     ("grpo.kl_weight", -1.0, "grpo.kl_weight"),
     ("grpo.updates_per_rollout", 3, "grpo.updates_per_rollout"),
-    ("reward.source", "pisces", "reward.source"),
+    ("reward.source", "clip_score", "reward.source"),
     ("train.microbatch_size", 1, "train.microbatch_size"),
 ])
 def test_bad_settings_name_the_key(key, value, match):
@@ -136,6 +136,10 @@ def test_dance_refuses_a_kl_and_best_of_n_bounds():
     c.grpo.best_of_n = 0
     with pytest.raises(ConfigError, match="reward.manifold"):
         grpo.REWARD_SOURCES["shell_lcc"](c, None)
+    c.reward.source = "pisces"          # PISCES's rewards plug in like the others; their paths are named
+    grpo.check_config(c)
+    with pytest.raises(ConfigError, match="reward.pisces.embeddings"):
+        grpo.REWARD_SOURCES["pisces"](c, None)
 
 
 def test_rollout_levels_and_the_derived_batch():
