@@ -77,11 +77,15 @@ from experiments import (
     reward_sources,
     score_samples,
     stage_markers,
+    train_embeddings,
     train_energy_judge,
+    train_ot_map,
     train_patch_reward,
     train_reward_model,
 )
 from experiments.overrides import apply_overrides, parse_overrides
+from shelllcc.data import preference_cache
+from shelllcc.errors import ConfigError
 from shelllcc.evaluation import judges, preference_eval, report
 from shelllcc.evaluation.intervals import format_interval
 from shelllcc.rewards import energy_judge as ej
@@ -421,7 +425,6 @@ def build_patch_reward(config, paths, out: str) -> None:
 def embeddings_config(config, paths) -> ml_collections.ConfigDict:
     """``train_embeddings``'s config: the pipeline's train latents (the base's normalisation) with its text encoder
     for the swapped captions, the validation latents for the evaluation."""
-    from experiments import train_embeddings
     v = config.videoalign.embeddings
     c = train_embeddings.default_config()
     c.seed = int(v.seed)
@@ -448,7 +451,6 @@ def embeddings_config(config, paths) -> ml_collections.ConfigDict:
 
 def ot_map_config(config, paths) -> ml_collections.ConfigDict:
     """``train_ot_map``'s config: the embeddings step's dual encoder on the same latents."""
-    from experiments import train_ot_map
     v = config.videoalign.embeddings.ot_map
     c = train_ot_map.default_config()
     c.map.hidden = tuple(v.hidden)
@@ -464,7 +466,6 @@ def ot_map_config(config, paths) -> ml_collections.ConfigDict:
 
 def build_embeddings(config, paths, out: str) -> None:
     """The embeddings step (module doc, 8): train_embeddings, then train_ot_map; ``timing.json`` of both."""
-    from experiments import train_embeddings, train_ot_map
     t0 = time.time()
     c = embeddings_config(config, paths)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -483,8 +484,6 @@ def pisces_paths(reward: ml_collections.ConfigDict, entry, paths) -> None:
 
 def check_embeddings(config) -> None:
     """The embeddings step's knobs (by their own names), then the two experiments' own checks; errors name the key."""
-    from experiments import train_embeddings, train_ot_map
-    from shelllcc.errors import ConfigError
     v = config.videoalign.embeddings
     where = "config.videoalign.embeddings"
     for sec, keys in (("", ("dual_steps", "matcher_steps", "batch_size", "per_clip", "cross_layers", "log_every")),
@@ -774,8 +773,6 @@ def run_stage(config, paths, hashes: dict[str, str], sample_config_fn) -> None:
 
 def build_judges(config, paths, splits: dict[str, str], out: str) -> dict:
     """The judges table on the test pairs (validation when there is no test split): module doc, step 6."""
-
-    from shelllcc.data import preference_cache
     split = "test" if "test" in splits else "validation"
     if split not in splits:
         raise ValueError("config.videoalign.preferences: no test or validation pairs for the judges table; raise "
