@@ -200,6 +200,16 @@ def test_gran_dpo_jit_and_gradient():
     assert set(m_jit) == set(m_eager) == {"loss", "video_loss", "patch_loss", "patch_selected", "patch_flipped"}
     g = jax.grad(lambda e: fn(e, *(f32(x) for x in errs[1:]), f32(t), f32(masks), f32(r_w), f32(r_l))[0])(f32(errs[0]))
     assert g.shape == errs[0].shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
+    # against central differences of the float64 statement, at coordinates inside and outside the patches
+    rng, h = np.random.default_rng(7), 1e-5
+    flat = np.asarray(errs[0], np.float64)
+    for idx in zip(*(rng.integers(0, n, 12) for n in flat.shape)):
+        up, down = flat.copy(), flat.copy()
+        up[idx] += h
+        down[idx] -= h
+        fd = (_gran_dpo_np([up, *errs[1:]], t, masks, r_w, r_l, time_dependent=False, **kw)[0]
+              - _gran_dpo_np([down, *errs[1:]], t, masks, r_w, r_l, time_dependent=False, **kw)[0]) / (2 * h)
+        np.testing.assert_allclose(float(g[idx]), fd, rtol=2e-3, atol=1e-6)
 
 
 def test_gran_dpo_bad_inputs():
