@@ -26,7 +26,7 @@ Args (``--config=configs/demo.py:ARG``):
 * ``rl``: issue 19's rows beside ``shell`` and the control: ``pisces`` (PISCES by backpropagation, on a
   text-video space, matcher and OT map trained here without labels), ``grpo_shell``, ``grpo_reward_model``
   and ``dance_grpo_shell`` (online RL with 2 prompts x 8 samples per step); sized for two CPU cores: the
-  GRPO rows run 50 steps (validation every 10), the embedding models 500 steps each, the OT map 300.
+  GRPO rows run 30 steps (validation every 10), the embedding models 300 steps each, the OT map 300.
 * ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
   encoder and the base DiT trained here, the base checked on the validation prompts, then all three
   packed into ``pretrained.export_to``. Stops after the classifier.
@@ -155,9 +155,9 @@ def get_config(arg: str | None = None):
         c.grpo.prompts_per_step = 2                  # 16 rollouts of 10 SDE steps per update on two CPU cores
         for name in ("grpo_shell", "grpo_reward_model", "dance_grpo_shell"):
             e = c.variants[name]
-            e.options = "; ".join(o for o in (e.options, "train.steps=50") if o)
+            e.options = "; ".join(o for o in (e.options, "train.steps=30") if o)
         e = c.videoalign.embeddings
-        e.dual_steps, e.matcher_steps, e.ot_map.outer_steps = 500, 500, 300
+        e.dual_steps, e.matcher_steps, e.ot_map.outer_steps = 300, 300, 300
     elif arg:
         raise ValueError(f"unknown demo config arg {arg!r}; expected nothing or one of {ARGS}")
     return c
