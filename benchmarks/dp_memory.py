@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -195,7 +196,9 @@ def main(argv=None):
                   host=harness.host_device(), platform=args.platform, config=args.config,
                   layers=first.get("num_layers"), latent=[*map(int, args.latent.split(",")), 16],
                   text_len=args.text_len, per_device_batch=args.per_device_batch, overrides=args.override,
-                  jax=harness.package_version("jax"), rows=rows)
+                  jax=harness.package_version("jax"), rows=rows,
+                  commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.REPO,
+                                        capture_output=True, text=True).stdout.strip())
     if not args.no_record:
         bench.record(**record)
     print(json.dumps(record))
