@@ -361,6 +361,9 @@ def _batch_split(x: jnp.ndarray) -> jnp.ndarray:
 
     cuDNN attention's partitioner needs q, k and v sharded alike; without a constraint, FSDP lets XLA
     choose differently for q (from the video tokens) and k/v (from the text), and compilation fails.
+    XLA's attention needs it too: under FSDP the partitioner otherwise follows the weights' 'fsdp'-sharded
+    model dim and every device computes the whole global batch's [B, H, N, M] logits (issue 21:
+    ``benchmarks/dp_memory.py``, temp per device 2.9x at fsdp 4 on CPU).
     A no-op outside ``jax.set_mesh`` or when the batch does not divide over those axes.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -446,7 +449,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         impl = resolve_attention_impl(self.impl, jax.default_backend()) if self.impl == "flash" else self.impl
-        if impl == "cudnn":
+        if impl != "tpu_flash":      # the Pallas kernel runs in its own shard_map over the batch axes
             q, k, v = _batch_split(q), _batch_split(k), _batch_split(v)
         q, k, v = checkpoint_name(q, "attn_query"), checkpoint_name(k, "attn_key"), checkpoint_name(v, "attn_value")
         if impl == "tpu_flash":
