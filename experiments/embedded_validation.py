@@ -39,6 +39,7 @@ from experiments import embedded_workdir as workdir
 from experiments import sample as sample_lib
 from shelllcc.evaluation import checkpoint_rule
 from shelllcc.models import saving
+from shelllcc.training import lora as lora_lib
 
 TRAJECTORY, PICK_JSON, PICKED_DIR = workdir.TRAJECTORY, workdir.PICK_JSON, workdir.PICKED_DIR
 read_trajectory = workdir.read_trajectory
@@ -90,7 +91,7 @@ class Evaluator:
 
     def sample(self, model: nnx.Module) -> tuple[np.ndarray, np.ndarray]:
         """``(latents [n, ...] float32, videos uint8 [n, T, H, W, 3])`` of ``model`` on the prompts."""
-        _, state = nnx.split(model)
+        _, state = nnx.split(_plain(model))
         self.sampler.state = state
         lat = self.sampler.sample(list(range(self.n)), self.contexts, self.negative)
         videos, _ = self.decoder.decode(lat)
@@ -161,6 +162,7 @@ class Trajectory:
         if self._mark is not None and step > self._mark[0]:
             self._train_s += now - self._mark[1]
             self._train_steps += step - self._mark[0]
+        model = _plain(model)
         row = self.evaluator.evaluate(step, model)
         self.rows.append(row)
         self.weights[step] = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
@@ -204,6 +206,14 @@ class Trajectory:
         with open(os.path.join(self.run_dir, PICK_JSON), "w") as f:
             json.dump(choice, f, indent=1)
         return choice
+
+
+def _plain(model: nnx.Module) -> nnx.Module:
+    """``model`` in the base's structure: a LoRA row's adapters folded into a copy's kernels (the validation
+    sampler runs the base's graph, and the picked weights are exported as a plain model)."""
+    if any(isinstance(v, lora_lib.LoRAParam) for _, v in nnx.iter_graph(model)):
+        return lora_lib.merge_lora(nnx.clone(model))
+    return model
 
 
 def _as_state(model: nnx.Module, pure: dict) -> nnx.State:

@@ -234,3 +234,20 @@ def test_stacked_adapters_equal_the_per_block_ones():
     merge_lora(stacked), merge_lora(per_block)
     np.testing.assert_allclose(np.asarray(stacked(*inputs)), np.asarray(per_block(*inputs)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(stacked(*inputs)), y_s, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_sees_a_lora_row_as_the_base_graph_with_folded_adapters():
+    """The embedded benchmark's validation samples with the base's graph: a LoRA row reaches it merged, in a
+    copy (the training model keeps its adapters), with the adapted model's outputs."""
+    from experiments import embedded_validation
+    cfg = get_config("tiny")
+    adapted = _lora_model()
+    _randomize_b(adapted)
+    inputs = _inputs(cfg)
+    plain = embedded_validation._plain(adapted)
+    assert not any(isinstance(v, LoRAParam) for _, v in nnx.iter_graph(plain))
+    assert any(isinstance(v, LoRAParam) for _, v in nnx.iter_graph(adapted))
+    assert nnx.graphdef(plain) == nnx.graphdef(_model())
+    np.testing.assert_allclose(np.asarray(plain(*inputs)), np.asarray(adapted(*inputs)), rtol=1e-5, atol=1e-5)
+    base = _model()
+    assert embedded_validation._plain(base) is base
