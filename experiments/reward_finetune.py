@@ -49,7 +49,7 @@ from shelllcc.flow import objectives
 from shelllcc.manifold import io as manifold_io
 from shelllcc.manifold.params import ManifoldConfig, init_params
 from shelllcc.rewards import energy_judge as ej
-from shelllcc.rewards import manifold_distance
+from shelllcc.rewards import manifold_distance, pisces
 from shelllcc.rewards.manifold_distance import KINDS
 from third_party.shell_lcc_reference import load_manifold as load_reference
 
@@ -104,6 +104,38 @@ def load_reward_manifold(r: ml_collections.ConfigDict, latent_channels: int):
     return manifold_io.load_manifold(path)
 
 
+def _objective_loss(config, setup: dit_setup.Setup, sampler, reward_fn, params, frozen, batch, key):
+    """The configured objective (``objective.name``) of the trained model with ``reward_fn(z) -> d``: the one
+    dispatch every reward kind shares (a reward reads the real prompt; only the velocity's context is dropped
+    for the flow-matching objectives, which keep the base's null-prompt training for guidance)."""
+    o = config.objective
+    model = nnx.merge(setup.graphdef, params, frozen["model"])
+    k_eps, k_s = jax.random.split(key)
+    x0, ctx = batch["latents"], batch["context"]
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
+    if o.name == "one_step":
+        ref = None
+        if o.drift_weight > 0:
+            ref_params = jax.tree.map(jnp.zeros_like, params) if config.lora.rank > 0 else frozen["reference"]
+            ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
+        return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                              ref_velocity_fn=ref, drift_margin=o.drift_margin,
+                                              drift_weight=o.drift_weight)
+    ctx = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
+    if o.name == "noised_data":
+        return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
+                                      sft_weight=o.sft_weight)
+    return objectives.sft_loss(model, x0, eps, ctx, k_s, sigma_sampler=sampler)
+
+
+def _add_reference(config, setup: dit_setup.Setup, extra_frozen: dict, extra_sh: dict) -> None:
+    """A frozen copy of the starting weights, sharded like the trained ones, where the anti-drift term needs
+    one (full fine-tuning; under LoRA the reference is the adapters zeroed)."""
+    if config.objective.name == "one_step" and config.objective.drift_weight > 0 and not config.lora.rank > 0:
+        extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
+        extra_sh["reference"] = setup.param_shardings
+
+
 def make_loss(config: ml_collections.ConfigDict):
     o, r = config.objective, config.reward
     if o.name not in OBJECTIVES:
@@ -131,8 +163,6 @@ def make_loss(config: ml_collections.ConfigDict):
         print(f"reward: {r.kind} x {r.weight} on a manifold of {mcfg.num_anchors} anchors, D={mcfg.dim}, patch "
               f"{mcfg.patch_size} ({r.manifold}); objective {o.name}", flush=True)
         mesh = setup.mesh
-        lora = config.lora.rank > 0
-        drift = o.name == "one_step" and o.drift_weight > 0
         compute_dtype = jnp.dtype(r.compute_dtype)
 
         def distance(manifold_params, target, z):
@@ -144,25 +174,8 @@ def make_loss(config: ml_collections.ConfigDict):
             return r.weight * d
 
         def loss_fn(params, frozen, batch, key):
-            model = nnx.merge(setup.graphdef, params, frozen["model"])
             reward_fn = functools.partial(distance, frozen["manifold"], frozen.get("reward_target"))
-            k_eps, k_s = jax.random.split(key)
-            x0, ctx = batch["latents"], batch["context"]
-            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)   # float32 noise whatever the cache dtype
-            if o.name == "one_step":
-                ref = None
-                if drift:
-                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
-                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
-                return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
-                                                      ref_velocity_fn=ref, drift_margin=o.drift_margin,
-                                                      drift_weight=o.drift_weight)
-            # the flow-matching objectives keep the base's null-prompt training (classifier-free guidance)
-            ctx = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
-            if o.name == "noised_data":
-                return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
-                                              sft_weight=o.sft_weight)
-            return objectives.sft_loss(model, x0, eps, ctx, k_s, sigma_sampler=sampler)
+            return _objective_loss(config, setup, sampler, reward_fn, params, frozen, batch, key)
 
         rep = parallel.replicated(mesh)
         extra_frozen = {"manifold": manifold}
@@ -171,10 +184,7 @@ def make_loss(config: ml_collections.ConfigDict):
             # an input, not a constant of the program: runs that differ only in tau share one compilation
             extra_frozen["reward_target"] = jnp.asarray(target, jnp.float32)
             extra_sh["reward_target"] = rep
-        if drift and not lora:
-            # a frozen copy of the starting weights, sharded like the trained ones
-            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
-            extra_sh["reference"] = setup.param_shardings
+        _add_reference(config, setup, extra_frozen, extra_sh)
         return loss_fn, extra_frozen, extra_sh
 
     return build
@@ -193,39 +203,19 @@ def _energy_judge_loss(config: ml_collections.ConfigDict):
         graphdef, state = nnx.split(judge)
         print(f"reward: -energy x {r.weight} of the energy judge {r.energy_judge} ({judge.config.num_blocks} of "
               f"{judge.config.num_layers} blocks); objective {o.name}", flush=True)
-        lora = config.lora.rank > 0
-        drift = o.name == "one_step" and o.drift_weight > 0
 
         def loss_fn(params, frozen, batch, key):
-            model = nnx.merge(setup.graphdef, params, frozen["model"])
             judge_now = nnx.merge(graphdef, frozen["energy_judge"])
 
             def reward_fn(z):
                 return r.weight * jnp.mean(ej.clip_energy(judge_now, z.astype(jnp.float32), 0.0))
-            k_eps, k_s = jax.random.split(key)
-            x0, ctx = batch["latents"], batch["context"]
-            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-            if o.name == "one_step":
-                ref = None
-                if drift:
-                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
-                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
-                return objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
-                                                      ref_velocity_fn=ref, drift_margin=o.drift_margin,
-                                                      drift_weight=o.drift_weight)
-            ctx = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
-            if o.name == "noised_data":
-                return objectives.noised_data(model, reward_fn, x0, eps, ctx, k_s, s_lo=o.s_lo, s_hi=o.s_hi,
-                                              sft_weight=o.sft_weight)
-            return objectives.sft_loss(model, x0, eps, ctx, k_s, sigma_sampler=sampler)
+            return _objective_loss(config, setup, sampler, reward_fn, params, frozen, batch, key)
 
         rep = parallel.replicated(setup.mesh)
         judge_state = nnx.to_pure_dict(state)
         extra_frozen = {"energy_judge": judge_state}
         extra_sh = {"energy_judge": jax.tree.map(lambda _: rep, judge_state)}
-        if drift and not lora:
-            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
-            extra_sh["reference"] = setup.param_shardings
+        _add_reference(config, setup, extra_frozen, extra_sh)
         return loss_fn, extra_frozen, extra_sh
 
     return build
@@ -233,7 +223,6 @@ def _energy_judge_loss(config: ml_collections.ConfigDict):
 
 def check_pisces(p: ml_collections.ConfigDict, where: str = "reward.pisces") -> None:
     """The ``reward.pisces`` values (``where`` names the section in errors)."""
-    from shelllcc.errors import ConfigError
     if not p.embeddings:
         raise ConfigError(f"{where}.embeddings is empty: give a train_embeddings workdir (its dual/ and matcher/)")
     if not p.ot_map:
@@ -254,8 +243,6 @@ def check_pisces(p: ml_collections.ConfigDict, where: str = "reward.pisces") -> 
 def _pisces_loss(config: ml_collections.ConfigDict):
     """``make_loss`` with ``d = -mean(w_Q R_Q + w_S R_S)`` (module doc); the three models' weights are frozen
     inputs of the step (checksummed as resume settings)."""
-    from shelllcc.errors import ConfigError
-    from shelllcc.rewards import pisces
     o, r = config.objective, config.reward
     p = r.pisces
     check_pisces(p)
@@ -268,13 +255,10 @@ def _pisces_loss(config: ml_collections.ConfigDict):
             raise ConfigError(f"reward.pisces: {err}") from None
         print(f"reward: -(R_Q x {p.quality_weight} + R_S x {p.semantic_weight}) x {r.weight}, {models.description}; "
               f"objective {o.name}", flush=True)
-        lora = config.lora.rank > 0
-        drift = o.name == "one_step" and o.drift_weight > 0
         solver = dict(epsilon=float(p.epsilon), mass=float(p.mass), max_iters=int(p.max_iters), tol=float(p.tol))
 
         def loss_fn(params, frozen, batch, key):
-            model = nnx.merge(setup.graphdef, params, frozen["model"])
-            x0, ctx = batch["latents"], batch["context"]
+            ctx = batch["context"]
             parts = {}
 
             def reward_fn(z):
@@ -285,32 +269,13 @@ def _pisces_loss(config: ml_collections.ConfigDict):
                 parts["pisces_quality"] = jax.lax.stop_gradient(jnp.mean(rq))
                 parts["pisces_semantic"] = jax.lax.stop_gradient(jnp.mean(rs))
                 return -r.weight * total
-            k_eps, k_s = jax.random.split(key)
-            eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-            if o.name == "one_step":
-                ref = None
-                if drift:
-                    ref_params = jax.tree.map(jnp.zeros_like, params) if lora else frozen["reference"]
-                    ref = nnx.merge(setup.graphdef, ref_params, frozen["model"])
-                loss, metrics = objectives.one_step_from_noise(model, reward_fn, eps, ctx, k_s, s_lo=o.s_lo,
-                                                               s_hi=o.s_hi, ref_velocity_fn=ref,
-                                                               drift_margin=o.drift_margin, drift_weight=o.drift_weight)
-            elif o.name == "noised_data":
-                # the reward reads the real prompt; only the velocity's context is dropped (guidance's training)
-                ctx_in = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
-                loss, metrics = objectives.noised_data(model, reward_fn, x0, eps, ctx_in, k_s, s_lo=o.s_lo,
-                                                       s_hi=o.s_hi, sft_weight=o.sft_weight)
-            else:
-                ctx_in = objectives.drop_text(jax.random.fold_in(key, 2), ctx, float(config.flow.text_dropout))
-                return objectives.sft_loss(model, x0, eps, ctx_in, k_s, sigma_sampler=sampler)
+            loss, metrics = _objective_loss(config, setup, sampler, reward_fn, params, frozen, batch, key)
             return loss, {**metrics, **parts}
 
         rep = parallel.replicated(setup.mesh)
         extra_frozen = {"pisces": models.params}
         extra_sh = {"pisces": jax.tree.map(lambda _: rep, models.params)}
-        if drift and not lora:
-            extra_frozen["reference"] = jax.tree.map(jnp.copy, setup.params)
-            extra_sh["reference"] = setup.param_shardings
+        _add_reference(config, setup, extra_frozen, extra_sh)
         return loss_fn, extra_frozen, extra_sh
 
     return build
