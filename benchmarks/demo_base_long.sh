@@ -24,7 +24,16 @@
 # Other bases on the same protocol (state the rule in the call's notes before the run): ARCH="..." adds
 # overrides to both candidates and their probes (e.g. a patch (1,2,2) base: ARCH="--config.base.model.dim=96
 # --config.base.model.num_heads=4 --config.base.model.ffn_dim=384 --config.base.model.patch_size=(1,2,2)"),
-# FROM_SCRATCH=1 trains them from random weights instead of the shipped base, LR_A / LR_B the peak rates.
+# FROM_SCRATCH=1 trains them from random weights instead of the shipped base, LR_A / LR_B the peak rates,
+# ARCH_A / ARCH_B overrides for one candidate only (after ARCH).
+#
+# Run of 2026-12-02 (second): full-rank output heads. Found on the CPU before it: the shipped base's head maps
+# width 192 to a token of 4 x 4 x 16 = 256 latent values, so 64 directions per token are outside its output
+# space and keep the sampler's initial noise (their variance in the base's samples: 1.00; in real latents:
+# 0.30); adding that noise to real latents alone drops the classifier's texture accuracy 0.98 -> 0.48.
+# Candidates, from scratch, width 256 (= 256: full rank) at the CPU default's cost (measured on 2 cores):
+#   ca: 4 blocks, ffn 1024     cb: 5 blocks, ffn 768
+# peak lr 1e-3 both, batch 256 (EXTRA), object weight 4, TRAIN_SECONDS=700. Rule as above, unchanged.
 set -uo pipefail
 WORK=${1:?usage: demo_base_long.sh WORK prepare|train SECONDS}
 PHASE=${2:?phase: prepare or train}
@@ -39,6 +48,7 @@ COMMON=(--config=configs/demo.py:pretrain --config.pretrained.dir=configs/pretra
         "--config.pretrained.guidance_grid=(2.0,3.0,4.0)" --config.base.data.in_memory=True
         --config.base.data.prefetch=8)
 declare -A LR=([ca]=${LR_A:-3e-4} [cb]=${LR_B:-6e-4})
+declare -A ARCHS=([ca]=${ARCH_A:-} [cb]=${ARCH_B:-})
 INIT=(--config.base.model.init_from="$WORK/pre/base")
 [ -n "${FROM_SCRATCH:-}" ] && INIT=()
 run_both() {  # run_both LOGSUFFIX STEPS: both candidates side by side, stopped by SIGTERM at the phase's limit
@@ -47,7 +57,7 @@ run_both() {  # run_both LOGSUFFIX STEPS: both candidates side by side, stopped 
     (t0=$SECONDS
      # shellcheck disable=SC2086
      timeout -s TERM "$SECONDS_LEFT" "$PY" -m experiments.main "${COMMON[@]}" --workdir="$WORK/$n" \
-        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} \
+        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} ${ARCHS[$n]} \
         --config.base.flow.region_weight=4 \
         --config.base.train.steps="$steps" --config.base.optim.learning_rate="${LR[$n]}" \
         --config.base.optim.warmup_steps=500 --config.base.train.checkpoint_every=5000 ${EXTRA:-} \
@@ -72,7 +82,7 @@ if [ "$PHASE" = prepare ]; then
   for n in ca cb; do
     # shellcheck disable=SC2086
     ("$PY" -m experiments.main "${COMMON[@]}" --workdir="$WORK/probe_$n" --config.stop_after=base \
-        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} \
+        "--config.pretrained.install=('vae','text_encoder')" "${INIT[@]}" ${ARCH:-} ${ARCHS[$n]} \
         --config.base.flow.region_weight=4 \
         --config.base.train.steps="$PROBE_STEPS" --config.base.train.log_every=$((PROBE_STEPS / 3)) \
         --config.base.optim.warmup_steps=10 ${EXTRA:-} > "$WORK/probe_$n.log" 2>&1) &
