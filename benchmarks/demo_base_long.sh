@@ -42,6 +42,8 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-1000} TRAIN_SIZE=${TRAIN_SIZE:-16384} PROBE_STEPS
 mkdir -p "$WORK"
 T_PHASE=$SECONDS
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# the exported MANIFEST records this; the device's copy of the tree has no git metadata, so pass it there
+export SHELLLCC_COMMIT=${SHELLLCC_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
 COMMON=(--config=configs/demo.py:pretrain --config.pretrained.dir=configs/pretrained/demo
         --config.benchmark.train_size="$TRAIN_SIZE" --config.validation.prompts=64

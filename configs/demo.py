@@ -49,15 +49,19 @@ def _dit(c, dim, layers, heads, ffn):
 
 
 def _train_everything(c):
-    """The GPU recipe of the VAE and the base (what ``pretrain`` ran to make the shipped models)."""
+    """The GPU recipe of the VAE and the base (what ``pretrain`` ran to make the shipped models: the VAE and the
+    text encoder at 8192 clips, 2026-12-01; the base with those installed, at this recipe, 2026-12-02; the
+    MANIFEST holds each command)."""
     c.pretrained.dir = ""
-    c.benchmark.train_size = 8192
+    c.benchmark.train_size = 16384
     c.vae.train.steps, c.vae.data.batch_size, c.vae.train.log_every = 6000, 64, 500
     c.vae.train.checkpoint_every = 3000
     c.cache.batch_size, c.cache.shard_size = 64, 1024
-    c.base.train.steps, c.base.data.batch_size, c.base.train.log_every = 12000, 128, 500
-    c.base.train.checkpoint_every = 4000
+    c.base.train.steps, c.base.data.batch_size, c.base.train.log_every = 27000, 256, 500
+    c.base.train.checkpoint_every = 5000
     c.base.optim.learning_rate, c.base.optim.warmup_steps = 1e-3, 500
+    c.base.flow.region_weight = 4.0
+    c.base.data.in_memory, c.base.data.prefetch = True, 8
     c.classifier.steps = 500
 
 
@@ -79,7 +83,7 @@ def get_config(arg: str | None = None):
         c.vae.train.steps, c.vae.data.batch_size, c.vae.data.stats_clips, c.vae.data.eval_clips = 4, 8, 16, 8
         c.vae.model.width, c.vae.model.conv_width, c.vae.model.depth = 32, 8, 1
         c.text_encoder.dim, c.text_encoder.num_layers = 32, 1
-        _dit(c, 32, 1, 2, 64)
+        _dit(c, 256, 1, 4, 64)      # width 256: a full-rank head for its 4 x 4 x 16-value tokens
         c.base.model.text_dim, c.base.model.freq_dim = 32, 16
         c.base.train.steps, c.base.data.batch_size = 4, 8
         c.classifier.steps, c.classifier.batch_size = 4, 8

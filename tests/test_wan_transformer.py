@@ -298,3 +298,44 @@ def test_scanned_program_holds_one_block():
     looped = [_dot_count(WanTransformer(get_config("tiny", num_layers=n, scan_layers=False), rngs=nnx.Rngs(0)), args)
               for n in (2, 4)]
     assert scanned[0] == scanned[1] < looped[0] < looped[1]
+
+
+def test_rank_deficient_head_warns_and_its_samples_keep_the_initial_noise():
+    """A head Linear(dim -> patch volume x C) with dim below that spans only dim directions of a token; a
+    flow sampler moves the rest only by the head's bias b: dx/ds = b there, so the sample's component off the
+    head's span is the noise's minus sigma_0 b, whatever the weights (any solver exact for a constant field)."""
+    from shelllcc.flow.samplers import unipc_sample
+    from shelllcc.flow.timesteps import wan_sampling_schedule
+
+    with pytest.warns(UserWarning, match="dim=32 < patch volume x out_channels = 64"):
+        cfg = get_config("tiny", dim=32, num_heads=2, ffn_dim=64, num_layers=1)
+    model = WanTransformer(cfg, rngs=nnx.Rngs(0))
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    model.proj_out.bias[...] = 0.3 * jax.random.normal(k1, model.proj_out.bias.shape)
+    model.proj_out.kernel[...] = 0.3 * jax.random.normal(k2, model.proj_out.kernel.shape)  # not the zero init
+    noise = jax.random.normal(k3, (2, 2, 4, 4, 16))
+    context = jax.random.normal(jax.random.key(2), (2, 8, cfg.text_dim))
+    schedule = wan_sampling_schedule(8, shift=3.0)
+    out = unipc_sample(lambda x, t, c: model(x, t, c), noise, context, schedule, guidance_scale=1.0)
+
+    def tokens(x):  # [B, T, H, W, C] -> [B * T * H/2 * W/2, 2 * 2 * C], the head's (pt, ph, pw, c) order
+        b, t, h, w, c = x.shape
+        x = np.asarray(x, np.float64).reshape(b, t, h // 2, 2, w // 2, 2, c)
+        return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(-1, 4 * c)
+
+    kernel = np.asarray(model.proj_out.kernel[...], np.float64)            # [32, 64]
+    _, _, vt = np.linalg.svd(kernel, full_matrices=True)
+    span, off = vt[:32], vt[32:]
+    bias = np.asarray(model.proj_out.bias[...], np.float64)
+    expected = tokens(noise) @ off.T - float(schedule.sigmas[0]) * (bias @ off.T)
+    np.testing.assert_allclose(tokens(out) @ off.T, expected, atol=2e-4)
+    # the head's own directions did move: the check above is not of an idle sampler
+    assert np.abs(tokens(out) @ span.T - tokens(noise) @ span.T).mean() > 0.1
+
+
+def test_full_rank_presets_do_not_warn():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+            get_config(name)

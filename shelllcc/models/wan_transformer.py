@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -174,6 +175,14 @@ class WanTransformerConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.dim < self.patch_volume * self.out_channels:
+            # The head is Linear(dim -> patch volume x out_channels): its outputs span at most `dim` of a token's
+            # directions. A sampler moves the others only by the head's bias, so they keep the initial noise.
+            n = self.patch_volume * self.out_channels
+            warnings.warn(f"WanTransformerConfig: dim={self.dim} < patch volume x out_channels = {n}: the output "
+                          f"head reaches {self.dim} of a token's {n} latent directions; the other {n - self.dim} "
+                          "keep the sampler's initial noise in every sample. Use dim >= "
+                          f"{n} for a model that is sampled.", stacklevel=3)
 
     @property
     def head_dim(self) -> int:
