@@ -29,25 +29,28 @@ import harness
 XLA_FLAG_PRESETS = {"": "", "cublas": "--xla_gpu_enable_triton_gemm=false"}
 
 
-def train_flops(dim, ffn, layers, n_tokens, text_len, text_dim, patch_volume, channels) -> float:
-    """Forward + backward FLOPs (3x forward) of one training step, matmuls and attention only."""
-    per_block = (2 * (4 * dim * dim + 2 * dim * ffn) * n_tokens      # self-attn q,k,v,o + FFN
-                 + 2 * (2 * dim * dim) * n_tokens                     # cross-attn q, o
-                 + 2 * (2 * dim * dim) * text_len                     # cross-attn k, v (on the text)
-                 + 4 * n_tokens * n_tokens * dim                      # self-attn scores and values
-                 + 4 * n_tokens * text_len * dim)                     # cross-attn scores and values
+def train_flops(dim, ffn, layers, n_tokens, text_len, text_dim, patch_volume, channels,
+                weight_grads: bool = True) -> float:
+    """Forward + backward FLOPs of one training step, matmuls and attention only: 3x the forward, or, without
+    weight gradients (LoRA: the adapters' products are negligible), 2x the forward for the weight products and
+    still 3x for attention's (it has no weights)."""
+    linear = (2 * (4 * dim * dim + 2 * dim * ffn) * n_tokens         # self-attn q,k,v,o + FFN
+              + 2 * (2 * dim * dim) * n_tokens                        # cross-attn q, o
+              + 2 * (2 * dim * dim) * text_len)                       # cross-attn k, v (on the text)
+    attention = 4 * n_tokens * n_tokens * dim + 4 * n_tokens * text_len * dim   # scores and values, both layers
     outside = (2 * text_len * (text_dim * dim + dim * dim)           # text embedder
                + 2 * n_tokens * dim * patch_volume * channels * 2)    # patch embed + head
-    return 3.0 * (layers * per_block + outside)
+    return (3.0 if weight_grads else 2.0) * (layers * linear + outside) + 3.0 * layers * attention
 
 
 def _jax_worker(args, variant: str) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
+    from shelllcc import parallel
     from shelllcc.models.wan_transformer import WanTransformer, get_config
+    from shelllcc.training import lora
 
     parts = variant.split(":")
     remat = parts[1] if len(parts) > 1 else "none"
@@ -55,16 +58,22 @@ def _jax_worker(args, variant: str) -> dict:
     cfg = get_config(args.preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
                      attention_impl=attention)
     t, h, w = args.grid
-    model = nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
 
-    # Random N(0, 0.02^2) weights drawn on the host: one jax.random call per leaf shape compiles a
-    # program each, which took minutes on the GPU; timing does not depend on the init distribution.
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda leaf: jnp.asarray((0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)),
-        abstract_params)
-    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_rest)
+    def make():
+        model = WanTransformer(cfg, rngs=nnx.Rngs(0))
+        if args.lora_rank:
+            lora.apply_lora(model, rank=args.lora_rank, alpha=float(args.lora_rank), rngs=nnx.Rngs(1),
+                            param_dtype=jnp.bfloat16)
+        return model
+
+    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(make),
+                                                         lora.lora_filter if args.lora_rank else nnx.Param, ...)
+    # The project's own init, one program per parameter on the device (parallel.init_per_leaf): no host copy
+    # of the weights, which a 14B model would not fit twice.
+    t_init = time.perf_counter()
+    params, rest = parallel.init_per_leaf(
+        lambda: nnx.split(make(), lora.lora_filter if args.lora_rank else nnx.Param, ...)[1:])
+    init_s = time.perf_counter() - t_init
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     x = jax.random.normal(keys[0], (1, t, h, w, cfg.in_channels), jnp.bfloat16)
     target = jax.random.normal(keys[1], x.shape, jnp.float32)
@@ -85,10 +94,38 @@ def _jax_worker(args, variant: str) -> dict:
     times = harness.timed(lambda: step(params, x, timestep, ctx, target), args.repeats, args.warmup)
     n_params = sum(p.size for p in jax.tree.leaves(params))
     return dict(side="jax", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
-                peak_gb=harness.jax_peak_gb([device]), compile_s=compile_s,
+                peak_gb=harness.jax_peak_gb([device]), compile_s=compile_s, init_s=init_s,
                 loss=float(loss), n_params=int(n_params), device_name=device.device_kind,
                 versions=dict(jax=jax.__version__), dims=(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_dim,
                                                           cfg.patch_volume, cfg.in_channels, cfg.patch_size))
+
+
+def _torch_lora(model, rank: int) -> None:
+    """Freeze ``model`` and add ``y += (alpha / rank) (x A^T) B^T`` (alpha = rank, B zero, A Kaiming-uniform,
+    bf16) to q, k, v and the output projection of both attention layers of every block: peft's LoRA on the
+    project's ``DEFAULT_TARGETS``, written here because peft is not on the benchmark machine."""
+    import math
+
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
+                                                    dtype=base.weight.dtype))
+            self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                                    dtype=base.weight.dtype))
+            torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for attn in (block.attn1, block.attn2):
+            attn.to_q, attn.to_k, attn.to_v = (LoRALinear(m) for m in (attn.to_q, attn.to_k, attn.to_v))
+            attn.to_out[0] = LoRALinear(attn.to_out[0])
 
 
 def _diffusers_worker(args, variant: str) -> dict:
@@ -99,13 +136,16 @@ def _diffusers_worker(args, variant: str) -> dict:
     from shelllcc.models.wan_transformer import get_config
 
     cfg = get_config(args.preset)
-    model = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
-        qk_norm=cfg.qk_norm, rope_max_seq_len=cfg.rope_max_seq_len)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with dev:        # weights born on the device: a host-side float32 14B would take minutes to initialise
+        model = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+            qk_norm=cfg.qk_norm, rope_max_seq_len=cfg.rope_max_seq_len)
     model = model.to(dev, torch.bfloat16).train()
+    if args.lora_rank:
+        _torch_lora(model, args.lora_rank)
     if variant.endswith("checkpointing"):
         model.enable_gradient_checkpointing()
     t, h, w = args.grid
@@ -132,7 +172,8 @@ def _diffusers_worker(args, variant: str) -> dict:
     times = harness.timed(step, args.repeats, sync=sync)
     return dict(side="diffusers", variant=variant, step_ms=statistics.median(times), step_ms_min=min(times),
                 peak_gb=harness.torch_peak_gb(dev), compile_s=first_s, loss=float(loss),
-                n_params=sum(p.numel() for p in model.parameters()), device_name=harness.torch_device_name(dev),
+                n_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                device_name=harness.torch_device_name(dev),
                 versions=dict(torch=torch.__version__, diffusers=diffusers.__version__))
 
 
@@ -144,6 +185,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=[
         "diffusers:plain", "diffusers:checkpointing", "jax:full:cudnn", "jax:attention_saveable:cudnn",
         "jax:dots_with_no_batch_dims_saveable:cudnn"])
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train only rank-R adapters on q/k/v/o of both attention layers, both sides (0: every weight)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     harness.add_output_args(p)
@@ -158,7 +201,7 @@ def main():
     bench = harness.Bench("dit_bench", args.out_jsonl, args.out_dir)
     log, rows = bench.log, []
     base = harness.script_cmd(__file__, "--preset", args.preset, "--grid", *args.grid, "--text-len", args.text_len,
-                              "--repeats", args.repeats, "--warmup", args.warmup)
+                              "--repeats", args.repeats, "--warmup", args.warmup, "--lora-rank", args.lora_rank)
     for variant in args.variants:
         preset = variant.split(":")[3] if variant.startswith("jax") and variant.count(":") >= 3 else ""
         if preset not in XLA_FLAG_PRESETS:
@@ -180,7 +223,7 @@ def main():
     t, h, w = args.grid
     n_tokens = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     flops = train_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, n_tokens, args.text_len, cfg.text_dim,
-                        cfg.patch_volume, cfg.in_channels)
+                        cfg.patch_volume, cfg.in_channels, weight_grads=not args.lora_rank)
     ok = [r for r in rows if "step_ms" in r]
     diff = {r["variant"]: r for r in ok if r["side"] == "diffusers"}
     log(f"\n{args.preset}, latent {tuple(args.grid)} ({n_tokens} tokens), {args.text_len} text tokens: "
@@ -196,8 +239,8 @@ def main():
         log(f"{r['variant']:45s} {r['step_ms']:9.1f} {r['peak_gb'] or 0:8.1f} {tflops:8.1f} "
             f"{(mfu or 0) * 100:5.1f}%" + "".join(f" {s:13.2f}x" for s in speed.values()))
         record = dict(device=r["device_name"], preset=args.preset, grid=list(args.grid), text_len=args.text_len,
-                      variant=r["variant"], step_ms=r["step_ms"], step_ms_min=r["step_ms_min"], peak_gb=r["peak_gb"],
-                      tflops=tflops, mfu=mfu,
+                      lora_rank=args.lora_rank, variant=r["variant"], step_ms=r["step_ms"],
+                      step_ms_min=r["step_ms_min"], peak_gb=r["peak_gb"], tflops=tflops, mfu=mfu,
                       train_tflop=flops / 1e12, n_params=r["n_params"], loss=r["loss"], versions=r["versions"])
         if r["side"] == "jax":
             for k, d in diff.items():

@@ -74,6 +74,7 @@ def get_config(arg: str | None = None):
     c.lora.alpha = 16.0
     if size == "14b":
         c.mesh.data, c.mesh.fsdp = 1, -1
+        c.model.random_init = "devices"      # a host-side init of 14B did not fit the host's memory
     c.data.source = "cache"
     c.data.batch_size = 8
     c.data.latent_dtype = "bfloat16"

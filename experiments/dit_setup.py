@@ -63,6 +63,9 @@ def model_section() -> ml_collections.ConfigDict:
         pretrained="",               # diffusers transformer/ folder
         init_from="",                # workdir of an earlier sft / reward_finetune run (its model/)
         seed=0,                      # random init when neither of the above is set
+        # where a random init is drawn: host (one program on the host CPU, then placed: fast to compile) or
+        # devices (one program per parameter, born sharded on the mesh; no host copy: for 14B)
+        random_init="host",
     ))
 
 
@@ -215,11 +218,16 @@ def build_model(m: ml_collections.ConfigDict, mesh, rules) -> LoadedModel:
         return nnx.to_pure_dict(nnx.state(WanTransformer(cfg, rngs=nnx.Rngs(m.seed))))
 
     t0 = time.perf_counter()
+    if m.random_init not in ("host", "devices"):
+        raise errors.ConfigError(f"model.random_init={m.random_init!r}; expected 'host' or 'devices'")
     try:
         host_device = jax.local_devices(backend="cpu")[0]
     except RuntimeError:          # a process started with JAX_PLATFORMS excluding cpu
         host_device = None
-    if host_device is None:
+    if m.random_init == "devices":
+        with sharding_context(mesh, rules):
+            params = parallel.init_per_leaf(init, shardings, log=lambda s: print(s, flush=True))
+    elif host_device is None:
         with sharding_context(mesh, rules):
             params = jax.jit(init, out_shardings=shardings)()
     else:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Sequence
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -254,3 +255,33 @@ def place(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def init_per_leaf(make: Callable[[], Any], shardings: Any = None, *, log: Callable[[str], None] | None = None) -> Any:
+    """``make()``'s pytree (e.g. a model's parameters built from seeds), each leaf computed by its own jitted
+    program and born with its sharding (``shardings``: a matching pytree, one sharding for all, or None for
+    the default device).
+
+    Every program traces all of ``make`` and returns one leaf, so XLA drops the rest: the values equal
+    ``jax.jit(make)()``'s (the random draws are keyed per parameter, not by order of execution), while at most
+    one leaf and its draws exist at a time, on the devices, and none on the host. A one-program init of
+    Wan2.1-14B (28 GB of bf16 from float32 draws) did not fit the host's memory. ``log`` gets a progress line
+    every few seconds.
+    """
+    abstract = jax.eval_shape(make)
+    leaves, treedef = jax.tree.flatten(abstract)
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        per_leaf = [shardings] * len(leaves)
+    else:
+        per_leaf = treedef.flatten_up_to(shardings)
+    total = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+    out, done, t0, last = [], 0, time.perf_counter(), time.perf_counter()
+    for i, (leaf, sharding) in enumerate(zip(leaves, per_leaf)):
+        program = jax.jit(lambda i=i: jax.tree.leaves(make())[i], out_shardings=sharding)
+        out.append(jax.block_until_ready(program()))
+        done += leaf.size * leaf.dtype.itemsize
+        if log is not None and (time.perf_counter() - last > 5.0 or i == len(leaves) - 1):
+            last = time.perf_counter()
+            log(f"init: {i + 1}/{len(leaves)} parameters, {done / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                f"({last - t0:.0f}s)")
+    return jax.tree.unflatten(treedef, out)
