@@ -27,9 +27,9 @@ Args (``--config=configs/demo.py:ARG``):
   text-video space, matcher and OT map trained here without labels), ``grpo_shell``, ``grpo_reward_model``
   and ``dance_grpo_shell`` (online RL with 2 prompts x 8 samples per step); sized for two CPU cores: the
   GRPO rows run 30 steps (validation every 10), the embedding models 300 steps each, the OT map 300.
-* ``pretrain``: the recipe of the shipped models (a GPU job): 8192 training clips, the VAE, the text
-  encoder and the base DiT trained here, the base checked on the validation prompts, then all three
-  packed into ``pretrained.export_to``. Stops after the classifier.
+* ``pretrain``: the recipe of the shipped models (a GPU job): 16384 training clips, the VAE, the text
+  encoder and the base DiT (width 256, 5 blocks, 27000 steps at batch 256) trained here, the base checked on
+  the validation prompts, then all three packed into ``pretrained.export_to``. Stops after the classifier.
 * ``from_scratch``: ``pretrain``'s training of every model, then the whole protocol (a GPU job).
 * ``long``: a larger benchmark on one GPU: 17 frames, a wider and deeper base trained here, three seeds,
   more validation and test prompts, longer fine-tuning.
