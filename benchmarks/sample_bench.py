@@ -20,7 +20,9 @@ as many for the negative prompt, random weights in bf16, the sampler's state in 
   both sides (diffusers' Wan examples load the VAE in float32), after one untimed decode.
 
 Each loop and decode is timed ``--repeats`` times (default 1: a 50-step loop is about a minute) with the device
-synchronised; medians are reported, and the speed-ups divide diffusers' time by ours from the same call.
+synchronised; medians are reported, and the speed-ups divide diffusers' time by ours from the same call. Peak
+memory is the worker process's (compilation and autotuning included); for ours the compiled program's own
+``memory_analysis()`` is recorded beside it (``program``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _jax_loop(args, variant: str) -> dict:
     times = harness.timed(lambda: compiled(params, noise, ctx, neg), args.repeats, args.warmup)
     return dict(side="jax", worker=variant, ms=statistics.median(times), ms_min=min(times),
                 per_step_ms=statistics.median(times) / args.steps, peak_gb=harness.jax_peak_gb([device]),
-                compile_s=compile_s, device_name=device.device_kind,
+                program=harness.memory_analysis(compiled), compile_s=compile_s, device_name=device.device_kind,
                 versions=dict(jax=jax.__version__))
 
 
@@ -115,7 +117,8 @@ def _jax_decode(args, variant: str) -> dict:
     times = harness.timed(lambda: compiled(params, z), args.repeats, 1)
     frames = jax.eval_shape(decode, params, z).shape[1:4]
     return dict(side="jax", worker=variant, ms=statistics.median(times), ms_min=min(times),
-                peak_gb=harness.jax_peak_gb([device]), compile_s=compile_s, frames=list(frames),
+                peak_gb=harness.jax_peak_gb([device]), program=harness.memory_analysis(compiled),
+                compile_s=compile_s, frames=list(frames),
                 device_name=device.device_kind, versions=dict(jax=jax.__version__))
 
 
@@ -250,7 +253,8 @@ def main():
             continue
         r = rows[name] = done.result
         per_step = f" ({r['per_step_ms']:.1f} ms/step)" if "per_step_ms" in r else ""
-        log(f"{name}: {r['ms']:.0f} ms{per_step}, peak {r['peak_gb'] or float('nan'):.1f} GB, "
+        temp = f", program temp {r['program']['temp_gb']:.1f} GB" if r.get("program", {}).get("temp_gb") else ""
+        log(f"{name}: {r['ms']:.0f} ms{per_step}, peak {r['peak_gb'] or float('nan'):.1f} GB{temp}, "
             f"first call / compile {r['compile_s']:.1f} s")
 
     for what in ("loop", "decode"):
@@ -260,7 +264,8 @@ def main():
                 continue
             record = dict(device=r["device_name"], preset=args.preset, grid=list(args.grid), text_len=args.text_len,
                           steps=args.steps, guidance=args.guidance, worker=name, ms=r["ms"], ms_min=r["ms_min"],
-                          peak_gb=r["peak_gb"], compile_s=r["compile_s"], versions=r["versions"])
+                          peak_gb=r["peak_gb"], program=r.get("program"), compile_s=r["compile_s"],
+                          versions=r["versions"])
             if ref is not None and r["side"] == "jax":
                 record.update(diffusers_ms=ref["ms"], diffusers_peak_gb=ref["peak_gb"],
                               speedup_vs_diffusers=ref["ms"] / r["ms"])
