@@ -102,6 +102,21 @@ def _jax_worker(args, variant: str) -> dict:
                                                           cfg.patch_volume, cfg.in_channels, cfg.patch_size))
 
 
+def diffusers_transformer(cfg, dev):
+    """diffusers' ``WanTransformer3DModel`` of our config's architecture, random bf16 weights born on ``dev`` (a
+    host-side float32 14B would take minutes to initialise)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with dev:
+        model = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+            qk_norm=cfg.qk_norm, rope_max_seq_len=cfg.rope_max_seq_len)
+    return model.to(dev, torch.bfloat16)
+
+
 def _torch_lora(model, rank: int) -> None:
     """Freeze ``model`` and add ``y += (alpha / rank) (x A^T) B^T`` (alpha = rank, B zero, A Kaiming-uniform,
     bf16) to q, k, v and the output projection of both attention layers of every block: peft's LoRA on the
@@ -133,19 +148,12 @@ def _torch_lora(model, rank: int) -> None:
 def _diffusers_worker(args, variant: str) -> dict:
     import diffusers
     import torch
-    from diffusers import WanTransformer3DModel
 
     from shelllcc.models.wan_transformer import get_config
 
     cfg = get_config(args.preset)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with dev:        # weights born on the device: a host-side float32 14B would take minutes to initialise
-        model = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
-            qk_norm=cfg.qk_norm, rope_max_seq_len=cfg.rope_max_seq_len)
-    model = model.to(dev, torch.bfloat16).train()
+    model = diffusers_transformer(cfg, dev).train()
     if args.lora_rank:
         _torch_lora(model, args.lora_rank)
     if variant.endswith("checkpointing"):

@@ -125,19 +125,14 @@ def _jax_decode(args, variant: str) -> dict:
 def _diffusers_loop(args, variant: str) -> dict:
     import diffusers
     import torch
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler
+    from dit_bench import diffusers_transformer
 
     from shelllcc.models.wan_transformer import get_config
 
     cfg = get_config(args.preset)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with dev:        # weights born on the device
-        model = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
-            freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-            cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps, qk_norm=cfg.qk_norm,
-            rope_max_seq_len=cfg.rope_max_seq_len).to(dev, torch.bfloat16).eval()
+    model = diffusers_transformer(cfg, dev).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=args.shift)
     t, h, w = args.grid
