@@ -16,8 +16,10 @@ as many for the negative prompt, random weights in bf16, the sampler's state in 
 * ``diffusers:loop``: ``WanPipeline``'s denoising loop written out as the pipeline runs it (transformer in bf16
   under ``torch.no_grad``, two passes, ``UniPCMultistepScheduler`` with flow sigmas and ``flow_shift`` 3.0,
   latents in float32), after one untimed step.
-* ``jax:decode`` / ``diffusers:decode``: the Wan2.1 VAE decoding the latent to 81 x 480 x 832 frames, float32 on
-  both sides (diffusers' Wan examples load the VAE in float32), after one untimed decode.
+* ``jax:decode[:<flag preset>]`` / ``diffusers:decode``: the Wan2.1 VAE decoding the latent to 81 x 480 x 832
+  frames, float32 on both sides (diffusers' Wan examples load the VAE in float32), after one untimed decode.
+  Flag presets (appended to that worker's ``XLA_FLAGS``): ``noautotune`` (``--xla_gpu_autotune_level=0``: no
+  convolution autotuning, whose trial buffers count in the process's peak).
 
 Each loop and decode is timed ``--repeats`` times (default 1: a 50-step loop is about a minute) with the device
 synchronised; medians are reported, and the speed-ups divide diffusers' time by ours from the same call. Peak
@@ -28,12 +30,15 @@ memory is the worker process's (compilation and autotuning included); for ours t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import harness
 
-WORKERS = ("jax:loop:cudnn", "jax:loop_batched:cudnn", "diffusers:loop", "jax:decode", "diffusers:decode")
+WORKERS = ("jax:loop:cudnn", "jax:loop_batched:cudnn", "diffusers:loop", "jax:decode", "jax:decode:noautotune",
+           "diffusers:decode")
+XLA_FLAG_PRESETS = {"": "", "noautotune": "--xla_gpu_autotune_level=0"}
 
 
 def _random_like(abstract, seed: int = 0):
@@ -227,9 +232,10 @@ def main():
     for name in args.workers:
         side, what = (name.split(":") + [""])[:2]
         if side not in ("jax", "diffusers") or what not in ("loop", "loop_batched", "decode") or (
-                side == "diffusers" and what == "loop_batched"):
+                side == "diffusers" and what == "loop_batched") or (
+                what == "decode" and name.split(":")[2:3] and name.split(":")[2] not in XLA_FLAG_PRESETS):
             raise SystemExit(f"unknown worker {name!r}; expected one of {WORKERS} (jax loops take an attention "
-                             "implementation after a second colon)")
+                             f"implementation after a second colon, jax:decode a flag preset of {sorted(XLA_FLAG_PRESETS)})")
     if args._worker:
         harness.emit(_worker(args, args._worker))
         return
@@ -242,7 +248,10 @@ def main():
                               args.warmup)
     for name in args.workers:
         log(f"{name}: running")
-        done = harness.run(base + ["--_worker", name], timeout=args.worker_timeout)
+        preset = name.split(":")[2] if name.startswith("jax:decode:") else ""
+        xla_flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
+        done = harness.run(base + ["--_worker", name], timeout=args.worker_timeout,
+                           env={"XLA_FLAGS": xla_flags} if xla_flags else {})
         if done.error:
             bench.failed(name, done, lines=40)
             continue
