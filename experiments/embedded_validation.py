@@ -83,7 +83,7 @@ class Evaluator:
         self.sampler = sample_lib.LatentSampler(
             base_model, mesh, latent_shape=latent_shape, solver=sampler_cfg.solver, steps=sampler_cfg.steps,
             shift=sampler_cfg.shift, guidance_scale=sampler_cfg.guidance_scale, batch_size=self.n, seed=seed,
-            reward_guidance=reward_guidance)
+            reward_guidance=reward_guidance, guidance_interval=sampler_cfg.get("guidance_interval", ()))
         self.negative = np.zeros(self.contexts.shape[1:], np.float32)
         self.decoder, self.classifier, self.manifold = decoder, classifier, manifold
         self.real_spectrum = ev.mean_spectrum(real_videos)

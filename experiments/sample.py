@@ -105,6 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
         solver="unipc",              # unipc | euler
         steps=25, shift=3.0,
         guidance_scale=1.0,          # 1: no classifier-free guidance (one model call per step)
+        # (lo, hi): classifier-free guidance only at noise levels lo <= sigma <= hi, the conditional model
+        # elsewhere (shelllcc.flow.samplers, "guidance interval"); empty: every step
+        guidance_interval=(),
         batch_size=4,                # prompts per jitted sampling call
         # reward guidance of the velocity (module doc): v~ = v - weight t / (1 - t) grad r
         guidance=ml_collections.ConfigDict(dict(
@@ -398,12 +401,14 @@ def build_guidance(g: ml_collections.ConfigDict, model: nnx.Module, seed: int = 
                            f"reward guidance x {g.weight} ({src.description}, gradient at {at})")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "solver", "guidance_scale", "sharding", "guide"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "solver", "guidance_scale", "sharding", "guide",
+                                             "guidance_interval"))
 def _sample_program(state, noise, context, negative, guide_params=None, guide_weight=None, *, graphdef, schedule,
-                    solver, guidance_scale, sharding, guide=None):
+                    solver, guidance_scale, sharding, guide=None, guidance_interval=None):
     # module level with static settings: samplers of equal settings and shapes share one compiled program
     model = nnx.merge(graphdef, state)
-    kw = dict(negative_context=negative, guidance_scale=guidance_scale) if guidance_scale != 1.0 else {}
+    kw = dict(negative_context=negative, guidance_scale=guidance_scale,
+              guidance_interval=guidance_interval) if guidance_scale != 1.0 else {}
     if guide is not None:
         kw["velocity_guidance"] = guide.hook(guide_params, guide_weight)
     x = samplers.sample(model, noise, context, schedule, solver=solver, **kw)
@@ -416,7 +421,8 @@ class LatentSampler:
 
     def __init__(self, model: nnx.Module, mesh, *, latent_shape: Sequence[int], solver: str = "unipc",
                  steps: int = 25, shift: float = 3.0, guidance_scale: float = 1.0, batch_size: int = 4,
-                 seed: int = 0, reward_guidance: SamplerGuidance | None = None):
+                 seed: int = 0, reward_guidance: SamplerGuidance | None = None,
+                 guidance_interval: Sequence[float] = ()):
         if solver not in samplers.SOLVERS:
             raise ValueError(f"unknown sampler.solver {solver!r}; expected one of {sorted(samplers.SOLVERS)}")
         if batch_size < 1:
@@ -431,8 +437,13 @@ class LatentSampler:
         # the weights are an argument, not a closure: not baked into the program as constants
         self.graphdef, self.state = nnx.split(model)
         self._batch = parallel.batch_sharding(mesh)
+        interval = tuple(float(v) for v in guidance_interval) or None
+        if interval is not None:
+            if len(interval) != 2:
+                raise ValueError(f"sampler.guidance_interval must be () or (lo, hi), got {tuple(guidance_interval)}")
+            samplers.step_guidance_scales(self.schedule.sigmas, self.guidance_scale, interval)   # checks lo, hi
         self._static = dict(graphdef=self.graphdef, schedule=self.schedule, solver=solver,
-                            guidance_scale=self.guidance_scale, sharding=self._batch)
+                            guidance_scale=self.guidance_scale, sharding=self._batch, guidance_interval=interval)
         self._guide_args = ()
         if reward_guidance is not None:
             rep = parallel.replicated(mesh)
@@ -561,11 +572,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"sample: {reward_guide.description}", flush=True)
     sampler = LatentSampler(loaded.model, mesh, latent_shape=shape, solver=s.solver, steps=s.steps, shift=s.shift,
                             guidance_scale=s.guidance_scale, batch_size=batch_size, seed=config.seed,
-                            reward_guidance=reward_guide)
+                            reward_guidance=reward_guide, guidance_interval=s.guidance_interval)
     decode = (o.mp4 or o.gif) and vae_cfg is not None
     decoder = LatentDecoder(load_vae(config.vae), mesh, mean, std) if decode else None
     print(f"sample: {n} prompts ({prompts.description}); model: {loaded.source}; latents {shape}; "
-          f"{s.solver} x {s.steps} steps (shift {s.shift}), guidance {s.guidance_scale}; batch {batch_size} "
+          f"{s.solver} x {s.steps} steps (shift {s.shift}), guidance {s.guidance_scale}"
+          f"{f' at sigma in {tuple(s.guidance_interval)}' if len(s.guidance_interval) else ''}; batch {batch_size} "
           f"({sampler.rows} rows over {parallel.num_batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)})",
           flush=True)
     if sampler.rows > batch_size:

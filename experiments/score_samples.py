@@ -184,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, reward_source: reward_s
     batch_size = min(int(s.batch_size), total)
     sampler = sample.LatentSampler(loaded.model, mesh, latent_shape=shape, solver=s.solver, steps=s.steps,
                                    shift=s.shift, guidance_scale=s.guidance_scale, batch_size=batch_size,
-                                   seed=config.seed, reward_guidance=guide)
+                                   seed=config.seed, reward_guidance=guide,
+                                   guidance_interval=s.get("guidance_interval", ()))
     print(f"score_samples: {n} prompts x {k_clips} clips ({prompts.description}); model {loaded.source}; "
           f"{s.solver} x {s.steps} steps; reward: {reward_source.description}", flush=True)
 

@@ -342,6 +342,36 @@ def test_cfg_formula():
     np.testing.assert_allclose(got, vu + 2.5 * (vc - vu), rtol=1e-6, atol=1e-6)
 
 
+def test_guidance_interval_guides_only_its_noise_levels():
+    # per step, CFG of the Gaussian velocity is the velocity of mu_u + g_i (mu_c - mu_u) (see test_cfg_formula),
+    # with g_i = g inside [lo, hi] and 1 outside: an Euler loop of that in float64 numpy is the reference
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((6, 4))
+    mu_c, mu_u = np.array([1.0, 0.5, -0.5, 2.0]), np.array([0.2, -0.1, 0.0, 0.3])
+    g, interval = 4.0, (0.3, 0.8)
+    sched = wan_sampling_schedule(12, 3.0, integer_timesteps=False)
+    sig = np.asarray(sched.sigmas, np.float64)
+    inside = (sig[:-1] >= interval[0]) & (sig[:-1] <= interval[1])
+    assert 0 < inside.sum() < len(inside)          # the interval splits the schedule
+    x = z.copy()
+    for i in range(len(sig) - 1):
+        mu = mu_u + (g if inside[i] else 1.0) * (mu_c - mu_u)
+        x = x + (sig[i + 1] - sig[i]) * gaussian_velocity_np(x, sig[i], mu=mu)
+    args = (gaussian_velocity_fn, jnp.asarray(z, jnp.float32), jnp.tile(jnp.asarray(mu_c, jnp.float32), (6, 1)), sched)
+    neg = jnp.tile(jnp.asarray(mu_u, jnp.float32), (6, 1))
+    got = euler_sample(*args, negative_context=neg, guidance_scale=g, guidance_interval=interval)
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+    for fn in (euler_sample, unipc_sample):
+        whole = fn(*args, negative_context=neg, guidance_scale=g)
+        np.testing.assert_allclose(fn(*args, negative_context=neg, guidance_scale=g, guidance_interval=(0.0, 1.0)),
+                                   whole, rtol=1e-6, atol=1e-6)
+        cond = fn(*args)
+        np.testing.assert_allclose(fn(*args, negative_context=neg, guidance_scale=g, guidance_interval=(2.0, 3.0)),
+                                   cond, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        unipc_sample(*args, negative_context=neg, guidance_scale=g, guidance_interval=(0.8, 0.3))
+
+
 def test_guidance_hook_moves_towards_target():
     z = jnp.asarray(np.random.default_rng(4).standard_normal((256, 4)), jnp.float32)
     target = jnp.asarray([2.0, 2.0, 2.0, 2.0], jnp.float32)

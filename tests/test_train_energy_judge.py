@@ -60,7 +60,7 @@ def caches(tmp_path_factory, prefs):  # noqa: F811
             "pairs": dirs}
 
 
-def _config(c_, energy_steps=300, pref_steps=6):
+def _config(c_, energy_steps=300, pref_steps=100):
     c = tej.default_config()
     c.model.init_from = c_["backbone"]
     c.mesh.devices = 1
@@ -69,7 +69,8 @@ def _config(c_, energy_steps=300, pref_steps=6):
     c.preference.train, c.preference.test = c_["pairs"]["train"], c_["pairs"]["test"]
     c.preference.steps, c.preference.batch_size = pref_steps, 4
     c.eval.cache_dir = c_["held_out"]
-    c.train.steps, c.train.log_every, c.train.checkpoint_every, c.train.async_checkpoints = energy_steps, 10, 3, False
+    # checkpoints every 50 steps in both stages (c.train is shared): a few saves, each resumed from below
+    c.train.steps, c.train.log_every, c.train.checkpoint_every, c.train.async_checkpoints = energy_steps, 10, 50, False
     c.optim.learning_rate = 1e-2
     return c
 
@@ -115,12 +116,12 @@ def test_trains_ranks_held_out_real_below_perturbed_and_resumes_exactly(caches, 
     for j in table["judges"].values():
         assert all(0.0 <= j[d]["acc_with_ties"] <= 1.0 for d in (*judges.DIMENSIONS, "overall"))
 
-    # exact resume: the energy stage stopped after step 297 (and no preference stage yet) ...
+    # exact resume: the energy stage stopped after step 250 (and no preference stage yet) ...
     _copy_checkpoints(a, tmp_path / "b", "energy", "300")
     tej.run(_config(caches), str(tmp_path / "b"))
-    # ... and the preference stage stopped after step 3, the energy stage finished
+    # ... and the preference stage stopped after step 50, the energy stage finished
     shutil.copytree(a / "energy", tmp_path / "c" / "energy")
-    _copy_checkpoints(a, tmp_path / "c", "preference", "6")
+    _copy_checkpoints(a, tmp_path / "c", "preference", "100")
     tej.run(_config(caches), str(tmp_path / "c"))
     want = _params(a)
     for other in ("b", "c"):
