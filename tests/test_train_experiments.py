@@ -148,8 +148,8 @@ def _cmd(cfg, workdir):
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, cache_dir):
     """SIGTERM mid-run: checkpoint at the current step, exit 143; the resumed run ends with the same
     parameters (bit-identical) and per-step metrics as a run that never stopped."""
-    steps = 40
-    cfg = _config_file(tmp_path, cache_dir, steps, checkpoint_every=20)
+    steps = 24
+    cfg = _config_file(tmp_path, cache_dir, steps, checkpoint_every=12)
     env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(8))
     straight = tmp_path / "straight"
     out = subprocess.run(_cmd(cfg, straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
