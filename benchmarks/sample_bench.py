@@ -119,11 +119,13 @@ def _jax_decode(args, variant: str) -> dict:
     t0 = time.perf_counter()
     compiled = decode.lower(params, z).compile()
     compile_s = time.perf_counter() - t0
+    # the peak before the first run: what compiling (convolution autotuning included) held, apart from running
+    peak_compile = harness.jax_peak_gb([device])
     times = harness.timed(lambda: compiled(params, z), args.repeats, 1)
     frames = jax.eval_shape(decode, params, z).shape[1:4]
     return dict(side="jax", worker=variant, ms=statistics.median(times), ms_min=min(times),
-                peak_gb=harness.jax_peak_gb([device]), program=harness.memory_analysis(compiled),
-                compile_s=compile_s, frames=list(frames),
+                peak_gb=harness.jax_peak_gb([device]), peak_after_compile_gb=peak_compile,
+                program=harness.memory_analysis(compiled), compile_s=compile_s, frames=list(frames),
                 device_name=device.device_kind, versions=dict(jax=jax.__version__))
 
 
@@ -258,6 +260,8 @@ def main():
         r = rows[name] = done.result
         per_step = f" ({r['per_step_ms']:.1f} ms/step)" if "per_step_ms" in r else ""
         temp = f", program temp {r['program']['temp_gb']:.1f} GB" if r.get("program", {}).get("temp_gb") else ""
+        if r.get("peak_after_compile_gb") is not None:
+            temp += f", peak after compiling {r['peak_after_compile_gb']:.1f} GB"
         log(f"{name}: {r['ms']:.0f} ms{per_step}, peak {r['peak_gb'] or float('nan'):.1f} GB{temp}, "
             f"first call / compile {r['compile_s']:.1f} s")
 
@@ -268,7 +272,8 @@ def main():
                 continue
             record = dict(device=r["device_name"], preset=args.preset, grid=list(args.grid), text_len=args.text_len,
                           steps=args.steps, guidance=args.guidance, worker=name, ms=r["ms"], ms_min=r["ms_min"],
-                          peak_gb=r["peak_gb"], program=r.get("program"), compile_s=r["compile_s"],
+                          peak_gb=r["peak_gb"], peak_after_compile_gb=r.get("peak_after_compile_gb"),
+                          program=r.get("program"), compile_s=r["compile_s"],
                           versions=r["versions"])
             if ref is not None and r["side"] == "jax":
                 record.update(diffusers_ms=ref["ms"], diffusers_peak_gb=ref["peak_gb"],
