@@ -52,6 +52,8 @@ def _compilation_cache_dir(config) -> str:
 
 
 def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False      # keep HEAVY_FIRST's order (pytest-xdist >= 3.6 reorders)
     path = _compilation_cache_dir(config)
     # pytest-xdist (README: `-n 2`): a folder per worker, shared by that worker's tests and subprocesses.
     # JAX writes cache entries without a lock when the cache has no size limit, so a process could read
@@ -68,6 +70,19 @@ def pytest_configure(config):
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+
+
+# The longest files (their summed test times, 70-420 s each, `--durations`, 2-core machine, 2026-12-02), run
+# first. `-n 2 --dist loadfile` hands out whole files in collection order; xdist's own reorder (most tests first)
+# put the pipeline miniature, few tests but ~7 minutes, near the end, where one worker ran it alone for minutes.
+HEAVY_FIRST = ("test_embedded_pipeline.py", "test_train_experiments.py", "test_embeddings.py", "test_pisces.py",
+               "test_train_energy_judge.py", "test_train_embeddings.py", "test_grpo_experiment.py",
+               "test_bad_inputs.py", "test_classifier.py", "test_stage_markers.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True, scope="module")
