@@ -20,7 +20,6 @@ GPU's dense bf16 peak (989 TFLOP/s for H100 SXM and H200).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -216,9 +215,8 @@ def main():
         preset = variant.split(":")[3] if variant.startswith("jax") and variant.count(":") >= 3 else ""
         if preset not in XLA_FLAG_PRESETS:
             raise SystemExit(f"unknown XLA flag preset {preset!r} in {variant!r}; expected {sorted(XLA_FLAG_PRESETS)}")
-        xla_flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
         done = harness.run(base + ["--_worker", variant], timeout=args.worker_timeout,
-                           env={"XLA_FLAGS": xla_flags} if xla_flags else {})
+                           env=harness.xla_flags_env(XLA_FLAG_PRESETS[preset]))
         if done.error:
             bench.failed(variant, done, lines=40)
             rows.append(dict(variant=variant, error=done.error))

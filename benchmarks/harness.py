@@ -210,6 +210,12 @@ def run(cmd, timeout: float | None = None, env=None, log=None, on_line=None, exp
     return Worker(cmd, env, log, on_line).wait(timeout, expects_result)
 
 
+def xla_flags_env(extra: str) -> dict:
+    """The ``env`` of a worker whose ``XLA_FLAGS`` are this process's plus ``extra`` (``{}`` when both are empty)."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+    return {"XLA_FLAGS": flags} if flags else {}
+
+
 def script_cmd(script: str, *args) -> list[str]:
     """``python <script> args...`` with this interpreter (``script``: a benchmark's ``__file__``)."""
     return [sys.executable, os.path.abspath(script), *map(str, args)]

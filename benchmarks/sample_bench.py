@@ -30,7 +30,6 @@ memory is the worker process's (compilation and autotuning included); for ours t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -251,9 +250,8 @@ def main():
     for name in args.workers:
         log(f"{name}: running")
         preset = name.split(":")[2] if name.startswith("jax:decode:") else ""
-        xla_flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAG_PRESETS[preset]).strip()
         done = harness.run(base + ["--_worker", name], timeout=args.worker_timeout,
-                           env={"XLA_FLAGS": xla_flags} if xla_flags else {})
+                           env=harness.xla_flags_env(XLA_FLAG_PRESETS[preset]))
         if done.error:
             bench.failed(name, done, lines=40)
             continue
