@@ -172,8 +172,10 @@ def test_dpo_and_rwr_rows_start_from_the_base(quick_run):
             assert cfg["data"]["cache_dir"] == os.path.join(workdir, "videoalign", "scored", cache)
         metrics = [json.loads(line) for line in open(os.path.join(paths.variant("flow_dpo", seed), "metrics.jsonl"))]
         first = next(m for m in metrics if "loss" in m)
-        # step 1's metrics are of the starting weights: policy = reference = the base
-        assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        # step 1's metrics are of the starting weights: policy = reference = the base. The two are computed by
+        # different programs (trainable and frozen), whose float32 rounding differs; beta 500 multiplies that
+        # into the loss (1.1e-5 seen), while a wrong reference moves it by far more than 1e-4
+        assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_a_videoalign_knob_redoes_its_rows_only(quick_run):

@@ -100,14 +100,15 @@ def test_lambda_zero_is_flow_dpo_and_lambda_adds_the_patch_term(source, pair_cac
     zero, m0 = _loss(config(lam=0.0), 0.05)(key)
     full, m1 = _loss(config(lam=2.0), 0.05)(key)
     assert abs(float(plain) - math.log(2)) > 1e-3                # policy != reference: a real test of equality
-    np.testing.assert_allclose(float(zero), float(plain), rtol=1e-6)
-    np.testing.assert_allclose(float(m1["video_loss"]), float(plain), rtol=1e-6)
+    # each loss is its own program: float32 reassociation, times beta 50 (5e-6 relative seen)
+    np.testing.assert_allclose(float(zero), float(plain), rtol=3e-5)
+    np.testing.assert_allclose(float(m1["video_loss"]), float(plain), rtol=3e-5)
     assert float(m1["patch_selected"]) == 1.0                     # delta 0: every patch whose rewards differ
-    np.testing.assert_allclose(float(full), float(plain) + 2.0 * float(m1["patch_loss"]), rtol=1e-6)
-    assert float(m0["patch_loss"]) == pytest.approx(float(m1["patch_loss"]), rel=1e-6)
+    np.testing.assert_allclose(float(full), float(plain) + 2.0 * float(m1["patch_loss"]), rtol=3e-5)
+    assert float(m0["patch_loss"]) == pytest.approx(float(m1["patch_loss"]), rel=3e-5)
     # delta above every reward gap: no patch term
     none, mn = _loss(config(lam=2.0, delta=1e9), 0.05)(key)
-    assert float(mn["patch_selected"]) == 0.0 and float(none) == pytest.approx(float(plain), rel=1e-6)
+    assert float(mn["patch_selected"]) == 0.0 and float(none) == pytest.approx(float(plain), rel=3e-5)
 
 
 def test_gran_dpo_training_lowers_both_terms(tmp_path, pair_cache, base_model_dir):  # noqa: F811
